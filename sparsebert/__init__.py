@@ -1,0 +1,24 @@
+"""SparseBERT: BERT pre-training with sparse attention masks and Differentiable Attention Mask search."""
+
+from sparsebert.masks import available_patterns, build_mask, register_pattern, sparsity
+from sparsebert.modeling import (
+    SparseBertConfig,
+    SparseBertForMaskedLM,
+    SparseBertForPreTraining,
+    SparseBertForQuestionAnswering,
+    SparseBertForSequenceClassification,
+    SparseBertModel,
+)
+
+__all__ = [
+    "SparseBertConfig",
+    "SparseBertForMaskedLM",
+    "SparseBertForPreTraining",
+    "SparseBertForQuestionAnswering",
+    "SparseBertForSequenceClassification",
+    "SparseBertModel",
+    "available_patterns",
+    "build_mask",
+    "register_pattern",
+    "sparsity",
+]

@@ -1,0 +1,287 @@
+"""Sparse attention for transformers' BERT: one attention function, three backends.
+
+Registered with transformers as the ``"sparsebert"`` attention implementation, together with a matching
+mask builder (without one, transformers hands a custom attention function ``attention_mask=None`` and
+padding is silently ignored). The model passes the pass's :class:`LayerMasks` down as the
+``sparse_masks`` keyword; this module turns it into what each backend needs:
+
+* ``eager`` — scores plus an additive bias; the only path with DAM's paper-exact ``(1 − M)·(−10000)``.
+* ``sdpa``  — ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (a float bias
+  while DAM searches, so gradients still reach the mask).
+* ``flex``  — FlexAttention with a cached ``BlockMask``, so fully masked blocks are skipped. It applies
+  no attention dropout (FlexAttention cannot), has no backward on CPU, and needs a fixed mask.
+* ``auto``  — DAM search → sdpa; fixed sparse pattern on GPU → flex; fixed sparse pattern on CPU at
+  inference with long sequences → flex; everything else → sdpa.
+
+**Rows with no allowed key** (a 1-token input without diagonal, an all-padding row, a DAM row that
+dropped everything) output zeros on every backend: the layer's residual connection then carries the
+token through unchanged. Never NaN.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from sparsebert.mask_source import LayerMasks
+
+IMPLEMENTATION = "sparsebert"
+BACKENDS = ("auto", "eager", "sdpa", "flex")
+DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 − M)·(−10000)
+FLEX_BLOCK = 128  # FlexAttention's default block size: the granularity at which work is skipped
+# "auto" uses flex on CPU only for inference at or above this length (below it sdpa wins, measured).
+CPU_FLEX_MIN_LEN = 1024
+
+
+def padding_mask(batch_size: int, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """Mask builder for transformers: the 2D padding mask as a broadcastable bool ``[B, 1, 1, K]``."""
+    if attention_mask is None:
+        return None
+    return attention_mask.to(torch.bool).view(batch_size, 1, 1, -1)
+
+
+def sparse_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sparse_masks: LayerMasks | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function; inputs are ``[B, H, L, D]``, output ``[B, L, H, D]``."""
+    if sparse_masks is None:
+        raise RuntimeError(
+            "the 'sparsebert' attention needs the model's masks: use the SparseBert* model classes "
+            "(they pass `sparse_masks` to every layer)"
+        )
+    if sparse_masks.seq_len != query.shape[-2] or key.shape[-2] != query.shape[-2]:
+        raise ValueError(f"mask length {sparse_masks.seq_len} does not match sequence length {query.shape[-2]}")
+    backend = choose_backend(module.config.attention_backend, sparse_masks, query)
+    slot = sparse_masks.slot(getattr(module, "layer_idx", None))
+    padding = attention_mask
+    if backend == "eager":
+        out = _eager(module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
+    elif backend == "sdpa":
+        out = _sdpa(query, key, value, sparse_masks, slot, padding, scaling, dropout)
+    else:
+        out = _flex(module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def choose_backend(requested: str, masks: LayerMasks, query: torch.Tensor) -> str:
+    """Resolve ``auto`` and reject combinations a backend cannot run (with the reason)."""
+    searching = masks.soft is not None
+    needs_grad = torch.is_grad_enabled() and query.requires_grad
+    if requested == "auto":
+        if searching or masks.is_dense:
+            return "sdpa"
+        if query.is_cuda:
+            return "flex"
+        return "flex" if not needs_grad and masks.seq_len >= CPU_FLEX_MIN_LEN else "sdpa"
+    if requested == "flex":
+        if searching:
+            raise ValueError(
+                "attention_backend='flex' needs a fixed mask; a DAM mask that is still searching trains "
+                "through 'eager', 'sdpa' or 'auto' (freeze it with model.freeze_mask() first)"
+            )
+        if needs_grad and not query.is_cuda:
+            raise ValueError(
+                "attention_backend='flex' has no backward pass on CPU (a PyTorch limitation); "
+                "train on CPU with 'sdpa', 'eager' or 'auto', and use 'flex' for inference"
+            )
+    elif requested not in BACKENDS:
+        raise ValueError(f"unknown attention_backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    return requested
+
+
+# --- masks in each backend's form ----------------------------------------------------------------------
+
+
+def _allowed(masks: LayerMasks, slot: int, padding: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """(allowed, empty_rows) for a layer: the fixed mask ∧ padding, and the rows with no allowed key.
+
+    ``allowed`` is None when everything is allowed. Derived once per pass (or once per mask when there
+    is no padding) and shared by all layers using the same slot.
+    """
+    store = masks.cache if padding is None and masks.cache is not None else masks.memo
+    key = ("allowed", slot)
+    if key not in store:
+        allowed = None if masks.is_dense else masks.hard[slot].unsqueeze(0)  # [1, H, L, L]
+        if padding is not None:
+            allowed = padding if allowed is None else allowed & padding
+        empty = None
+        if allowed is not None:
+            empty = ~allowed.any(dim=-1, keepdim=True)  # [B|1, H|1, L|1, 1]
+            if padding is None and not bool(empty.any()):  # fixed mask with no empty row: skip the fix-up
+                empty = None
+        store[key] = (allowed, empty)
+    return store[key]
+
+
+def _zero_empty_rows(out: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+# --- backends --------------------------------------------------------------------------------------------
+
+
+def _eager(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if masks.soft is not None:
+        # The paper's DAM bias: dropped positions get −10000, and the straight-through part of M
+        # carries the gradient back to α.
+        scores = scores + (masks.soft[slot] - 1.0).to(scores.dtype) * DAM_NEG
+        masked, empty = _search_masks(masks, slot, padding)
+    else:
+        allowed, empty = _allowed(masks, slot, padding)
+        masked = None if allowed is None else ~allowed
+    if masked is not None:
+        scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+    probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=module.training)
+    return _zero_empty_rows(torch.matmul(probs, value), empty)
+
+
+def _search_masks(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
+    """While DAM searches: (positions to mask = padding only, rows with no key under hard ∧ padding)."""
+    key = ("search", slot)
+    if key not in masks.memo:
+        allowed = masks.hard[slot].unsqueeze(0)
+        if padding is not None:
+            allowed = allowed & padding
+        masks.memo[key] = (None if padding is None else ~padding, ~allowed.any(dim=-1, keepdim=True))
+    return masks.memo[key]
+
+
+def _sdpa(query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
+    if masks.soft is not None:
+        masked, empty = _search_masks(masks, slot, padding)
+        bias = (masks.soft[slot] - 1.0).to(query.dtype) * DAM_NEG
+        if masked is not None:
+            bias = bias.masked_fill(masked, torch.finfo(query.dtype).min)
+        attn_mask = bias
+    else:
+        attn_mask, empty = _sdpa_bool_mask(masks, slot, padding)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scaling)
+    return _zero_empty_rows(out, empty)
+
+
+def _sdpa_bool_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
+    store = masks.cache if padding is None and masks.cache is not None else masks.memo
+    key = ("sdpa", slot)
+    if key not in store:
+        allowed, empty = _allowed(masks, slot, padding)
+        # A row with no allowed key would be NaN (0/0) in some SDPA kernels: let it attend everywhere,
+        # then zero its output.
+        store[key] = (allowed if empty is None else allowed | empty, empty)
+    return store[key]
+
+
+def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
+    if dropout > 0.0:
+        _warn_once("flex_dropout", "attention_backend='flex' applies no attention-probability dropout")
+    block_mask = _block_mask(masks, slot, padding, query.shape[0])
+    out = flex_function(query.is_cuda)(query, key, value, block_mask=block_mask, scale=scaling)
+    return out  # FlexAttention already outputs zeros for rows with no allowed key
+
+
+def _block_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None, batch_size: int):
+    """The ``BlockMask`` of a layer's mask, built from block-level any/all so masked blocks are skipped.
+
+    The block structure comes from the fixed mask alone and is cached with it; with padding, every
+    non-empty block becomes "partial" so the mask function (pattern ∧ padding) is applied inside it.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    hard = masks.hard[slot]
+    store = masks.cache if masks.cache is not None else masks.memo
+    key = ("flex_blocks", slot)
+    if key not in store:
+        store[key] = _block_structure(hard)
+    partial, full = store[key]
+    seq_len = hard.shape[-1]
+    if padding is None:
+        key = ("flex", slot)
+        if key not in store:
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return hard[h, q_idx, kv_idx]
+
+            store[key] = BlockMask.from_kv_blocks(
+                *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                seq_lengths=(seq_len, seq_len),
+            )  # fmt: skip
+        return store[key]
+    key = ("flex_padded", slot)
+    if key not in masks.memo:
+        keep = padding.view(batch_size, seq_len)
+
+        def padded_mask_mod(b, h, q_idx, kv_idx):
+            return hard[h, q_idx, kv_idx] & keep[b, kv_idx]
+
+        masks.memo[key] = BlockMask.from_kv_blocks(
+            *_ordered(partial | full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=padded_mask_mod,
+            seq_lengths=(seq_len, seq_len),
+        )  # fmt: skip
+    return masks.memo[key]
+
+
+def _block_structure(hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) block flags ``[1, H, nQ, nK]`` of a bool mask ``[H, L, L]``."""
+    heads, seq_len, _ = hard.shape
+    n = -(-seq_len // FLEX_BLOCK)
+    padded = hard.new_zeros(heads, n * FLEX_BLOCK, n * FLEX_BLOCK)
+    padded[:, :seq_len, :seq_len] = hard
+    blocks = padded.view(heads, n, FLEX_BLOCK, n, FLEX_BLOCK)
+    any_ = blocks.any(dim=4).any(dim=2)
+    valid = torch.zeros_like(padded)
+    valid[:, :seq_len, :seq_len] = True
+    all_ = (blocks | ~valid.view_as(blocks)).all(dim=4).all(dim=2)
+    return (any_ & ~all_).unsqueeze(0), all_.unsqueeze(0)
+
+
+def _ordered(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block flags → (number of kv blocks per query block, their indices first), as BlockMask wants."""
+    counts = flags.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts, indices
+
+
+_FLEX: dict[bool, object] = {}
+
+
+def flex_function(cuda: bool):
+    """FlexAttention, compiled (it needs ``torch.compile`` to beat SDPA) unless disabled.
+
+    ``SPARSEBERT_FLEX_COMPILE=0`` runs it uncompiled — the same results, slowly (useful for debugging).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if os.environ.get("SPARSEBERT_FLEX_COMPILE", "1") == "0":
+        return flex_attention
+    if cuda not in _FLEX:
+        _FLEX[cuda] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX[cuda]
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def register() -> None:
+    """Make ``attn_implementation="sparsebert"`` known to transformers (idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, sparse_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)

@@ -1,0 +1,107 @@
+"""Differentiable Attention Mask (DAM): learned attention masks with a Gumbel-sigmoid relaxation.
+
+Every attention position gets a logit α. While searching, each forward pass samples a binary mask
+
+    U ~ Uniform(0, 1),  g = log U − log(1 − U),  p = σ((α + g) / τ)
+    M = 1[p > 0.5] + p − stopgrad(p)          (hard forward, soft straight-through backward)
+
+and the loss adds λ·‖M‖₁. ``freeze()`` fixes M = 1[α > 0] for good. ``dam_u`` learns one α per
+(head, i, j); ``dam_s`` one per (head, |i − j|), so its masks are symmetric Toeplitz bands.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsebert.masks import MaskSpec
+from sparsebert.mask_source import LayerMasks
+
+
+def distance_matrix(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """``|i − j|`` as a long tensor ``[seq_len, seq_len]``."""
+    idx = torch.arange(seq_len, device=device)
+    return (idx[:, None] - idx[None, :]).abs()
+
+
+def expand_alpha(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Per-position logits ``[..., H, L, L]`` from DAM parameters (``dam_s``: one per distance)."""
+    if name == "dam_s":
+        return alpha[..., :seq_len][..., distance_matrix(seq_len, alpha.device)]
+    return alpha[..., :seq_len, :seq_len]
+
+
+def alpha_to_mask(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The frozen (binary) mask of DAM logits: M = 1[α > 0]."""
+    return expand_alpha(name, alpha, seq_len) > 0
+
+
+class DamMask(nn.Module):
+    """The learned mask of ``dam_u`` / ``dam_s``; its output is a :class:`LayerMasks`.
+
+    α has shape ``[n, heads, max_len, max_len]`` (``dam_u``) or ``[n, heads, max_len]`` (``dam_s``), with
+    ``n = 1`` when the mask is shared across layers (the paper's default) or ``num_layers`` otherwise.
+    Sizes come from the config, never hard-coded, and α is created without a device so that
+    DeepSpeed ZeRO-3 can partition it like any other parameter.
+    """
+
+    def __init__(self, spec: MaskSpec, num_heads: int, num_layers: int, max_len: int):
+        super().__init__()
+        self.name = spec.name
+        self.lam = float(spec.params["lambda"])
+        self.tau = float(spec.params["tau"])  # a plain attribute so a trainer can anneal it
+        self.init_std = float(spec.params["init_std"])
+        self.max_len = max_len
+        slots = 1 if spec.params["share_across_layers"] else num_layers
+        shape = (slots, num_heads, max_len) if self.name == "dam_s" else (slots, num_heads, max_len, max_len)
+        self.alpha = nn.Parameter(torch.empty(shape))
+        self.frozen = False
+        self._frozen_cache: dict[tuple, LayerMasks] = {}
+        self.reset_parameters()
+        if spec.params["frozen"]:
+            self.freeze()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.alpha.normal_(0.0, self.init_std)
+
+    @property
+    def searching(self) -> bool:
+        """True while the mask is sampled (training mode, not frozen)."""
+        return self.training and not self.frozen
+
+    def freeze(self) -> None:
+        """Fix the mask at 1[α > 0]: no more noise, no more gradient."""
+        self.frozen = True
+        self.alpha.requires_grad_(False)
+        self._frozen_cache.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._frozen_cache.clear()  # new α, new mask
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, seq_len: int, device: torch.device | None = None) -> LayerMasks:
+        if seq_len > self.max_len:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds the DAM mask's max_len {self.max_len}; "
+                "set the pattern's 'max_len' (or max_position_embeddings) higher"
+            )
+        if not self.searching:
+            return self._fixed(seq_len)
+        logits = self.alpha[..., :seq_len] if self.name == "dam_s" else self.alpha[..., :seq_len, :seq_len]
+        # Gumbel-sigmoid: the logistic noise g = log U − log(1 − U) is the difference of two Gumbels.
+        u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        p = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+        soft = (p > 0.5).to(p.dtype) + p - p.detach()
+        if self.name == "dam_s":  # one sample per distance keeps the sampled mask Toeplitz
+            soft = soft[..., distance_matrix(seq_len, soft.device)]
+        return LayerMasks(hard=soft.detach() > 0.5, soft=soft, penalty_weight=self.lam)
+
+    def _fixed(self, seq_len: int) -> LayerMasks:
+        if not self.frozen:  # eval mode mid-search: the expected mask, recomputed as α moves
+            return LayerMasks(hard=alpha_to_mask(self.name, self.alpha.detach(), seq_len))
+        key = (seq_len, self.alpha.device)
+        if key not in self._frozen_cache:
+            hard = alpha_to_mask(self.name, self.alpha.detach(), seq_len)
+            self._frozen_cache[key] = LayerMasks(hard=hard, cache={})
+        return self._frozen_cache[key].fresh()

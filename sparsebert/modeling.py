@@ -1,0 +1,261 @@
+"""BERT with pluggable sparse attention: thin subclasses of transformers' BERT classes.
+
+The only changes to BERT are where attention masks come from and the DAM penalty in the pre-training
+losses. Each model owns a mask source (``model.bert.sparse_mask``: a fixed pattern or a learned DAM
+mask); once per forward pass it produces the pass's masks, which travel to every attention layer as the
+``sparse_masks`` keyword and are applied by :mod:`sparsebert.attention`. Any HF BERT checkpoint loads
+(``from_pretrained(dir, attention_pattern=..., attention_backend=...)``), and with the dense pattern the
+output equals transformers' own ``BertModel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForPreTraining,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertModel,
+)
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+
+from sparsebert import attention
+from sparsebert.dam import DamMask
+from sparsebert.mask_source import LayerMasks, build_mask_source
+from sparsebert.masks import parse_spec
+
+attention.register()
+
+
+class SparseBertConfig(BertConfig):
+    """A ``BertConfig`` plus the attention pattern and the attention backend.
+
+    Args:
+        attention_pattern: a pattern spec — a name (``"star"``), a dict with parameter overrides
+            (``{"name": "longformer", "window": 4}``, ``{"name": "dam_s", "lambda": 1e-4}``) or a
+            ``"package.module:function"`` user pattern. See :mod:`sparsebert.masks`.
+        attention_backend: ``"auto"``, ``"eager"``, ``"sdpa"`` or ``"flex"`` (see :mod:`sparsebert.attention`).
+    """
+
+    model_type = "sparsebert"
+
+    def __init__(self, attention_pattern="dense", attention_backend: str = "auto", **kwargs):
+        kwargs.pop("attn_implementation", None)  # always ours; the backend is chosen by attention_backend
+        super().__init__(**kwargs)
+        if attention_backend not in attention.BACKENDS:
+            raise ValueError(
+                f"unknown attention_backend {attention_backend!r}; choose one of {', '.join(attention.BACKENDS)}"
+            )
+        self.attention_pattern = parse_spec(attention_pattern).to_config()
+        self.attention_backend = attention_backend
+        self._attn_implementation = attention.IMPLEMENTATION
+
+
+class _SparseBertMixin:
+    """What every SparseBert class shares: config class, weight init for α, mask access."""
+
+    config_class = SparseBertConfig
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DamMask):
+            module.reset_parameters()
+
+    @property
+    def mask_source(self) -> nn.Module:
+        """The module producing the masks (``PatternMask`` or ``DamMask``)."""
+        return self.base_model.sparse_mask
+
+    def current_mask(self, seq_len: int) -> torch.Tensor:
+        """The mask in force, ``[num_layers, num_heads, L, L]`` bool (deterministic: α > 0 for DAM)."""
+        source = self.mask_source
+        was_training = source.training
+        source.eval()
+        try:
+            with torch.no_grad():
+                hard = source(seq_len, self.device).hard
+        finally:
+            source.train(was_training)
+        return hard.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
+
+    def freeze_mask(self) -> None:
+        """End the DAM search: binarise (α > 0) and fix the mask; the config records it."""
+        source = self.mask_source
+        if not isinstance(source, DamMask):
+            raise ValueError(f"attention pattern {self.config.attention_pattern['name']!r} is not learned")
+        source.freeze()
+        self.config.attention_pattern = {**self.config.attention_pattern, "frozen": True}
+
+    @property
+    def searching_mask(self) -> bool:
+        """True while a DAM mask is sampled (training mode, not frozen)."""
+        source = self.mask_source
+        return isinstance(source, DamMask) and source.searching
+
+
+class SparseBertModel(_SparseBertMixin, BertModel):
+    """``BertModel`` whose attention follows ``config.attention_pattern``."""
+
+    def __init__(self, config: SparseBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        self.sparse_mask = build_mask_source(config)
+
+    def masks_for(self, input_ids=None, inputs_embeds=None) -> LayerMasks:
+        """Sample (DAM search) or fetch (fixed mask) the masks for one forward pass."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        return self.sparse_mask(reference.shape[1], reference.device)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        *args,
+        sparse_masks: LayerMasks | None = None,
+        **kwargs,
+    ):
+        if sparse_masks is None:
+            sparse_masks = self.masks_for(input_ids, inputs_embeds)
+        return super().forward(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, *args,
+            sparse_masks=sparse_masks, **kwargs,
+        )  # fmt: skip
+
+
+class _SparseBertHeads(_SparseBertMixin):
+    """Head models: transformers' head on top of a :class:`SparseBertModel`."""
+
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        # transformers' __init__ built a plain BertModel; swap in ours (same weights' names and shapes).
+        # Under from_pretrained this all happens on the meta device, so the first build costs nothing.
+        self.bert = SparseBertModel(config, add_pooling_layer=self.bert.pooler is not None)
+        self.post_init()
+
+
+@dataclass
+class SparseBertForPreTrainingOutput(BertForPreTrainingOutput):
+    """``BertForPreTrainingOutput`` plus its loss terms, each reported on its own."""
+
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+    mask_penalty: torch.Tensor | None = None
+
+
+@dataclass
+class SparseBertMaskedLMOutput(MaskedLMOutput):
+    mlm_loss: torch.Tensor | None = None
+    mask_penalty: torch.Tensor | None = None
+
+
+def _total(*terms: torch.Tensor | None) -> torch.Tensor | None:
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+class SparseBertForPreTraining(_SparseBertHeads, BertForPreTraining):
+    """MLM + NSP, as BERT; while DAM searches the loss also holds λ·‖M‖₁ (``mask_penalty``)."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        next_sentence_label=None,
+        **kwargs,
+    ):
+        masks = self.bert.masks_for(input_ids, inputs_embeds)
+        out = super().forward(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, sparse_masks=masks, **kwargs
+        )
+        ce = nn.functional.cross_entropy
+        mlm = None if labels is None else ce(out.prediction_logits.flatten(0, 1).float(), labels.flatten())
+        nsp = None if next_sentence_label is None else ce(out.seq_relationship_logits.float(), next_sentence_label)
+        penalty = masks.penalty()
+        loss = _total(mlm, nsp, penalty) if (mlm is not None or nsp is not None) else None
+        return SparseBertForPreTrainingOutput(
+            loss=loss,
+            prediction_logits=out.prediction_logits,
+            seq_relationship_logits=out.seq_relationship_logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            mlm_loss=mlm,
+            nsp_loss=nsp,
+            mask_penalty=penalty,
+        )
+
+
+class SparseBertForMaskedLM(_SparseBertHeads, BertForMaskedLM):
+    """Masked LM; while DAM searches the loss also holds λ·‖M‖₁ (``mask_penalty``)."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        **kwargs,
+    ):
+        masks = self.bert.masks_for(input_ids, inputs_embeds)
+        out = super().forward(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            labels=labels, sparse_masks=masks, **kwargs,
+        )  # fmt: skip
+        penalty = masks.penalty()
+        return SparseBertMaskedLMOutput(
+            loss=_total(out.loss, penalty) if out.loss is not None else None,
+            logits=out.logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            mlm_loss=out.loss,
+            mask_penalty=penalty,
+        )
+
+
+class _FixedMaskHeads(_SparseBertHeads):
+    """Fine-tuning heads: as in the paper, they train with the fixed mask; a DAM mask is frozen here."""
+
+    def __init__(self, config: SparseBertConfig):
+        super().__init__(config)
+        if isinstance(self.mask_source, DamMask) and not self.mask_source.frozen:
+            self.freeze_mask()  # α is loaded later by from_pretrained; the frozen mask is derived from it lazily
+
+
+class SparseBertForSequenceClassification(_FixedMaskHeads, BertForSequenceClassification):
+    """Sequence classification / regression (GLUE) with the checkpoint's (frozen) mask."""
+
+
+class SparseBertForQuestionAnswering(_FixedMaskHeads, BertForQuestionAnswering):
+    """Span extraction (SQuAD) with the checkpoint's (frozen) mask."""
+
+
+AutoConfig.register(SparseBertConfig.model_type, SparseBertConfig, exist_ok=True)
+for _auto, _cls in (
+    (AutoModel, SparseBertModel),
+    (AutoModelForPreTraining, SparseBertForPreTraining),
+    (AutoModelForMaskedLM, SparseBertForMaskedLM),
+    (AutoModelForSequenceClassification, SparseBertForSequenceClassification),
+    (AutoModelForQuestionAnswering, SparseBertForQuestionAnswering),
+):
+    _auto.register(SparseBertConfig, _cls, exist_ok=True)
