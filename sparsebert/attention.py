@@ -39,7 +39,9 @@ FLEX_BLOCK = 128  # FlexAttention's default block size: the granularity at which
 CPU_FLEX_MIN_LEN = 1024
 
 
-def padding_mask(batch_size: int, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+def padding_mask(
+    batch_size: int, attention_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor | None:
     """Mask builder for transformers: the 2D padding mask as a broadcastable bool ``[B, 1, 1, K]``."""
     if attention_mask is None:
         return None
@@ -64,7 +66,9 @@ def sparse_attention(
             "(they pass `sparse_masks` to every layer)"
         )
     if sparse_masks.seq_len != query.shape[-2] or key.shape[-2] != query.shape[-2]:
-        raise ValueError(f"mask length {sparse_masks.seq_len} does not match sequence length {query.shape[-2]}")
+        raise ValueError(
+            f"mask length {sparse_masks.seq_len} does not match sequence length {query.shape[-2]}"
+        )
     backend = choose_backend(module.config.attention_backend, sparse_masks, query)
     slot = sparse_masks.slot(getattr(module, "layer_idx", None))
     padding = attention_mask
@@ -170,7 +174,9 @@ def _sdpa(query, key, value, masks, slot, padding, scaling, dropout) -> torch.Te
         attn_mask = bias
     else:
         attn_mask, empty = _sdpa_bool_mask(masks, slot, padding)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scaling)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scaling
+    )
     return _zero_empty_rows(out, empty)
 
 
@@ -201,19 +207,18 @@ def _block_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None, batc
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    hard = masks.hard[slot]
     store = masks.cache if masks.cache is not None else masks.memo
     key = ("flex_blocks", slot)
     if key not in store:
-        store[key] = _block_structure(hard)
-    partial, full = store[key]
-    seq_len = hard.shape[-1]
+        store[key] = _block_structure(masks.hard[slot])
+    table, partial, full = store[key]
+    seq_len = masks.seq_len
     if padding is None:
         key = ("flex", slot)
         if key not in store:
 
             def mask_mod(b, h, q_idx, kv_idx):
-                return hard[h, q_idx, kv_idx]
+                return table[h, q_idx, kv_idx]
 
             store[key] = BlockMask.from_kv_blocks(
                 *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
@@ -222,30 +227,38 @@ def _block_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None, batc
         return store[key]
     key = ("flex_padded", slot)
     if key not in masks.memo:
-        keep = padding.view(batch_size, seq_len)
+        keep = padding.new_zeros(batch_size, table.shape[-1])
+        keep[:, :seq_len] = padding.view(batch_size, seq_len)
 
         def padded_mask_mod(b, h, q_idx, kv_idx):
-            return hard[h, q_idx, kv_idx] & keep[b, kv_idx]
+            return table[h, q_idx, kv_idx] & keep[b, kv_idx]
 
+        # The block tables need the batch dimension, or kernels evaluate the mask for batch 0 only.
+        blocks = (partial | full).expand(batch_size, -1, -1, -1)
         masks.memo[key] = BlockMask.from_kv_blocks(
-            *_ordered(partial | full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=padded_mask_mod,
+            *_ordered(blocks), BLOCK_SIZE=FLEX_BLOCK, mask_mod=padded_mask_mod,
             seq_lengths=(seq_len, seq_len),
         )  # fmt: skip
     return masks.memo[key]
 
 
-def _block_structure(hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full) block flags ``[1, H, nQ, nK]`` of a bool mask ``[H, L, L]``."""
+def _block_structure(hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(table, partial, full) of a bool mask ``[H, L, L]``.
+
+    ``table`` is the mask padded with False to whole blocks: compiled kernels evaluate the mask function
+    on the padding of the last block, so it must be indexable (and False) there. ``partial``/``full`` are
+    the block flags ``[1, H, nQ, nK]``.
+    """
     heads, seq_len, _ = hard.shape
     n = -(-seq_len // FLEX_BLOCK)
-    padded = hard.new_zeros(heads, n * FLEX_BLOCK, n * FLEX_BLOCK)
-    padded[:, :seq_len, :seq_len] = hard
-    blocks = padded.view(heads, n, FLEX_BLOCK, n, FLEX_BLOCK)
-    any_ = blocks.any(dim=4).any(dim=2)
-    valid = torch.zeros_like(padded)
+    table = hard.new_zeros(heads, n * FLEX_BLOCK, n * FLEX_BLOCK)
+    table[:, :seq_len, :seq_len] = hard
+    valid = torch.zeros_like(table)
     valid[:, :seq_len, :seq_len] = True
+    blocks = table.view(heads, n, FLEX_BLOCK, n, FLEX_BLOCK)
+    any_ = blocks.any(dim=4).any(dim=2)
     all_ = (blocks | ~valid.view_as(blocks)).all(dim=4).all(dim=2)
-    return (any_ & ~all_).unsqueeze(0), all_.unsqueeze(0)
+    return table, (any_ & ~all_).unsqueeze(0), all_.unsqueeze(0)
 
 
 def _ordered(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsebert.masks import MaskSpec
 from sparsebert.mask_source import LayerMasks
+from sparsebert.masks import MaskSpec
 
 
 def distance_matrix(seq_len: int, device: torch.device | None = None) -> torch.Tensor:

@@ -257,7 +257,9 @@ def _check_learned(params: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"DAM parameter {key!r} must be a number, got {value!r}")
         if value < 0 or (key == "tau" and value == 0):
-            raise ValueError(f"DAM parameter {key!r} must be {'> 0' if key == 'tau' else '>= 0'}, got {value}")
+            raise ValueError(
+                f"DAM parameter {key!r} must be {'> 0' if key == 'tau' else '>= 0'}, got {value}"
+            )
     if params["max_len"] is not None:
         _positive("max_len", params["max_len"])
     for key in ("share_across_layers", "frozen"):

@@ -94,9 +94,14 @@ class _SparseBertMixin:
         """End the DAM search: binarise (α > 0) and fix the mask; the config records it."""
         source = self.mask_source
         if not isinstance(source, DamMask):
-            raise ValueError(f"attention pattern {self.config.attention_pattern['name']!r} is not learned")
+            raise ValueError(
+                f"attention pattern {parse_spec(self.config.attention_pattern).name!r} is not learned"
+            )
         source.freeze()
-        self.config.attention_pattern = {**self.config.attention_pattern, "frozen": True}
+        self.config.attention_pattern = {
+            **parse_spec(self.config.attention_pattern).to_config(),
+            "frozen": True,
+        }
 
     @property
     def searching_mask(self) -> bool:
@@ -185,11 +190,21 @@ class SparseBertForPreTraining(_SparseBertHeads, BertForPreTraining):
     ):
         masks = self.bert.masks_for(input_ids, inputs_embeds)
         out = super().forward(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, sparse_masks=masks, **kwargs
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            sparse_masks=masks,
+            **kwargs,
         )
         ce = nn.functional.cross_entropy
         mlm = None if labels is None else ce(out.prediction_logits.flatten(0, 1).float(), labels.flatten())
-        nsp = None if next_sentence_label is None else ce(out.seq_relationship_logits.float(), next_sentence_label)
+        nsp = (
+            None
+            if next_sentence_label is None
+            else ce(out.seq_relationship_logits.float(), next_sentence_label)
+        )
         penalty = masks.penalty()
         loss = _total(mlm, nsp, penalty) if (mlm is not None or nsp is not None) else None
         return SparseBertForPreTrainingOutput(
