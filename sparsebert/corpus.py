@@ -1,0 +1,65 @@
+"""The training data of a pre-training run: the embedded default corpus and the per-rank batch stream."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from sparsebert import deepspeed_setup as ds_setup
+from sparsebert.train_config import PretrainConfig
+
+DEFAULT_CORPUS_SEQ_LEN = 128
+
+
+def default_corpus_dir() -> Path:
+    """Where the embedded corpus is prepared once and reused: ``$SPARSEBERT_CACHE`` or ~/.cache/sparsebert."""
+    root = Path(os.environ.get("SPARSEBERT_CACHE", Path.home() / ".cache" / "sparsebert"))
+    return root / f"python-docs-seq{DEFAULT_CORPUS_SEQ_LEN}"
+
+
+def prepare_default_corpus(rank0: bool) -> Path:
+    """Prepare (rank 0, first use only) the Python-documentation corpus; every rank gets its path.
+
+    The text ships with Python itself (``pydoc_data.topics``), so this needs no network.
+    """
+    out = default_corpus_dir()
+    if rank0 and not (out / "manifest.json").is_file():
+        from data_prep import prepare_corpus, write_python_docs_corpus
+
+        print(f"preparing the embedded corpus (Python's documentation) in {out} ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            text = write_python_docs_corpus(Path(tmp) / "python_docs.txt")
+            prepare_corpus(
+                [text], out, train_tokenizer="wordpiece", vocab_size=8192, seq_len=DEFAULT_CORPUS_SEQ_LEN,
+                seed=0, shard_size=4096, progress=False,
+            )  # fmt: skip
+    ds_setup.barrier()
+    return out
+
+
+def open_reader(data_dir: Path, config: PretrainConfig):
+    """This rank's stream of MLM(+NSP) batches over the prepared shards in ``data_dir``."""
+    from sparsebert.data import MlmCollator, ShardReader
+
+    reader = ShardReader(
+        data_dir,
+        rank=ds_setup.rank(),
+        world_size=ds_setup.world_size(),
+        batch_size=config.train.micro_batch_size,
+        seed=config.train.seed,
+        prefetch=config.data.prefetch,
+    )
+    # Masking is a pure function of (seed, epoch, sample), so a resumed run masks as an uninterrupted one.
+    reader.collator = MlmCollator(
+        reader.tokenizer,
+        mlm_probability=config.data.mlm_probability,
+        whole_word=config.data.whole_word_masking,
+        seed=config.train.seed,
+    )
+    if config.data.nsp and reader.manifest.get("packing") != "nsp":
+        raise ValueError(
+            f"data.nsp is true but {data_dir} was prepared with packing {reader.manifest.get('packing')!r}; "
+            "set data.nsp=false or prepare the corpus with --packing nsp"
+        )
+    return reader

@@ -1,0 +1,128 @@
+"""DeepSpeed: the JSON config completed from the training config, distributed init, the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from sparsebert.train_config import ConfigError, PretrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Keys the training config owns; a DeepSpeed JSON that sets them would be a second source of truth.
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+)
+
+
+def deepspeed_config(config: PretrainConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON named by the config, completed with batch size, accumulation and clipping."""
+    path = Path(config.deepspeed_config)
+    if not path.is_file() and not path.is_absolute():  # the shipped configs, wherever the command runs from
+        path = REPO_ROOT / path if (REPO_ROOT / path).is_file() else path
+    if not path.is_file():
+        raise ConfigError(f"config key 'deepspeed_config': file {str(path)!r} not found")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    clash = [key for key in OWNED_KEYS if key in ds]
+    if clash:
+        raise ConfigError(
+            f"DeepSpeed config {path} sets {clash[0]!r}; batch sizes, accumulation, clipping, optimizer and "
+            "scheduler come from the training config (train.*) only"
+        )
+    ds["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = config.train.grad_accum_steps
+    ds["gradient_clipping"] = config.train.grad_clip
+    ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def init_distributed() -> None:
+    """Join the process group set up by the ``deepspeed`` launcher, or form a group of one."""
+    if "RANK" not in os.environ:  # plain `python sparsebert/pretrain.py`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_init_required=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def model_init_context(ds: dict[str, Any]):
+    """ZeRO-3 builds parameters already partitioned (a BERT-large need not fit one rank's memory)."""
+    if zero_stage(ds) == 3:
+        return deepspeed.zero.Init(config_dict_or_path=ds)
+    return contextlib.nullcontext()
+
+
+def gathered(params, ds: dict[str, Any], modifier_rank: int | None = None):
+    """Context in which ZeRO-3 partitioned parameters are whole on every rank (no-op below stage 3)."""
+    if zero_stage(ds) == 3:
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def initialize(model, optimizer, scheduler_factory, ds: dict[str, Any]):
+    """Wrap model, optimizer and schedule in a DeepSpeed engine."""
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler_factory, config=ds
+    )
+    return engine, scheduler
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (one all-reduce for all of them)."""
+    if not values or world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: v / world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+
+def same_on_all_ranks(tensor: torch.Tensor) -> bool:
+    """True when every rank holds an identical tensor (checked on rank 0's copy)."""
+    if world_size() == 1:
+        return True
+    local = tensor.to(torch.int32)  # gloo has no bool collectives
+    reference = local.clone()
+    dist.broadcast(reference, src=0)
+    mismatch = torch.tensor([0 if torch.equal(reference, local) else 1])
+    dist.all_reduce(mismatch)
+    return mismatch.item() == 0

@@ -1,0 +1,69 @@
+"""Optimizers (LAMB, the paper's, and AdamW) and the warm-up + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_optimizer import Lamb
+from torch import nn
+
+from sparsebert.train_config import TrainConfig
+
+DAM_GROUP = "dam_alpha"
+
+
+def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
+    """Three groups: decayed weights; biases and LayerNorm (no decay, as BERT); DAM α (no decay, own lr)."""
+    decay, no_decay, alpha = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("sparse_mask.alpha"):
+            alpha.append(param)
+        elif param.ndim < 2 or "LayerNorm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if alpha:
+        groups.append(
+            {"params": alpha, "weight_decay": 0.0, "lr": train.dam_lr or train.lr, "name": DAM_GROUP}
+        )
+    return groups
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, train)
+    betas = tuple(train.betas)
+    if train.optimizer == "lamb":
+        # Decoupled weight decay as in the LAMB paper and NVIDIA's BERT recipe.
+        return Lamb(groups, lr=train.lr, betas=betas, eps=train.eps, weight_decouple=True)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=train.eps)
+
+
+def lr_factor(step: int, train: TrainConfig, total_steps: int | None = None) -> float:
+    """Multiplier of the peak lr at ``step``: linear warm-up, then linear/polynomial decay (or constant)."""
+    total = total_steps or train.max_steps
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.decay == "constant":
+        return 1.0
+    remaining = max(0.0, (total - step) / max(1, total - train.warmup_steps))
+    return remaining if train.decay == "linear" else remaining**train.poly_power
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None = None):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train, total_steps))
+
+
+def stop_dam_updates(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """After the freeze, α keeps its place in the optimizer (so checkpoints keep one layout) at lr 0.
+
+    With lr 0 neither AdamW nor LAMB moves α, so the frozen mask 1[α > 0] cannot drift.
+    """
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("name") == DAM_GROUP:
+            group["lr"] = 0.0
+            scheduler.base_lrs[index] = 0.0

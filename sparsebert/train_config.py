@@ -1,0 +1,304 @@
+"""The pre-training config: one schema, documented defaults, YAML files and ``dotted.key=value`` overrides.
+
+Every key lives in a dataclass below with its default and a one-line ``help``; ``python
+sparsebert/pretrain.py --help-config`` prints them all. Unknown keys and values of the wrong type are
+errors that name the key. Batch sizes, gradient accumulation and clipping live here only: the DeepSpeed
+JSON must not repeat them (see :func:`sparsebert.deepspeed_setup.deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "tiny_cpu"
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    init_from: str | None = _f(
+        None, "HF BERT directory (or hub name) to continue pre-training from; null = random init"
+    )
+    size: str = _f(
+        "tiny", "architecture preset: tiny, mini, small, medium, base, large (BERT's official sizes)"
+    )
+    num_layers: int | None = _f(None, "override the preset's number of layers")
+    hidden_size: int | None = _f(None, "override the preset's hidden size")
+    num_heads: int | None = _f(None, "override the preset's number of attention heads")
+    intermediate_size: int | None = _f(None, "override the preset's feed-forward size")
+    max_position_embeddings: int = _f(512, "longest sequence the position embeddings cover")
+    hidden_dropout: float = _f(0.1, "dropout on hidden states")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities (the flex backend applies none)")
+    attention_pattern: str | dict = _f(
+        "dense", "mask pattern spec: a name, or {name: ..., params...}; see README"
+    )
+    attention_backend: str = _f("auto", "auto, eager, sdpa or flex")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(
+        None, "prepared shard directory (python -m data_prep); null = the embedded Python-docs corpus"
+    )
+    mlm_probability: float = _f(0.15, "fraction of tokens predicted by the MLM objective")
+    whole_word_masking: bool = _f(False, "mask whole words rather than word pieces")
+    nsp: bool = _f(True, "train next-sentence prediction (needs shards prepared with NSP pairs)")
+    prefetch: int = _f(2, "batches each rank prepares ahead")
+    log_sample_ids: bool = _f(
+        False, "append each step's sample ids to output_dir/samples.rank{r}.jsonl (audits)"
+    )
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(300, "optimizer steps in total, both DAM stages included")
+    micro_batch_size: int = _f(16, "sequences per rank per forward pass")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
+    optimizer: str = _f("lamb", "lamb (the paper's) or adamw")
+    lr: float = _f(1e-3, "peak learning rate")
+    dam_lr: float | None = _f(None, "learning rate of the DAM logits α; null = lr")
+    weight_decay: float = _f(0.01, "weight decay (never on biases, LayerNorm or α)")
+    betas: list = _f([0.9, 0.999], "Adam/LAMB betas")
+    eps: float = _f(1e-6, "Adam/LAMB epsilon")
+    warmup_steps: int = _f(30, "linear warm-up steps")
+    decay: str = _f("linear", "after warm-up: linear, polynomial or constant")
+    poly_power: float = _f(0.5, "power of the polynomial decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = _f(42, "seed for weights, data order, masking and Gumbel noise")
+    log_every: int = _f(10, "steps between metric logs")
+
+
+@dataclass
+class DamConfig:
+    search_steps: int = _f(0, "stage-1 steps searching the mask (DAM patterns only); then the mask is frozen")
+    tau_start: float | None = _f(
+        None, "anneal the Gumbel temperature from this ... (null = the pattern's tau)"
+    )
+    tau_end: float | None = _f(None, "... to this at the end of the search (null = no annealing)")
+    restart_weights: bool = _f(
+        False, "stage 2 restarts from fresh weights (and optimizer) instead of continuing"
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(100, "steps between DeepSpeed checkpoints (0 = only at the end)")
+    keep_last: int = _f(2, "checkpoints kept; older ones are deleted")
+    resume: str = _f("auto", "auto (resume when output_dir has a checkpoint), never, or a checkpoint tag")
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = _f(True, "log the run to MLflow (rank 0 only)")
+    experiment: str = _f("sparsebert-pretrain", "MLflow experiment name")
+    run_name: str | None = _f(None, "MLflow run name; null = the output directory's name")
+    tracking_uri: str | None = _f(
+        None, "null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir"
+    )
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = _f("runs/demo", "checkpoints, the final model and logs go here")
+    deepspeed_config: str = _f("ds_configs/cpu.json", "DeepSpeed JSON (ZeRO stage, precision, offload)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dam: DamConfig = field(default_factory=DamConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PretrainConfig:
+    """Defaults ← preset/YAML file ← ``dotted.key=value`` overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(_resolve_path(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    config = _build(PretrainConfig, data, prefix="")
+    _check_semantics(config)
+    return config
+
+
+def describe() -> str:
+    """Every key with its type, default and help, for ``--help-config``."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+
+    walk(PretrainConfig, "")
+    return "\n".join(lines)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+# --- internals -------------------------------------------------------------------------------------------
+
+
+def _resolve_path(path: str | Path) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    preset = PRESETS_DIR / f"{path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config file {str(path)!r} not found (presets: {', '.join(presets())})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(parents[: i + 1])!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a section (mapping)")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; known keys here: {', '.join(sorted(names))}"
+        )
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(f"{prefix}{name}", hint, value)
+    return cls(**values)
+
+
+def _check_type(key: str, hint: Any, value: Any) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str) and _is_float(value):  # YAML 1.1 reads 1e-4 as a string
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
+            return value
+    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_semantics(config: PretrainConfig) -> None:
+    from sparsebert.masks import parse_spec
+
+    t = config.train
+    positive = {
+        "train.max_steps": t.max_steps,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum_steps": t.grad_accum_steps,
+        "train.log_every": t.log_every,
+        "checkpoint.keep_last": config.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    choices = {
+        "train.optimizer": (t.optimizer, ("lamb", "adamw")),
+        "train.decay": (t.decay, ("linear", "polynomial", "constant")),
+        "model.size": (config.model.size, tuple(MODEL_SIZES)),
+        "model.attention_backend": (config.model.attention_backend, ("auto", "eager", "sdpa", "flex")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+    if not (
+        isinstance(t.betas, list) and len(t.betas) == 2 and all(isinstance(b, (int, float)) for b in t.betas)
+    ):
+        raise ConfigError(f"config key 'train.betas' must be a list of two numbers, got {t.betas!r}")
+    try:
+        spec = parse_spec(config.model.attention_pattern)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.attention_pattern': {err}") from err
+    search = config.dam.search_steps
+    if search < 0 or (search and not spec.learned):
+        raise ConfigError(
+            f"config key 'dam.search_steps' must be 0 for the fixed pattern {spec.name!r} and >= 0 otherwise"
+        )
+    if spec.learned and not spec.params["frozen"] and not 0 < search < t.max_steps:
+        raise ConfigError(
+            f"config key 'dam.search_steps' must be between 1 and train.max_steps - 1 ({t.max_steps - 1}) "
+            f"to search a {spec.name} mask, got {search}"
+        )
+    if (config.dam.tau_start is None) != (config.dam.tau_end is None):
+        raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
+    if config.checkpoint.every < 0:
+        raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {config.checkpoint.every}")
+
+
+# BERT's official sizes (Turc et al. 2019 for the small ones): layers, hidden, heads.
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
