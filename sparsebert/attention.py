@@ -194,59 +194,54 @@ def _sdpa_bool_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
 def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
     if dropout > 0.0:
         _warn_once("flex_dropout", "attention_backend='flex' applies no attention-probability dropout")
-    block_mask = _block_mask(masks, slot, padding, query.shape[0])
-    out = flex_function(query.is_cuda)(query, key, value, block_mask=block_mask, scale=scaling)
-    return out  # FlexAttention already outputs zeros for rows with no allowed key
+    # Sequences are padded to whole blocks (padded keys are masked, padded queries dropped): compiled
+    # FlexAttention on CPU (torch 2.13) computes wrong rows when the length is not a multiple of the block.
+    seq_len = masks.seq_len
+    padded_len = -(-seq_len // FLEX_BLOCK) * FLEX_BLOCK
+    if padded_len != seq_len:
+        query, key, value = (F.pad(t, (0, 0, 0, padded_len - seq_len)) for t in (query, key, value))
+    score_mod = None
+    if padding is not None:
+        # Padding goes into a score_mod rather than the block mask: the block mask stays cached (built
+        # once per mask, not per batch) and its full blocks stay full. Rows left with no key give zeros.
+        keep = padding.new_zeros(query.shape[0], padded_len)
+        keep[:, :seq_len] = padding.view(query.shape[0], seq_len)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(keep[b, kv_idx], score, -float("inf"))
+
+    block_mask = _block_mask(masks, slot)
+    flex = flex_function(query.is_cuda)
+    out = flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
+    return out[:, :, :seq_len]
 
 
-def _block_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None, batch_size: int):
-    """The ``BlockMask`` of a layer's mask, built from block-level any/all so masked blocks are skipped.
+def _block_mask(masks: LayerMasks, slot: int):
+    """The ``BlockMask`` of a layer's fixed mask, cached with it: fully masked blocks are skipped.
 
-    The block structure comes from the fixed mask alone and is cached with it; with padding, every
-    non-empty block becomes "partial" so the mask function (pattern ∧ padding) is applied inside it.
+    Built from block-level any/all of the mask (no per-pair mask-function sweep).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     store = masks.cache if masks.cache is not None else masks.memo
-    key = ("flex_blocks", slot)
+    key = ("flex", slot)
     if key not in store:
-        store[key] = _block_structure(masks.hard[slot])
-    table, partial, full = store[key]
-    seq_len = masks.seq_len
-    if padding is None:
-        key = ("flex", slot)
-        if key not in store:
+        table, partial, full = _block_structure(masks.hard[slot])
 
-            def mask_mod(b, h, q_idx, kv_idx):
-                return table[h, q_idx, kv_idx]
+        def mask_mod(b, h, q_idx, kv_idx):
+            return table[h, q_idx, kv_idx]
 
-            store[key] = BlockMask.from_kv_blocks(
-                *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
-                seq_lengths=(seq_len, seq_len),
-            )  # fmt: skip
-        return store[key]
-    key = ("flex_padded", slot)
-    if key not in masks.memo:
-        keep = padding.new_zeros(batch_size, table.shape[-1])
-        keep[:, :seq_len] = padding.view(batch_size, seq_len)
-
-        def padded_mask_mod(b, h, q_idx, kv_idx):
-            return table[h, q_idx, kv_idx] & keep[b, kv_idx]
-
-        # The block tables need the batch dimension, or kernels evaluate the mask for batch 0 only.
-        blocks = (partial | full).expand(batch_size, -1, -1, -1)
-        masks.memo[key] = BlockMask.from_kv_blocks(
-            *_ordered(blocks), BLOCK_SIZE=FLEX_BLOCK, mask_mod=padded_mask_mod,
-            seq_lengths=(seq_len, seq_len),
+        store[key] = BlockMask.from_kv_blocks(
+            *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+            seq_lengths=table.shape[1:],
         )  # fmt: skip
-    return masks.memo[key]
+    return store[key]
 
 
 def _block_structure(hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(table, partial, full) of a bool mask ``[H, L, L]``.
 
-    ``table`` is the mask padded with False to whole blocks: compiled kernels evaluate the mask function
-    on the padding of the last block, so it must be indexable (and False) there. ``partial``/``full`` are
+    ``table`` is the mask padded with False to whole blocks (the length attention runs at). ``partial``/``full`` are
     the block flags ``[1, H, nQ, nK]``.
     """
     heads, seq_len, _ = hard.shape

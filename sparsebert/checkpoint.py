@@ -71,10 +71,13 @@ def load(engine, output_dir: str | Path, tag: str) -> None:
     _set_rng_state(torch.load(rng_file, weights_only=False))
 
 
-def export_final(engine, model, ds: dict[str, Any], out_dir: Path, tokenizer_dir: Path | None) -> None:
+def export_final(
+    model, ds: dict[str, Any], out_dir: Path, tokenizer_dir: Path | None, mlflow_run_id: str | None = None
+) -> None:
     """Write an HF-format model directory (safetensors + config with the mask + tokenizer), atomically.
 
-    Under ZeRO-3 the parameters are gathered first; rank 0 writes.
+    Under ZeRO-3 the parameters are gathered first; rank 0 writes. ``mlflow_run_id`` (a file) links the
+    model to its pre-training run, wherever the directory is copied.
     """
     with ds_setup.gathered(model.parameters(), ds):
         if ds_setup.rank() == 0:
@@ -86,6 +89,8 @@ def export_final(engine, model, ds: dict[str, Any], out_dir: Path, tokenizer_dir
                 from transformers import AutoTokenizer
 
                 AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+            if mlflow_run_id:
+                (tmp / "mlflow_run_id").write_text(mlflow_run_id)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
     ds_setup.barrier()

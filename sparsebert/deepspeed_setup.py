@@ -44,10 +44,20 @@ def deepspeed_config(config: PretrainConfig) -> dict[str, Any]:
             f"DeepSpeed config {path} sets {clash[0]!r}; batch sizes, accumulation, clipping, optimizer and "
             "scheduler come from the training config (train.*) only"
         )
+    if config.train.optimizer == "lamb" and zero_stage(ds) > 0:
+        raise ConfigError(
+            f"train.optimizer 'lamb' needs ZeRO stage 0, but {path} uses stage {zero_stage(ds)}: ZeRO hands the "
+            "optimizer flat partitions of many parameters, and LAMB's per-layer trust ratio would be computed "
+            "over those instead of layers. Use train.optimizer=adamw, or a stage-0 DeepSpeed config"
+        )
     ds["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
     ds["gradient_accumulation_steps"] = config.train.grad_accum_steps
     ds["gradient_clipping"] = config.train.grad_clip
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
+    # Our optimizers (LAMB from pytorch-optimizer, torch AdamW) are plain torch optimizers that ZeRO runs on
+    # its flat partitions; DeepSpeed flags any optimizer it does not ship as "untested". The ZeRO-stage
+    # parity test (tests/test_pretrain.py) is what tests it here.
+    ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
 
 

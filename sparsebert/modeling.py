@@ -58,9 +58,15 @@ class SparseBertConfig(BertConfig):
             raise ValueError(
                 f"unknown attention_backend {attention_backend!r}; choose one of {', '.join(attention.BACKENDS)}"
             )
-        self.attention_pattern = parse_spec(attention_pattern).to_config()
+        self.attention_pattern = attention_pattern
         self.attention_backend = attention_backend
         self._attn_implementation = attention.IMPLEMENTATION
+
+    def __setattr__(self, key, value):
+        # from_pretrained(..., attention_pattern=...) sets attributes directly: validate and normalise here.
+        if key == "attention_pattern":
+            value = parse_spec(value).to_config()
+        super().__setattr__(key, value)
 
 
 class _SparseBertMixin:

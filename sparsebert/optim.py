@@ -38,8 +38,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     groups = param_groups(model, train)
     betas = tuple(train.betas)
     if train.optimizer == "lamb":
-        # Decoupled weight decay as in the LAMB paper and NVIDIA's BERT recipe.
-        return Lamb(groups, lr=train.lr, betas=betas, eps=train.eps, weight_decouple=True)
+        # Decoupled weight decay as in the LAMB paper and NVIDIA's BERT recipe; `adam` is read per group.
+        return Lamb(groups, lr=train.lr, betas=betas, eps=train.eps, weight_decouple=True, adam=False)
     return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=train.eps)
 
 

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     _seed_everything(config.train.seed)
     ds = ds_setup.deepspeed_config(config)
     out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
     data_dir = Path(config.data.path) if config.data.path else prepare_default_corpus(rank0)
     reader = open_reader(data_dir, config)
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     final_mask = model.current_mask(seq_len)
     _save_rank_mask(out, "final", final_mask)
     tracker.log_mask("final", final_mask)
-    checkpoint.export_final(engine, model, ds, out / "final", reader.tokenizer_dir)
+    checkpoint.export_final(model, ds, out / "final", reader.tokenizer_dir, tracker.run_id)
     tracker.set_tags(
         {"final_model_dir": str((out / "final").resolve()), "final_sparsity": sparsity(final_mask)}
     )

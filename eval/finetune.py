@@ -1,0 +1,187 @@
+"""One fine-tuning job: load data and checkpoint, train with BERT's recipe, score on dev. Runs inside a Ray worker.
+
+Recipe (Devlin et al., 2019): AdamW (β=(0.9, 0.999), ε=1e-6, weight decay 0.01 except biases and LayerNorm),
+linear warm-up over the first 10% of steps then linear decay to 0, gradient clipping at 1.0, dropout as
+configured by the checkpoint. Inputs are padded to a fixed length, because the sparse mask is defined per
+length (a pattern's sparsity at 128 is what the table reports).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from eval.glue_data import load_glue
+from eval.jobs import Job
+from eval.metrics import glue_metrics
+from eval.model_loading import load_for_task
+from eval.squad_data import load_squad
+from eval.squad_metrics import squad_v1_scores, squad_v2_scores
+from eval.squad_postprocess import SquadFeatures, postprocess, prepare_features
+from eval.tasks import TASKS, TaskSpec
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a job asked to fail (``SPARSEBERT_EVAL_FAIL``), to exercise retries and failure reports."""
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _glue_tensors(tokenizer, task: TaskSpec, examples, max_len: int) -> dict[str, torch.Tensor]:
+    texts_b = [ex.text_b for ex in examples] if task.hub_text_fields[1:] else None
+    enc = tokenizer(
+        [ex.text_a for ex in examples], texts_b, truncation=True, max_length=max_len,
+        padding="max_length", return_tensors="pt",
+    )  # fmt: skip
+    dtype = torch.float32 if task.labels is None else torch.long
+    return {**enc, "labels": torch.tensor([ex.label for ex in examples], dtype=dtype)}
+
+
+def _squad_tensors(feats: SquadFeatures, train: bool) -> dict[str, torch.Tensor]:
+    out = {k: torch.tensor(v) for k, v in feats.inputs.items()}
+    if train:
+        out["start_positions"] = torch.tensor(feats.start_positions)
+        out["end_positions"] = torch.tensor(feats.end_positions)
+    return out
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def train(
+    model, data: dict[str, torch.Tensor], job: Job, device: torch.device
+) -> tuple[int, list[list[float]]]:
+    """Fine-tune in place; returns the number of optimizer steps and the [step, mean loss] history."""
+    cfg = job.config
+    n = len(next(iter(data.values())))
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    warmup = int(cfg.warmup_ratio * total)
+    opt = _optimizer(model, job.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+    )
+    gen = torch.Generator().manual_seed(job.seed)
+    log_every = max(1, total // 50)
+    history: list[list[float]] = []
+    running: list[float] = []
+    model.train()
+    step = 0
+    while step < total:
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            batch = {k: v[idx].to(device) for k, v in data.items()}
+            with _autocast(device, cfg.bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            running.append(loss.item())
+            if not math.isfinite(running[-1]):
+                raise FloatingPointError(f"{job.key}: loss became {running[-1]} at step {step}")
+            if step % log_every == 0 or step == total:
+                history.append([step, float(np.mean(running))])
+                running = []
+            if step >= total:
+                break
+    return step, history
+
+
+@torch.no_grad()
+def predict(model, data: dict[str, torch.Tensor], batch_size: int, device: torch.device, bf16: bool):
+    """Concatenated model outputs (logits, or start/end logits) over ``data`` in order, as numpy."""
+    model.eval()
+    n = len(next(iter(data.values())))
+    outs: list[list[np.ndarray]] = []
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in data.items() if k != "labels"}
+        with _autocast(device, bf16):
+            out = model(**batch)
+        fields = [out.logits] if hasattr(out, "logits") else [out.start_logits, out.end_logits]
+        outs.append([f.float().cpu().numpy() for f in fields])
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+
+def run_job(job: Job, attempt: int = 1) -> dict[str, Any]:
+    """Fine-tune and evaluate one job; returns metrics, loss history, timing and (SQuAD) predictions."""
+    start_time = time.time()
+    task = TASKS[job.task]
+    cfg = job.config
+    transformers.logging.set_verbosity_error()  # load reports list the fresh task head: expected noise here
+    tokenizer = transformers.AutoTokenizer.from_pretrained(job.checkpoint)
+    src = job.data
+    if task.kind == "glue":
+        train_ex = load_glue(task, "train", src.glue_dir, src.hub, cfg.max_train_samples)
+        dev_ex = {s: load_glue(task, s, src.glue_dir, src.hub, cfg.max_eval_samples) for s in task.dev_splits}
+    else:
+        train_ex = load_squad(task, "train", src.squad_dir, src.hub, cfg.max_train_samples)
+        dev_ex = {"": load_squad(task, "", src.squad_dir, src.hub, cfg.max_eval_samples)}
+    if attempt <= job.fail_attempts:
+        raise InjectedFailure(f"{job.key}: failure injected for attempt {attempt} (SPARSEBERT_EVAL_FAIL)")
+
+    _seed_everything(job.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_task(job.checkpoint, task, cfg.attention_pattern, cfg.attention_backend).to(device)
+    metrics: dict[str, float] = {}
+    predictions: dict[str, Any] = {}
+    if task.kind == "glue":
+        steps, history = train(model, _glue_tensors(tokenizer, task, train_ex, cfg.max_seq_len), job, device)
+        for split, examples in dev_ex.items():
+            data = _glue_tensors(tokenizer, task, examples, cfg.max_seq_len)
+            (logits,) = predict(model, data, cfg.eval_batch_size, device, cfg.bf16)
+            preds = logits[:, 0] if task.labels is None else logits.argmax(-1)
+            metrics.update(glue_metrics(task, preds, data["labels"].numpy(), suffix=split))
+    else:
+        feat_args = (cfg.squad_max_seq_len, cfg.doc_stride, cfg.max_query_len)
+        train_feats = prepare_features(tokenizer, train_ex, *feat_args, train=True)
+        steps, history = train(model, _squad_tensors(train_feats, train=True), job, device)
+        examples = dev_ex[""]
+        feats = prepare_features(tokenizer, examples, *feat_args, train=False)
+        start, end = predict(model, _squad_tensors(feats, train=False), cfg.eval_batch_size, device, cfg.bf16)
+        preds, null_diff = postprocess(
+            examples, feats, start, end, task.version_2, cfg.n_best, cfg.max_answer_len, cfg.null_threshold
+        )
+        gold = {ex.id: list(ex.answers) for ex in examples}
+        metrics = squad_v2_scores(gold, preds, null_diff) if task.version_2 else squad_v1_scores(gold, preds)
+        predictions = {"predictions.json": preds, **({"null_odds.json": null_diff} if task.version_2 else {})}
+    return {
+        "job_key": job.key,
+        "attempt": attempt,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "loss_history": history,
+        "steps": steps,
+        "train_examples": len(train_ex),
+        "eval_examples": sum(len(v) for v in dev_ex.values()),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_time": start_time,
+        "end_time": time.time(),
+        "artifacts": predictions,
+    }

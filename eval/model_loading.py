@@ -1,0 +1,83 @@
+"""The one place the evaluation touches the model: load a checkpoint for a task, and describe its mask."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eval.tasks import TaskSpec
+
+# Where a pre-trained checkpoint may record the MLflow run that produced it (config key or file, first found).
+_RUN_ID_KEYS = ("mlflow_run_id", "pretrain_run_id")
+_RUN_ID_FILES = ("mlflow_run_id", "mlflow_run_id.txt")
+
+
+def load_for_task(checkpoint: str, task: TaskSpec, attention_pattern=None, attention_backend: str = "auto"):
+    """``SparseBertForSequenceClassification`` / ``ForQuestionAnswering`` from any HF BERT or SparseBERT dir.
+
+    ``attention_pattern=None`` keeps the checkpoint's own mask (a DAM mask is frozen by the fine-tuning classes);
+    a name or dict replaces it. The task head is always fresh: ``ignore_mismatched_sizes`` lets a checkpoint
+    that already carries a head of another size (e.g. fine-tuned on MNLI) be used.
+    """
+    import transformers
+
+    from sparsebert import SparseBertForQuestionAnswering, SparseBertForSequenceClassification
+
+    # The load report lists the new head as "missing": expected here, so only errors are shown.
+    transformers.logging.set_verbosity_error()
+    kwargs: dict = {"attention_backend": attention_backend}
+    if attention_pattern is not None:
+        kwargs["attention_pattern"] = attention_pattern
+    if task.kind == "squad":
+        return SparseBertForQuestionAnswering.from_pretrained(checkpoint, **kwargs)
+    return SparseBertForSequenceClassification.from_pretrained(
+        checkpoint, num_labels=task.num_labels, ignore_mismatched_sizes=True, **kwargs
+    )
+
+
+def mask_sparsity(
+    checkpoint: str, seq_len: int, attention_pattern=None, attention_backend: str = "auto"
+) -> float:
+    """Fraction of masked positions of the mask fine-tuning will use, at ``seq_len`` (all layers and heads)."""
+    from eval.tasks import TASKS
+    from sparsebert import sparsity
+
+    model = load_for_task(checkpoint, TASKS["sst2"], attention_pattern, attention_backend)
+    return sparsity(model.current_mask(seq_len))
+
+
+def _config(checkpoint: str) -> dict:
+    path = Path(checkpoint) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def mask_label(checkpoint: str, attention_pattern=None) -> str:
+    """A short name for the table's "mask" column: the pattern's name (with λ for DAM masks)."""
+    spec = (
+        attention_pattern if attention_pattern is not None else _config(checkpoint).get("attention_pattern")
+    )
+    if spec is None:
+        return "dense"
+    if isinstance(spec, str):
+        return spec
+    name = str(spec.get("name", "custom"))
+    if isinstance(spec.get("lambda"), (int, float)):
+        name += f" λ={spec['lambda']:g}"
+    return name + (" no-diag" if spec.get("no_diagonal") else "")
+
+
+def pretrain_run_id(checkpoint: str) -> str | None:
+    """The pre-training MLflow run id a checkpoint records, if any.
+
+    (The runner also asks the MLflow store for a run tagged ``final_model_dir`` = this checkpoint, which is how
+    ``sparsebert.pretrain`` marks its export.)
+    """
+    config = _config(checkpoint)
+    for key in _RUN_ID_KEYS:
+        if config.get(key):
+            return str(config[key])
+    for name in _RUN_ID_FILES:
+        path = Path(checkpoint) / name
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+    return None

@@ -1,0 +1,161 @@
+"""Command line: fine-tune checkpoints on GLUE/SQuAD in parallel on Ray, log to MLflow, print the paper's table.
+
+    python -m eval.run --checkpoint runs/star/final runs/dam_s/final --tasks glue --glue-dir data/glue \\
+        --lrs 2e-5,3e-5,5e-5 --seeds 1,2,3,4,5
+
+Exit status: 0 when every job finished, 1 when some still failed after retries (the table shows the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from eval.jobs import DataSource, FinetuneConfig
+from eval.tasks import TASKS, parse_tasks
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _pattern(text: str):
+    """A pattern name (``star``) or a JSON spec (``{"name": "longformer", "window": 4}``)."""
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="one or more model dirs (our final/ exports or any HF BERT dir); one table row each",
+    )
+    p.add_argument(
+        "--labels", help="comma-separated row names, one per checkpoint (default: the mask's name)"
+    )
+    p.add_argument(
+        "--tasks",
+        default="glue",
+        help=f"'glue' (8 tasks), 'all' (+ SQuAD v1.1, v2.0) or a comma list of: {', '.join(TASKS)}",
+    )
+    src = p.add_argument_group("data")
+    src.add_argument(
+        "--glue-dir", help="GLUE distribution dir (CoLA/, SST-2/, MNLI/, ... with train/dev TSVs)"
+    )
+    src.add_argument(
+        "--squad-dir", help="dir with train-v1.1.json, dev-v1.1.json, train-v2.0.json, dev-v2.0.json"
+    )
+    src.add_argument(
+        "--hub",
+        action="store_true",
+        help="download nyu-mll/glue, rajpurkar/squad, rajpurkar/squad_v2 instead of local files",
+    )
+    hp = p.add_argument_group("fine-tuning")
+    hp.add_argument(
+        "--lrs", type=_floats, default=[2e-5, 3e-5, 5e-5], help="comma list (default 2e-5,3e-5,5e-5)"
+    )
+    hp.add_argument("--seeds", type=_ints, default=[1, 2, 3, 4, 5], help="comma list (default 1,2,3,4,5)")
+    hp.add_argument("--epochs", type=float, default=3.0)
+    hp.add_argument("--batch-size", type=int, default=32)
+    hp.add_argument("--max-seq-len", type=int, default=128, help="GLUE sequence length (default 128)")
+    hp.add_argument("--squad-max-seq-len", type=int, default=384)
+    hp.add_argument("--doc-stride", type=int, default=128, help="SQuAD: tokens shared by consecutive windows")
+    hp.add_argument(
+        "--attention-pattern",
+        type=_pattern,
+        help="replace the checkpoint's mask: a name or a JSON spec (default: the checkpoint's own)",
+    )
+    hp.add_argument("--attention-backend", default="auto", choices=["auto", "eager", "sdpa", "flex"])
+    hp.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPU")
+    smoke = p.add_argument_group("smoke runs")
+    smoke.add_argument("--max-steps", type=int, help="stop each job after this many optimizer steps")
+    smoke.add_argument("--max-train-samples", type=int)
+    smoke.add_argument("--max-eval-samples", type=int)
+    run = p.add_argument_group("orchestration and records")
+    run.add_argument(
+        "--ray-address", help="Ray cluster to use ('auto' on a cluster node); default: a local Ray"
+    )
+    run.add_argument("--max-retries", type=int, default=1, help="resubmissions of a failed job (default 1)")
+    run.add_argument("--cpus-per-job", type=float, default=1)
+    run.add_argument("--gpus-per-job", type=float, help="default: 1 if the cluster has GPUs, else 0")
+    run.add_argument(
+        "--resume", action="store_true", help="skip jobs already finished and recorded in MLflow"
+    )
+    run.add_argument(
+        "--experiment", default="sparsebert-eval", help="MLflow experiment (default sparsebert-eval)"
+    )
+    run.add_argument(
+        "--output", default="eval_results", help="where results.md/.csv go (default eval_results/)"
+    )
+    return p  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.runner import run_evaluation
+
+    args = build_parser().parse_args(argv)
+    try:
+        tasks = parse_tasks(args.tasks)
+    except ValueError as e:
+        build_parser().error(str(e))
+    needs_glue = any(TASKS[t].kind == "glue" for t in tasks)
+    needs_squad = any(TASKS[t].kind == "squad" for t in tasks)
+    if not args.hub and ((needs_glue and not args.glue_dir) or (needs_squad and not args.squad_dir)):
+        build_parser().error("give --glue-dir / --squad-dir for the tasks you named, or --hub")
+    for ckpt in args.checkpoint:
+        if not Path(ckpt).exists() and (ckpt.startswith((".", "/", "~")) or ckpt.count("/") > 1):
+            build_parser().error(f"checkpoint {ckpt} not found")  # (an id like org/name means the hub)
+    labels = args.labels.split(",") if args.labels else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = FinetuneConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len,
+        squad_max_seq_len=args.squad_max_seq_len,
+        doc_stride=args.doc_stride,
+        max_steps=args.max_steps,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        attention_pattern=args.attention_pattern,
+        attention_backend=args.attention_backend,
+        bf16=args.bf16,
+    )
+    outcome = run_evaluation(
+        args.checkpoint,
+        tasks,
+        args.lrs,
+        args.seeds,
+        config,
+        DataSource(args.glue_dir, args.squad_dir, args.hub),
+        experiment=args.experiment,
+        ray_address=args.ray_address,
+        max_retries=args.max_retries,
+        resume=args.resume,
+        output_dir=args.output,
+        labels=labels,
+        cpus_per_job=args.cpus_per_job,
+        gpus_per_job=args.gpus_per_job,
+    )
+    print(outcome.markdown)
+    print(
+        f"{outcome.ran} jobs run, {outcome.skipped} already recorded; table in {outcome.output_dir}/results.md"
+    )
+    for f in outcome.failures:
+        print(
+            f"FAILED after {f.attempts} attempts: {f.job.checkpoint} {f.job.key}: {f.error}", file=sys.stderr
+        )
+    return 1 if outcome.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

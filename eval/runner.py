@@ -1,0 +1,242 @@
+"""Run an evaluation: every checkpoint × task × learning rate × seed as a Ray task, recorded in MLflow, summarised
+in the paper's table.
+
+Each job is a Ray task asking for one GPU when the cluster has GPUs (none on CPU), so Ray runs as many side by
+side as the cluster holds. The driver collects results as they finish and records each at once, so a crash of
+the driver loses nothing already finished and ``resume`` skips it. A failed attempt is recorded (FAILED nested
+run with the traceback) and resubmitted up to ``max_retries`` times; jobs that still fail are reported and the
+table is built from the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key, expand_jobs
+from eval.table import TableRow, render_csv, render_markdown, render_selection_csv, select
+from eval.tracking import CHECKPOINT, Tracker
+
+log = logging.getLogger("eval")
+
+# Testing hook, read by the driver and passed to the jobs: "rte" makes every RTE attempt fail, "rte:1" only
+# the first one. It runs the real failure path (Ray task error -> retry -> report), nothing is mocked.
+FAIL_ENV = "SPARSEBERT_EVAL_FAIL"
+
+
+def _job_entry(job: Job, attempt: int) -> dict[str, Any]:
+    """What a Ray worker runs. Imports here so the recorded interval includes the worker's import time."""
+    start = time.time()
+    from eval.finetune import run_job
+
+    result = run_job(job, attempt)
+    result["start_time"] = start
+    return result
+
+
+@dataclass
+class JobFailure:
+    job: Job
+    attempts: int
+    error: str
+
+
+@dataclass
+class EvalOutcome:
+    rows: list[TableRow]
+    failures: list[JobFailure]
+    parent_run_ids: dict[str, str]  # checkpoint -> parent run id
+    markdown: str
+    output_dir: Path
+    ran: int = 0
+    skipped: int = 0
+    job_runs: dict[str, list[str]] = field(default_factory=dict)  # job key -> nested run ids, all attempts
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """A one-line error (the job's own exception when Ray wrapped it) and the full text for the record."""
+    import ray
+
+    details = "".join(traceback.format_exception(exc))
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+    if cause is None or isinstance(cause, ray.exceptions.RayError):
+        # Not the job's own exception (it could not be shipped back, or Ray itself failed): the last line of
+        # the (remote) traceback still names it.
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return (lines[-1] if lines else type(exc).__name__)[:1000], details
+    return f"{type(cause).__name__}: {cause}".splitlines()[0][:1000], details
+
+
+def _start_ray(address: str | None) -> bool:
+    """Connect to (``address``) or start a local Ray unless one is already up; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, log_to_driver=True)
+    return True
+
+
+def run_evaluation(
+    checkpoints: list[str],
+    tasks: list[str],
+    lrs: list[float],
+    seeds: list[int],
+    config: FinetuneConfig | None = None,
+    data: DataSource | None = None,
+    *,
+    experiment: str = "sparsebert-eval",
+    tracking_uri: str | None = None,
+    ray_address: str | None = None,
+    max_retries: int = 1,
+    resume: bool = False,
+    output_dir: str | Path = "eval_results",
+    labels: list[str] | None = None,
+    cpus_per_job: float = 1,
+    gpus_per_job: float | None = None,
+) -> EvalOutcome:
+    """Fine-tune and evaluate every job, record it in MLflow, and write the results table to ``output_dir``.
+
+    ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.db``).
+    ``gpus_per_job`` defaults to 1 when the Ray cluster has GPUs, else 0.
+    """
+    config, data = config or FinetuneConfig(), data or DataSource()
+    if labels is not None and len(labels) != len(checkpoints):
+        raise ValueError("give one label per checkpoint")
+    jobs = expand_jobs(checkpoints, tasks, lrs, seeds, config, data, os.environ.get(FAIL_ENV))
+    if not jobs:
+        raise ValueError("nothing to run: give at least one checkpoint, task, learning rate and seed")
+    tracker = Tracker(experiment, tracking_uri)
+    rows, parents, done = _open_parents(tracker, jobs, tasks, lrs, seeds, labels, resume)
+    todo = [j for j in jobs if (j.checkpoint, j.key) not in done]
+    log.info("%d jobs: %d to run, %d already recorded", len(jobs), len(todo), len(jobs) - len(todo))
+    try:
+        failures, job_runs = _run_jobs(
+            tracker, todo, parents, rows, ray_address, max_retries, cpus_per_job, gpus_per_job
+        )
+    except BaseException:
+        for parent in parents.values():  # interrupted: say so; --resume picks the parents up again
+            tracker.client.set_terminated(parent, "KILLED")
+        raise
+
+    # The table is built from what MLflow holds, so resumed and fresh jobs are summarised alike.
+    for ckpt, parent in parents.items():
+        rows[ckpt].summaries = select(list(tracker.finished_jobs(parent).values()))
+        summary = {f"{t}/{m}": v for t, s in rows[ckpt].summaries.items() for m, v in s.metrics.items()}
+        summary.update({f"{t}/best_lr": s.lr for t, s in rows[ckpt].summaries.items()})
+        tracker.log_metrics(parent, summary)
+    table = list(rows.values())
+    files = {
+        "results.md": render_markdown(table),
+        "results.csv": render_csv(table),
+        "selection.csv": render_selection_csv(table),
+    }
+    if failures:
+        files["failed_jobs.txt"] = "".join(
+            f"{f.job.checkpoint}\t{f.job.key}\t{f.attempts}\t{f.error}\n" for f in failures
+        )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "failed_jobs.txt").unlink(missing_ok=True)  # a previous run's list is stale now
+    for name, text in files.items():
+        (output_dir / name).write_text(text)
+    for ckpt, parent in parents.items():
+        tracker.log_files(parent, files)
+        tracker.close_parent(parent, failed=any(f.job.checkpoint == ckpt for f in failures))
+    return EvalOutcome(
+        table, failures, parents, files["results.md"], output_dir, len(todo), len(jobs) - len(todo), job_runs
+    )
+
+
+def _open_parents(
+    tracker: Tracker,
+    jobs: list[Job],
+    tasks: list[str],
+    lrs: list[float],
+    seeds: list[int],
+    labels: list[str] | None,
+    resume: bool,
+) -> tuple[dict[str, TableRow], dict[str, str], set[tuple[str, str]]]:
+    """One parent run per checkpoint (a row of the table); with ``resume``, the finished jobs to skip."""
+    from eval.model_loading import mask_label, mask_sparsity, pretrain_run_id
+
+    config, data = jobs[0].config, jobs[0].data
+    rows: dict[str, TableRow] = {}
+    parents: dict[str, str] = {}
+    done: set[tuple[str, str]] = set()
+    for i, ckpt in enumerate(dict.fromkeys(j.checkpoint for j in jobs)):
+        # Loading the model first also checks the checkpoint before anything is recorded.
+        sparsity = mask_sparsity(ckpt, config.max_seq_len, config.attention_pattern, config.attention_backend)
+        label = labels[i] if labels else mask_label(ckpt, config.attention_pattern)
+        tags = {CHECKPOINT: ckpt, "sparsebert.mask": label, "sparsebert.tasks": ",".join(tasks),
+                "sparsebert.lrs": ",".join(f"{x:g}" for x in lrs), "sparsebert.seeds": ",".join(map(str, seeds))}  # fmt: skip
+        if run_id := pretrain_run_id(ckpt) or tracker.find_pretrain_run(ckpt):
+            tags["sparsebert.pretrain_run_id"] = run_id
+        parent, resumed = tracker.open_parent(
+            evaluation_key(ckpt, config, data), f"eval {label}", tags, resume
+        )
+        tracker.log_params(parent, {**asdict(config), **{f"data.{k}": v for k, v in asdict(data).items()}})
+        tracker.log_metrics(parent, {"mask_sparsity": sparsity})
+        rows[ckpt], parents[ckpt] = TableRow(label, ckpt, sparsity), parent
+        if resumed:
+            done |= {(ckpt, k) for k in tracker.finished_jobs(parent)}
+    return rows, parents, done
+
+
+def _run_jobs(
+    tracker: Tracker,
+    todo: list[Job],
+    parents: dict[str, str],
+    rows: dict[str, TableRow],
+    ray_address: str | None,
+    max_retries: int,
+    cpus_per_job: float,
+    gpus_per_job: float | None,
+) -> tuple[list[JobFailure], dict[str, list[str]]]:
+    """Submit every job to Ray, record each as it finishes, resubmit failures; returns the jobs that still failed."""
+    import ray
+
+    failures: list[JobFailure] = []
+    job_runs: dict[str, list[str]] = {}
+    if not todo:
+        return failures, job_runs
+    started_ray = _start_ray(ray_address)
+    try:
+        gpus = gpus_per_job
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        remote = ray.remote(_job_entry).options(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=0)
+        log.info("running on Ray: %s, %s GPU per job", ray.cluster_resources(), gpus)
+        pending = {remote.remote(job, 1): (job, 1) for job in todo}
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            job, attempt = pending.pop(ref)
+            parent, name = parents[job.checkpoint], f"[{rows[job.checkpoint].label}] {job.key}"
+            runs = job_runs.setdefault(f"{job.checkpoint}::{job.key}", [])
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # a job's own error, a crashed worker, a lost node: all retried
+                error, details = _describe(exc)
+                runs.append(tracker.log_failed_attempt(parent, job, attempt, error, details))
+                if attempt <= max_retries:
+                    log.warning("%s failed (attempt %d): %s; retrying", name, attempt, error)
+                    pending[remote.remote(job, attempt + 1)] = (job, attempt + 1)
+                else:
+                    log.error("%s failed after %d attempts: %s", name, attempt, error)
+                    failures.append(JobFailure(job, attempt, error))
+                continue
+            runs.append(tracker.log_job(parent, job, result, {"ray.num_gpus": str(gpus)}))
+            log.info("%s done: %s", name, _brief(result["metrics"]))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return failures, job_runs
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())[:6])

@@ -1,0 +1,10 @@
+"""Training data: stream a corpus prepared by ``python -m data_prep`` and mask it for MLM.
+
+``ShardReader`` yields fixed-shape batches for one rank (disjoint across ranks, reshuffled per epoch,
+exactly resumable); ``MlmCollator`` masks them as a pure function of (seed, epoch, sample index).
+"""
+
+from sparsebert.data.collator import MlmCollator, VocabInfo
+from sparsebert.data.reader import ShardReader
+
+__all__ = ["MlmCollator", "ShardReader", "VocabInfo"]

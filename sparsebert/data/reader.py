@@ -1,0 +1,302 @@
+"""``ShardReader``: streams a prepared corpus (``python -m data_prep``) to one rank of a data-parallel job."""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from data_prep.format import check_shards, check_tokenizer, load_manifest
+
+Batch = dict[str, torch.Tensor]
+_ORDER_TAG, _WINDOW_TAG = 0x5EED0, 0x5EED1  # keep the shard-order and window streams of the RNG apart
+
+
+class ShardReader:
+    """Batches of one rank: disjoint across ranks, covering each epoch, reshuffled per epoch, resumable.
+
+    **Order.** Epoch ``e`` has one global order that depends only on ``(seed, e)``: the shards are
+    permuted, taken ``window_shards`` at a time, and the samples of each window permuted (so a batch
+    mixes several corpus regions while memory holds only a window). Global batch ``g`` is positions
+    ``[p0 + g*G, p0 + (g+1)*G)`` of that order, with ``G = world_size * batch_size``; rank ``r`` takes
+    the ``r``-th slice of ``batch_size`` of it. Ranks are therefore disjoint and together cover the
+    epoch, except its last ``n mod G`` samples, **which are dropped so that every rank takes the same
+    number of steps** (DeepSpeed needs that). The global batches do not depend on how ``G`` is split
+    into ranks. Every rank reads every shard of the epoch and keeps its own rows: simple, and one
+    sequential pass over the corpus per epoch is cheap next to training on it.
+
+    **Position.** ``state_dict()`` is global and the same on every rank: the epoch and the number of
+    samples all ranks together have consumed in it, counted up to the last batch handed to the
+    caller (prefetched batches do not count). ``load_state_dict`` continues from there: with the same
+    world size and batch size, exactly the batches an uninterrupted run would have seen; with another
+    world or batch size, from the same global position, still without repeating or skipping samples.
+
+    **Batches** are dicts of tensors: ``input_ids``, ``token_type_ids``, ``attention_mask`` (``[B,
+    seq_len]``, padded to the manifest's ``seq_len``), ``next_sentence_label`` (``[B]``, NSP corpora
+    only), ``sample_index`` (``[B]``, the sample's row in the corpus) and ``epoch`` (``[B]``). The last
+    two let ``MlmCollator`` mask as a pure function of ``(seed, epoch, sample_index)``, so a resumed
+    run masks exactly as an uninterrupted one; pass ``collator=`` to have it applied in the prefetch
+    thread. Iteration runs forever, or until ``epochs`` epochs (counted from 0) are done.
+
+    **Validation** on construction: a missing manifest, a missing, truncated, corrupt or foreign
+    Parquet file, or a tokenizer whose hash differs from the manifest's raises an error naming the file.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        prefetch: int = 2,
+        epochs: int | None = None,
+        collator: Callable[[Batch], Batch] | None = None,
+        tokenizer_dir: str | Path | None = None,
+        window_shards: int = 4,
+        verify_checksums: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if batch_size < 1 or window_shards < 1 or prefetch < 0 or seed < 0:
+            raise ValueError("batch_size and window_shards must be >= 1, prefetch and seed >= 0")
+        self.data_dir = Path(data_dir)
+        self.manifest: dict[str, Any] = load_manifest(self.data_dir)
+        check_shards(self.data_dir, self.manifest, verify_checksums=verify_checksums)
+        self.tokenizer_dir = (
+            Path(tokenizer_dir) if tokenizer_dir else self.data_dir / self.manifest["tokenizer"]["dir"]
+        )
+        check_tokenizer(self.tokenizer_dir, self.manifest, self.data_dir)
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.seed, self.shuffle, self.prefetch, self.epochs = seed, shuffle, prefetch, epochs
+        self.collator, self.window_shards = collator, window_shards
+        self.seq_len: int = self.manifest["seq_len"]
+        self.nsp: bool = self.manifest["packing"] == "nsp"
+        self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
+        self._paths = [self.data_dir / s["file"] for s in self.manifest["shards"]]
+        self._sizes = [int(s["samples"]) for s in self.manifest["shards"]]
+        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
+        self.num_samples = int(self._offsets[-1])
+        if self.num_samples < self.global_batch_size:
+            raise ValueError(
+                f"{self.data_dir} holds {self.num_samples} samples, fewer than one global batch "
+                f"(world_size {world_size} x batch_size {batch_size})"
+            )
+        digest = hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode())
+        self._dataset_id = "sha256:" + digest.hexdigest()
+        self._epoch, self._position = 0, 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of a whole epoch (the same on every rank)."""
+        return self.num_samples // self.global_batch_size
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The corpus tokenizer (``transformers.AutoTokenizer``), loaded on first use."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+
+    # --- position ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global position after the last batch handed out; identical on every rank."""
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "window_shards": self.window_shards,
+            "dataset": self._dataset_id,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (see the class docstring); the next ``iter()`` starts there."""
+        for key in ("seed", "shuffle", "window_shards", "dataset"):
+            if state.get(key) != getattr(self, "_dataset_id" if key == "dataset" else key):
+                raise ValueError(
+                    f"reader state was saved with another {key} ({state.get(key)!r}); cannot resume exactly"
+                )
+        if not 0 <= state["position"] <= self.num_samples or state["epoch"] < 0:
+            raise ValueError(
+                f"reader state position {state['position']} is outside the corpus ({self.num_samples})"
+            )
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+    # --- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        produced = self._batches(self._epoch, self._position)
+        if self.prefetch == 0:
+            for batch, (self._epoch, self._position) in produced:
+                yield batch
+            return
+        yield from self._prefetched(produced)
+
+    def _prefetched(self, produced: Iterator[tuple[Batch, tuple[int, int]]]) -> Iterator[Batch]:
+        """Run ``produced`` in a thread, ``prefetch`` batches ahead (shard decoding and masking release
+        the GIL, so this overlaps with the training step)."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for item in produced:
+                    if not put(item):
+                        return
+                put(done)
+            except BaseException as exc:  # handed to the consumer, raised there
+                put(exc)
+
+        thread = threading.Thread(target=work, name=f"ShardReader-rank{self.rank}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, (self._epoch, self._position) = item
+                yield batch
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+    def _batches(self, epoch: int, position: int) -> Iterator[tuple[Batch, tuple[int, int]]]:
+        """(batch, state after it) from the given position on; runs in the prefetch thread."""
+        G, B = self.global_batch_size, self.batch_size
+        while self.epochs is None or epoch < self.epochs:
+            if self.num_samples - position < G:  # this epoch is used up
+                epoch, position = epoch + 1, 0
+                continue
+            stream = _EpochStream(self, epoch)
+            while self.num_samples - position >= G:
+                start = position + self.rank * B
+                rows = stream.take(start, start + B)
+                position += G
+                after = (epoch, position) if self.num_samples - position >= G else (epoch + 1, 0)
+                batch = self._to_batch(rows, epoch)
+                yield (self.collator(batch) if self.collator else batch), after
+            epoch, position = epoch + 1, 0
+
+    def _to_batch(self, rows: dict[str, np.ndarray], epoch: int) -> Batch:
+        positions = torch.arange(self.seq_len)
+        lengths = torch.from_numpy(rows["length"].astype(np.int64))
+        attention = positions < lengths[:, None]
+        batch = {
+            "input_ids": torch.from_numpy(rows["input_ids"].astype(np.int64)),
+            "token_type_ids": (
+                (positions >= torch.from_numpy(rows["a_length"].astype(np.int64))[:, None]) & attention
+            ).long(),
+            "attention_mask": attention.long(),
+            "sample_index": torch.from_numpy(rows["sample_index"]),
+            "epoch": torch.full((len(lengths),), epoch, dtype=torch.int64),
+        }
+        if self.nsp:
+            batch["next_sentence_label"] = torch.from_numpy(rows["next_sentence_label"].astype(np.int64))
+        return batch
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _epoch_windows(self, epoch: int) -> list[list[int]]:
+        order = np.arange(len(self._paths))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, _ORDER_TAG]).permutation(len(self._paths))
+        k = self.window_shards
+        return [order[i : i + k].tolist() for i in range(0, len(order), k)]
+
+    def _load_window(self, epoch: int, index: int, shards: list[int]) -> dict[str, np.ndarray]:
+        parts = [self._read_shard(k) for k in shards]
+        window = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch, _WINDOW_TAG, index]).permutation(
+                len(window["length"])
+            )
+            window = {key: value[perm] for key, value in window.items()}
+        return window
+
+    def _read_shard(self, k: int) -> dict[str, np.ndarray]:
+        """Shard ``k`` as dense arrays (ids padded to ``seq_len``)."""
+        path = self._paths[k]
+        columns = ["input_ids", "a_length"] + (["next_sentence_label"] if self.nsp else [])
+        try:
+            table = pq.read_table(path, columns=columns)
+            ids = table.column("input_ids").combine_chunks()
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{path}: cannot read shard ({exc})") from exc
+        offsets = np.asarray(ids.offsets)
+        values = np.asarray(ids.flatten())
+        lengths = np.diff(offsets)
+        if len(lengths) != self._sizes[k] or lengths.max(initial=0) > self.seq_len:
+            raise ValueError(
+                f"{path}: rows do not match the manifest (count or length over seq_len {self.seq_len})"
+            )
+        dense = np.full((len(lengths), self.seq_len), self._pad_id, dtype=values.dtype)
+        dense[np.arange(self.seq_len) < lengths[:, None]] = values  # row-major fill = concatenated rows
+        out = {
+            "input_ids": dense,
+            "length": lengths,
+            "a_length": table.column("a_length").to_numpy(),
+            "sample_index": np.arange(self._offsets[k], self._offsets[k + 1], dtype=np.int64),
+        }
+        if self.nsp:
+            out["next_sentence_label"] = table.column("next_sentence_label").to_numpy()
+        return out
+
+
+class _EpochStream:
+    """Random access, in increasing order, to the positions of one epoch's global order."""
+
+    def __init__(self, reader: ShardReader, epoch: int) -> None:
+        self.reader, self.epoch = reader, epoch
+        self.windows = reader._epoch_windows(epoch)
+        sizes = [sum(reader._sizes[k] for k in window) for window in self.windows]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
+        self.cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def _window(self, w: int) -> dict[str, np.ndarray]:
+        if w not in self.cache:
+            for old in [key for key in self.cache if key < w]:  # positions only grow: free what is behind
+                del self.cache[old]
+            self.cache[w] = self.reader._load_window(self.epoch, w, self.windows[w])
+        return self.cache[w]
+
+    def take(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        pieces = []
+        while lo < hi:
+            w = bisect.bisect_right(self.starts, lo) - 1
+            end = min(hi, self.starts[w + 1])
+            window = self._window(w)
+            pieces.append(
+                {key: value[lo - self.starts[w] : end - self.starts[w]] for key, value in window.items()}
+            )
+            lo = end
+        return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
