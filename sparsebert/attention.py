@@ -11,7 +11,13 @@ padding is silently ignored). The model passes the pass's :class:`LayerMasks` do
 * ``flex``  — FlexAttention with a cached ``BlockMask``, so fully masked blocks are skipped. It applies
   no attention dropout (FlexAttention cannot), has no backward on CPU, and needs a fixed mask.
 * ``auto``  — DAM search → sdpa; fixed sparse pattern on GPU → flex; fixed sparse pattern on CPU at
-  inference with long sequences → flex; everything else → sdpa.
+  inference with long sequences, when enough blocks can be skipped → flex; everything else → sdpa.
+
+What makes it fast (guarded by ``tests/test_performance_guards.py``): every mask a backend derives is built
+once — per mask (cached with it) or, when it depends on the batch's padding, per forward pass (shared by
+all layers); a mask that is the same for every head is passed as one ``[L, L]`` mask broadcast over heads
+(SDPA runs faster with it); a padding mask with no padding is dropped, so dense SDPA keeps its fastest
+kernel; and the flex block size is smaller on CPU (more blocks skipped), 128 on GPU.
 
 **Rows with no allowed key** (a 1-token input without diagonal, an all-padding row, a DAM row that
 dropped everything) output zeros on every backend: the layer's residual connection then carries the
@@ -34,9 +40,15 @@ from sparsebert.mask_source import LayerMasks
 IMPLEMENTATION = "sparsebert"
 BACKENDS = ("auto", "eager", "sdpa", "flex")
 DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 − M)·(−10000)
-FLEX_BLOCK = 128  # FlexAttention's default block size: the granularity at which work is skipped
-# "auto" uses flex on CPU only for inference at or above this length (below it sdpa wins, measured).
+# The granularity at which FlexAttention skips work. GPU: FlexAttention's default (its Triton tiles). CPU: the
+# C++ kernel tiles by the block size itself, and smaller blocks skip more of a banded mask (measured:
+# benchmarks/results/cpu_attention.md).
+FLEX_BLOCK = 128
+CPU_FLEX_BLOCK = 32
+# "auto" uses flex on CPU only for inference at or above this length, and only when at most this fraction of
+# blocks must be computed (below / above, masked sdpa wins: measured, see benchmarks/).
 CPU_FLEX_MIN_LEN = 1024
+CPU_FLEX_MAX_BLOCK_DENSITY = 0.35
 
 
 def padding_mask(
@@ -45,7 +57,13 @@ def padding_mask(
     """Mask builder for transformers: the 2D padding mask as a broadcastable bool ``[B, 1, 1, K]``."""
     if attention_mask is None:
         return None
+    if not _tracing() and bool(attention_mask.all()):
+        return None  # no padding: without a mask dense SDPA keeps its fastest kernel (transformers does the same)
     return attention_mask.to(torch.bool).view(batch_size, 1, 1, -1)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def sparse_attention(
@@ -90,7 +108,9 @@ def choose_backend(requested: str, masks: LayerMasks, query: torch.Tensor) -> st
             return "sdpa"
         if query.is_cuda:
             return "flex"
-        return "flex" if not needs_grad and masks.seq_len >= CPU_FLEX_MIN_LEN else "sdpa"
+        if needs_grad or masks.seq_len < CPU_FLEX_MIN_LEN:
+            return "sdpa"
+        return "flex" if block_density(masks, 0, CPU_FLEX_BLOCK) <= CPU_FLEX_MAX_BLOCK_DENSITY else "sdpa"
     if requested == "flex":
         if searching:
             raise ValueError(
@@ -119,7 +139,7 @@ def _allowed(masks: LayerMasks, slot: int, padding: torch.Tensor | None) -> tupl
     store = masks.cache if padding is None and masks.cache is not None else masks.memo
     key = ("allowed", slot)
     if key not in store:
-        allowed = None if masks.is_dense else masks.hard[slot].unsqueeze(0)  # [1, H, L, L]
+        allowed = None if masks.is_dense else head_shared(masks, slot).unsqueeze(0)  # [1, H|1, L, L]
         if padding is not None:
             allowed = padding if allowed is None else allowed & padding
         empty = None
@@ -128,6 +148,17 @@ def _allowed(masks: LayerMasks, slot: int, padding: torch.Tensor | None) -> tupl
             if padding is None and not bool(empty.any()):  # fixed mask with no empty row: skip the fix-up
                 empty = None
         store[key] = (allowed, empty)
+    return store[key]
+
+
+def head_shared(masks: LayerMasks, slot: int) -> torch.Tensor:
+    """A layer's fixed mask as ``[1, L, L]`` when every head has the same mask (the built-in patterns), else
+    ``[H, L, L]``: a mask broadcast over heads is cheaper for SDPA and FlexAttention alike."""
+    store = masks.cache if masks.cache is not None else masks.memo
+    key = ("heads", slot)
+    if key not in store:
+        hard = masks.hard[slot]
+        store[key] = hard[:1] if bool((hard == hard[:1]).all()) else hard
     return store[key]
 
 
@@ -143,13 +174,12 @@ def _eager(module, query, key, value, masks, slot, padding, scaling, dropout) ->
     if masks.soft is not None:
         # The paper's DAM bias: dropped positions get −10000, and the straight-through part of M
         # carries the gradient back to α.
-        scores = scores + (masks.soft[slot] - 1.0).to(scores.dtype) * DAM_NEG
-        masked, empty = _search_masks(masks, slot, padding)
+        bias, empty = _search_bias(masks, slot, padding, scores.dtype)
+        scores = scores + bias
     else:
         allowed, empty = _allowed(masks, slot, padding)
-        masked = None if allowed is None else ~allowed
-    if masked is not None:
-        scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=module.training)
     return _zero_empty_rows(torch.matmul(probs, value), empty)
 
@@ -165,13 +195,23 @@ def _search_masks(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
     return masks.memo[key]
 
 
+def _search_bias(masks: LayerMasks, slot: int, padding: torch.Tensor | None, dtype: torch.dtype):
+    """While DAM searches: the additive bias ``(M − 1)·10000`` (−inf-like at padding) and the empty rows.
+
+    Built once per pass and shared by the layers (autograd sums their gradients into it)."""
+    key = ("search_bias", slot, dtype)
+    if key not in masks.memo:
+        masked, empty = _search_masks(masks, slot, padding)
+        bias = (masks.soft[slot] - 1.0).to(dtype) * DAM_NEG
+        if masked is not None:
+            bias = bias.masked_fill(masked, torch.finfo(dtype).min)
+        masks.memo[key] = (bias, empty)
+    return masks.memo[key]
+
+
 def _sdpa(query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
     if masks.soft is not None:
-        masked, empty = _search_masks(masks, slot, padding)
-        bias = (masks.soft[slot] - 1.0).to(query.dtype) * DAM_NEG
-        if masked is not None:
-            bias = bias.masked_fill(masked, torch.finfo(query.dtype).min)
-        attn_mask = bias
+        attn_mask, empty = _search_bias(masks, slot, padding, query.dtype)
     else:
         attn_mask, empty = _sdpa_bool_mask(masks, slot, padding)
     out = F.scaled_dot_product_attention(
@@ -196,8 +236,9 @@ def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> 
         _warn_once("flex_dropout", "attention_backend='flex' applies no attention-probability dropout")
     # Sequences are padded to whole blocks (padded keys are masked, padded queries dropped): compiled
     # FlexAttention on CPU (torch 2.13) computes wrong rows when the length is not a multiple of the block.
+    block = flex_block_size(query.device)
     seq_len = masks.seq_len
-    padded_len = -(-seq_len // FLEX_BLOCK) * FLEX_BLOCK
+    padded_len = -(-seq_len // block) * block
     if padded_len != seq_len:
         query, key, value = (F.pad(t, (0, 0, 0, padded_len - seq_len)) for t in (query, key, value))
     score_mod = None
@@ -210,47 +251,71 @@ def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> 
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.where(keep[b, kv_idx], score, -float("inf"))
 
-    block_mask = _block_mask(masks, slot)
+    block_mask = _block_mask(masks, slot, block)
     flex = flex_function(query.is_cuda)
     out = flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
     return out[:, :, :seq_len]
 
 
-def _block_mask(masks: LayerMasks, slot: int):
+def flex_block_size(device: torch.device) -> int:
+    """The FlexAttention block size used on ``device`` (see ``CPU_FLEX_BLOCK``)."""
+    return CPU_FLEX_BLOCK if device.type == "cpu" else FLEX_BLOCK
+
+
+def block_density(masks: LayerMasks, slot: int, block: int) -> float:
+    """Fraction of ``block × block`` tiles of a layer's fixed mask that hold any allowed position: the share of
+    dense attention's work a block-sparse kernel still does (its ideal speed-up is the inverse)."""
+    store = masks.cache if masks.cache is not None else masks.memo
+    key = ("block_density", slot, block)
+    if key not in store:
+        _, partial, full = _block_structure(head_shared(masks, slot), block)
+        store[key] = float((partial | full).float().mean())
+    return store[key]
+
+
+def _block_mask(masks: LayerMasks, slot: int, block: int):
     """The ``BlockMask`` of a layer's fixed mask, cached with it: fully masked blocks are skipped.
 
-    Built from block-level any/all of the mask (no per-pair mask-function sweep).
+    Built from block-level any/all of the mask (no per-pair mask-function sweep). A mask shared by all heads
+    gives a one-head block mask that FlexAttention broadcasts.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     store = masks.cache if masks.cache is not None else masks.memo
-    key = ("flex", slot)
+    key = ("flex", slot, block)
     if key not in store:
-        table, partial, full = _block_structure(masks.hard[slot])
+        hard = head_shared(masks, slot)
+        table, partial, full = _block_structure(hard, block)
+        if hard.shape[0] == 1:
+            plane = table[0]
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return table[h, q_idx, kv_idx]
+            def mask_mod(b, h, q_idx, kv_idx):
+                return plane[q_idx, kv_idx]
+        else:
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return table[h, q_idx, kv_idx]
 
         store[key] = BlockMask.from_kv_blocks(
-            *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+            *_ordered(partial), *_ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod,
             seq_lengths=table.shape[1:],
         )  # fmt: skip
     return store[key]
 
 
-def _block_structure(hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _block_structure(hard: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(table, partial, full) of a bool mask ``[H, L, L]``.
 
     ``table`` is the mask padded with False to whole blocks (the length attention runs at). ``partial``/``full`` are
     the block flags ``[1, H, nQ, nK]``.
     """
     heads, seq_len, _ = hard.shape
-    n = -(-seq_len // FLEX_BLOCK)
-    table = hard.new_zeros(heads, n * FLEX_BLOCK, n * FLEX_BLOCK)
+    n = -(-seq_len // block)
+    table = hard.new_zeros(heads, n * block, n * block)
     table[:, :seq_len, :seq_len] = hard
     valid = torch.zeros_like(table)
     valid[:, :seq_len, :seq_len] = True
-    blocks = table.view(heads, n, FLEX_BLOCK, n, FLEX_BLOCK)
+    blocks = table.view(heads, n, block, n, block)
     any_ = blocks.any(dim=4).any(dim=2)
     all_ = (blocks | ~valid.view_as(blocks)).all(dim=4).all(dim=2)
     return table, (any_ & ~all_).unsqueeze(0), all_.unsqueeze(0)

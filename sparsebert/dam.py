@@ -80,14 +80,19 @@ class DamMask(nn.Module):
         self._frozen_cache.clear()  # new α, new mask
         super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, seq_len: int, device: torch.device | None = None) -> LayerMasks:
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hard, soft) masks ``[n, heads, L, L]``; soft (straight-through) only while searching.
+
+        Returns tensors, not a :class:`LayerMasks`: DeepSpeed ZeRO-3 hooks a module's tensor outputs to
+        gather α again for the backward pass. Use :meth:`masks` for the pass's masks.
+        """
         if seq_len > self.max_len:
             raise ValueError(
                 f"sequence length {seq_len} exceeds the DAM mask's max_len {self.max_len}; "
                 "set the pattern's 'max_len' (or max_position_embeddings) higher"
             )
-        if not self.searching:
-            return self._fixed(seq_len)
+        if not self.searching:  # frozen, or eval mode mid-search: the deterministic mask 1[α > 0]
+            return alpha_to_mask(self.name, self.alpha.detach(), seq_len), None
         logits = self.alpha[..., :seq_len] if self.name == "dam_s" else self.alpha[..., :seq_len, :seq_len]
         # Gumbel-sigmoid: the logistic noise g = log U − log(1 − U) is the difference of two Gumbels.
         u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
@@ -95,13 +100,15 @@ class DamMask(nn.Module):
         soft = (p > 0.5).to(p.dtype) + p - p.detach()
         if self.name == "dam_s":  # one sample per distance keeps the sampled mask Toeplitz
             soft = soft[..., distance_matrix(seq_len, soft.device)]
-        return LayerMasks(hard=soft.detach() > 0.5, soft=soft, penalty_weight=self.lam)
+        return soft.detach() > 0.5, soft
 
-    def _fixed(self, seq_len: int) -> LayerMasks:
-        if not self.frozen:  # eval mode mid-search: the expected mask, recomputed as α moves
-            return LayerMasks(hard=alpha_to_mask(self.name, self.alpha.detach(), seq_len))
-        key = (seq_len, self.alpha.device)
+    def masks(self, seq_len: int, device: torch.device | None = None) -> LayerMasks:
+        """The masks for one forward pass: sampled while searching, cached once frozen."""
+        if not self.frozen:
+            hard, soft = self(seq_len)
+            return LayerMasks(hard=hard, soft=soft, penalty_weight=self.lam if soft is not None else 0.0)
+        key = (seq_len, str(device))
         if key not in self._frozen_cache:
-            hard = alpha_to_mask(self.name, self.alpha.detach(), seq_len)
+            hard, _ = self(seq_len)
             self._frozen_cache[key] = LayerMasks(hard=hard, cache={})
         return self._frozen_cache[key].fresh()

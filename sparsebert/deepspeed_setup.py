@@ -81,11 +81,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def model_init_context(ds: dict[str, Any]):
-    """ZeRO-3 builds parameters already partitioned (a BERT-large need not fit one rank's memory)."""
-    if zero_stage(ds) == 3:
-        return deepspeed.zero.Init(config_dict_or_path=ds)
-    return contextlib.nullcontext()
+_HF_DS_CONFIG = None
+
+
+def enable_zero3_init(ds: dict[str, Any]) -> None:
+    """Under ZeRO-3, let transformers build models partitioned (``zero.Init``) and initialise them gathered.
+
+    transformers does that for ``from_pretrained`` and ``_from_config`` while an ``HfDeepSpeedConfig``
+    is alive; a model built directly inside ``zero.Init`` would try to initialise empty partitions.
+    """
+    global _HF_DS_CONFIG
+    if zero_stage(ds) == 3 and _HF_DS_CONFIG is None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _HF_DS_CONFIG = HfDeepSpeedConfig(ds)
 
 
 def gathered(params, ds: dict[str, Any], modifier_rank: int | None = None):

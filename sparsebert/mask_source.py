@@ -1,6 +1,6 @@
 """Where a model's attention masks come from: a fixed pattern or a learned DAM mask.
 
-Both are ``nn.Module``s called once per forward pass with the sequence length; both return a
+Both are ``nn.Module``s whose ``masks(seq_len, device)`` is called once per forward pass and returns a
 :class:`LayerMasks`, the masks in force for that pass. The attention backends only ever see that.
 """
 
@@ -62,7 +62,8 @@ class PatternMask(nn.Module):
         self.is_dense = spec.name == "dense" and not spec.params["no_diagonal"]
         self._cache: dict[tuple, LayerMasks] = {}
 
-    def forward(self, seq_len: int, device: torch.device | None = None) -> LayerMasks:
+    def masks(self, seq_len: int, device: torch.device | None = None) -> LayerMasks:
+        """The pattern's masks for one forward pass (built once per length and device)."""
         key = (seq_len, torch.device(device) if device is not None else torch.device("cpu"))
         if key not in self._cache:
             hard = build_mask(self.spec, seq_len, self.num_heads).to(key[1]).unsqueeze(0)

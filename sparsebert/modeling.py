@@ -91,7 +91,7 @@ class _SparseBertMixin:
         source.eval()
         try:
             with torch.no_grad():
-                hard = source(seq_len, self.device).hard
+                hard = source.masks(seq_len, self.device).hard
         finally:
             source.train(was_training)
         return hard.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
@@ -128,7 +128,7 @@ class SparseBertModel(_SparseBertMixin, BertModel):
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        return self.sparse_mask(reference.shape[1], reference.device)
+        return self.sparse_mask.masks(reference.shape[1], reference.device)
 
     def forward(
         self,

@@ -182,19 +182,19 @@ def build_model(
         attention_probs_dropout_prob=m.attention_dropout,
     )
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank and in every stage
-    with ds_setup.model_init_context(ds):
-        if m.init_from:
-            return SparseBertForPreTraining.from_pretrained(
-                m.init_from, attention_pattern=pattern, attention_backend=m.attention_backend
-            )
-        model_config = SparseBertConfig(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            attention_pattern=pattern,
-            attention_backend=m.attention_backend,
-            **arch,
+    ds_setup.enable_zero3_init(ds)
+    if m.init_from:
+        return SparseBertForPreTraining.from_pretrained(
+            m.init_from, attention_pattern=pattern, attention_backend=m.attention_backend
         )
-        return SparseBertForPreTraining(model_config)
+    model_config = SparseBertConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        attention_pattern=pattern,
+        attention_backend=m.attention_backend,
+        **arch,
+    )
+    return SparseBertForPreTraining._from_config(model_config)
 
 
 def build_engine(model, config: PretrainConfig, ds: dict, restarted: bool = False):

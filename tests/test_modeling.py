@@ -296,7 +296,7 @@ def test_freeze_gives_binary_deterministic_mask_that_round_trips(tmp_path):
 def test_dam_s_sampled_masks_are_symmetric_toeplitz():
     torch.manual_seed(0)
     model = SparseBertForPreTraining(SparseBertConfig(**TINY, attention_pattern="dam_s"))
-    masks = model.bert.sparse_mask(10)
+    masks = model.bert.sparse_mask.masks(10)
     hard = masks.hard[0]
     assert torch.equal(hard, hard.transpose(-1, -2))
     for d in range(10):
@@ -336,7 +336,7 @@ def test_auto_classes_and_config_round_trip(tmp_path):
 
 def test_fixed_masks_are_cached_across_steps():
     model = SparseBertModel(SparseBertConfig(**TINY, attention_pattern="star"))
-    first, second = model.sparse_mask(16), model.sparse_mask(16)
+    first, second = model.sparse_mask.masks(16), model.sparse_mask.masks(16)
     assert first.hard is second.hard and first.cache is second.cache
     assert first.memo is not second.memo  # per-pass state is not shared
 
