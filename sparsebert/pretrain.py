@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         state = TrainState(**checkpoint.train_state(out, resume_tag))
     model = build_model(config, reader.tokenizer, ds, frozen=state.restarted)
     engine, scheduler = build_engine(model, config, ds, restarted=state.restarted)
+    # Training randomness (dropout, Gumbel noise) starts from the seed whatever the ZeRO stage consumed
+    # while building the model; ranks get distinct streams.
+    _seed_everything(config.train.seed + ds_setup.rank())
     if resume_tag:
         checkpoint.load(engine, out, resume_tag)
         reader.load_state_dict(state.reader)
@@ -349,7 +352,6 @@ def _params(config: PretrainConfig, ds: dict) -> dict:
 
 
 def _seed_everything(seed: int) -> None:
-    # Same seed on every rank: identical initial weights; ranks differ only in the data they read.
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""README is the contract: its Python examples run as written."""
+"""README is the contract: its ```python examples run as written (```py blocks are fragments)."""
 
 from __future__ import annotations
 

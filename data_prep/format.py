@@ -1,0 +1,166 @@
+"""The on-disk format of a prepared corpus: one definition shared by the writer and the reader.
+
+A prepared corpus is a directory::
+
+    manifest.json          what was built, from what and how (sources, counts, skips, tokenizer hash, shards)
+    tokenizer/             a transformers tokenizer directory (``AutoTokenizer.from_pretrained`` loads it)
+    shard-00000.parquet    ``shard_size`` samples each; only the last shard may hold fewer
+    shard-00001.parquet
+    ...
+
+Shard columns (one row per training sample, unpadded; the reader pads to ``seq_len``):
+
+* ``input_ids`` (``list<uint16>``, or ``list<uint32>`` for vocabularies over 65,536 tokens):
+  ``[CLS] A [SEP] B [SEP]`` for NSP packing, ``[CLS] sentences... [SEP]`` for full-sentence packing.
+* ``a_length`` (``int16``): the number of leading tokens with token type 0 (``len([CLS] A [SEP])``);
+  the remaining tokens have token type 1. Full-sentence samples have ``a_length == len(input_ids)``.
+* ``next_sentence_label`` (``int8``, NSP packing only): 0 when B follows A in the document, 1 when B
+  is a random segment from another document (the convention of transformers' ``BertForPreTraining``).
+
+This module only needs the standard library and pyarrow, so the training ranks can import it
+without pulling in Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+PACKINGS = ("nsp", "full_sentences")
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
+    return f"shard-{index:05d}.parquet"
+
+
+def ids_type(vocab_size: int) -> pa.DataType:
+    """The narrowest unsigned type that holds every token id (halves shard size for BERT vocabularies)."""
+    return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
+
+
+def shard_schema(vocab_size: int, packing: str) -> pa.Schema:
+    """Arrow schema of the shards (and of the intermediate per-unit files)."""
+    fields = [pa.field("input_ids", pa.list_(ids_type(vocab_size))), pa.field("a_length", pa.int16())]
+    if packing == "nsp":
+        fields.append(pa.field("next_sentence_label", pa.int8()))
+    return pa.schema(fields)
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    """SHA-256 of the tokenizer's ``tokenizer.json``, canonicalised so re-saving does not change it.
+
+    The file holds the vocabulary, normaliser, pre-tokeniser and special tokens: everything that
+    decides which ids a text becomes.
+    """
+    path = Path(tokenizer_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable tokenizer.json ({exc})") from exc
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` (sorted keys, so equal manifests are equal files)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """Read and sanity-check ``manifest.json``; errors name the file."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"prepared corpus directory not found: {data_dir}")
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {data_dir} is not a corpus prepared by `python -m data_prep` "
+            "(or its preparation did not finish)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path}: format_version {found!r}, this reader understands {FORMAT_VERSION}")
+    for key in ("seq_len", "seed", "packing", "tokenizer", "shards", "counts"):
+        if key not in manifest:
+            raise ValueError(f"{path}: missing key {key!r}")
+    if manifest["packing"] not in PACKINGS:
+        raise ValueError(f"{path}: unknown packing {manifest['packing']!r}")
+    return manifest
+
+
+def check_tokenizer(tokenizer_dir: str | Path, manifest: dict[str, Any], data_dir: str | Path) -> None:
+    """Raise unless ``tokenizer_dir`` is the tokenizer the shards were written with."""
+    found = tokenizer_hash(tokenizer_dir)
+    expected = manifest["tokenizer"]["hash"]
+    if found != expected:
+        raise ValueError(
+            f"{Path(tokenizer_dir) / TOKENIZER_FILE} has hash {found}, but {Path(data_dir) / MANIFEST_NAME} "
+            f"was written with tokenizer {expected}: the shards' token ids would mean other words"
+        )
+
+
+def check_shards(data_dir: str | Path, manifest: dict[str, Any], *, verify_checksums: bool = False) -> None:
+    """Raise if a shard is missing, truncated, corrupt, of another schema, or not from this manifest.
+
+    Cheap by default (file sizes and Parquet footers); ``verify_checksums`` also hashes every byte.
+    """
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / MANIFEST_NAME
+    listed = {shard["file"] for shard in manifest["shards"]}
+    for path in sorted(data_dir.glob("*.parquet")):
+        if path.name not in listed:
+            raise ValueError(
+                f"{path}: Parquet file not listed in {manifest_path}; a foreign file in the shard "
+                "directory (remove it, or prepare the corpus again)"
+            )
+    expected_schema = shard_schema(manifest["tokenizer"]["vocab_size"], manifest["packing"])
+    for shard in manifest["shards"]:
+        path = data_dir / shard["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard listed in {manifest_path} is missing: {path}")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise ValueError(
+                f"{path}: {size} bytes, {manifest_path} says {shard['bytes']} (truncated or replaced)"
+            )
+        try:
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
+        if metadata.num_rows != shard["samples"]:
+            raise ValueError(f"{path}: {metadata.num_rows} rows, {manifest_path} says {shard['samples']}")
+        for field in expected_schema:
+            if schema.get_field_index(field.name) < 0 or schema.field(field.name).type != field.type:
+                raise ValueError(
+                    f"{path}: column {field.name!r} missing or not {field.type}; not a shard of this corpus"
+                )
+        if verify_checksums and file_sha256(path) != shard["sha256"]:
+            raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupt or replaced)")

@@ -1,0 +1,359 @@
+"""``prepare_corpus``: text in, tokenizer + fixed-size Parquet shards + manifest out, in parallel on Ray.
+
+Flow (driver → Ray Data → driver)::
+
+    plan units (driver: file sizes, Parquet footers, hub shard lists)
+    tokenizer: copy the given one, or train on a seeded sample of the units (driver)
+    stage 1  Ray Data, one task per unit: read → sentences → token ids → samples → unit file
+    stage 2  Ray Data, one task per shard: row ranges of unit files → shard-NNNNN.parquet
+    manifest.json, then rename the staging directory into place
+
+Everything is written to a hidden staging directory next to the output and renamed into place only
+when complete, so a failed or interrupted run never leaves a half-written corpus behind.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import pickle
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from data_prep import tokenizer as tokenization
+from data_prep.format import (
+    FORMAT_VERSION,
+    PACKINGS,
+    TOKENIZER_DIR,
+    shard_schema,
+    tokenizer_hash,
+    write_manifest,
+)
+from data_prep.hub import HfSource
+from data_prep.shards import plan_shards, write_shard
+from data_prep.sources import Plan, ReadCounters, plan_units, read_documents
+from data_prep.units import BuildConfig, build_unit, unit_file
+
+logger = logging.getLogger("data_prep")
+_TOTALS = ("documents", "sentences", "tokens", "samples", "sample_tokens", "nsp_random_next")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, progress: bool = True) -> Iterator[None]:
+    """Use the caller's Ray if it is running; otherwise start one (local, or ``address``) and stop it after."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    previous, context.enable_progress_bars = context.enable_progress_bars, progress
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = previous
+        if started:
+            ray.shutdown()
+
+
+def _reported(fn: Callable[..., dict], *args: Any) -> str:
+    """Run ``fn`` in a worker; expected errors come back as data, so the driver can raise them as they
+    are (Ray would wrap them in its own exception type)."""
+    try:
+        return json.dumps(fn(*args))
+    except (ValueError, OSError) as exc:
+        return json.dumps({"error": type(exc).__name__, "message": str(exc)})
+
+
+def build_samples(batch: dict[str, Any], config: BuildConfig) -> dict[str, list[str]]:
+    """Ray Data stage 1 (the name shows in the progress output)."""
+    return {"out": [_reported(build_unit, pickle.loads(blob), config) for blob in batch["item"]]}
+
+
+def write_shards(batch: dict[str, Any], out_dir: str, schema_blob: bytes) -> dict[str, list[str]]:
+    """Ray Data stage 2."""
+    schema = pickle.loads(schema_blob)
+    return {"out": [_reported(write_shard, pickle.loads(blob), out_dir, schema) for blob in batch["item"]]}
+
+
+def _ray_map(
+    items: Sequence[Any], fn: Callable, fn_kwargs: dict[str, Any], num_workers: int | None
+) -> list[dict]:
+    """``fn`` over ``items`` with Ray Data: one item per task, at most ``num_workers`` tasks at a time."""
+    import ray
+
+    dataset = ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=len(items))
+    compute = ray.data.TaskPoolStrategy(size=min(num_workers, len(items))) if num_workers else None
+    mapped = dataset.map_batches(fn, batch_size=1, fn_kwargs=fn_kwargs, compute=compute, num_cpus=1)
+    results = [json.loads(row["out"]) for row in mapped.take_all()]
+    for result in results:
+        if "error" in result:
+            error = getattr(builtins, result["error"], None)
+            error = error if isinstance(error, type) and issubclass(error, Exception) else RuntimeError
+            raise error(result["message"])
+    return results
+
+
+def _training_texts(plan: Plan, *, seed: int, budget: int, max_line_length: int) -> list[str]:
+    """Documents for tokenizer training: whole units in a seeded random order, up to ``budget`` chars."""
+    order = list(range(len(plan.units)))
+    random.Random(seed).shuffle(order)
+    texts, used = [], 0
+    for index in order:
+        unit = plan.units[index]
+        try:
+            for document in read_documents(unit, max_line_length=max_line_length, counters=ReadCounters()):
+                texts.append(document)
+                used += len(document)
+                if used >= budget:
+                    return texts
+        except (OSError, pa.ArrowException) as exc:  # stage 1 meets it again and records the skip
+            if unit.kind == "hf":
+                raise
+            logger.warning("tokenizer training skips unreadable %s: %s", unit.paths, exc)
+    return texts
+
+
+def _check_arguments(options: dict[str, Any]) -> None:
+    if options["packing"] not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {options['packing']!r}")
+    if not 8 <= options["seq_len"] <= 32767:
+        raise ValueError(f"seq_len must be in [8, 32767], got {options['seq_len']}")
+    if options["shard_size"] < 1 or options["docs_per_group"] < 1 or options["vocab_size"] < 16:
+        raise ValueError("shard_size and docs_per_group must be >= 1 and vocab_size >= 16")
+    if options["train_tokenizer"] not in tokenization.TOKENIZER_KINDS:
+        raise ValueError(f"train_tokenizer must be one of {tokenization.TOKENIZER_KINDS}")
+    if options["num_workers"] is not None and options["num_workers"] < 1:
+        raise ValueError(f"num_workers must be >= 1, got {options['num_workers']}")
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Move the finished corpus into place (a rename: atomic on one filesystem)."""
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        output_dir.rename(old)
+        staging.rename(output_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(output_dir)
+
+
+def prepare_corpus(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    train_tokenizer: str = "wordpiece",
+    vocab_size: int = 8192,
+    lowercase: bool = True,
+    seq_len: int = 128,
+    seed: int = 0,
+    shard_size: int = 65536,
+    num_workers: int | None = None,
+    packing: str = "nsp",
+    hf_datasets: Sequence[HfSource | str | Sequence[str]] = (),
+    text_column: str = "text",
+    doc_per_file: bool = False,
+    rows_per_document: int = 1,
+    short_seq_prob: float = 0.1,
+    random_next_prob: float = 0.5,
+    docs_per_group: int = 1000,
+    unit_bytes: int = 8 << 20,
+    max_line_length: int = 4_000_000,
+    tokenizer_sample_bytes: int = 256 << 20,
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare a pre-training corpus; returns the manifest (also written to ``output_dir/manifest.json``).
+
+    ``inputs`` are files (.txt, .jsonl, .parquet), directories or globs; ``hf_datasets`` names hub
+    datasets (``HfSource``, or ``"NAME"`` / ``["NAME", "CONFIG", "key=value", ...]``). With
+    ``tokenizer=None`` a ``train_tokenizer`` tokenizer of ``vocab_size`` is trained on up to
+    ``tokenizer_sample_bytes`` of the corpus. ``packing`` is ``"nsp"`` (BERT sentence pairs) or
+    ``"full_sentences"`` (RoBERTa). ``num_workers`` caps parallel Ray tasks (default: all CPUs).
+    The output is identical for the same inputs and arguments whatever ``num_workers`` is.
+    Ray: reuses a running Ray; otherwise starts one (``ray_address`` to join a cluster) and stops it.
+    """
+    options = {k: v for k, v in locals().items() if k not in ("inputs", "output_dir", "hf_datasets")}
+    started = time.perf_counter()
+    _check_arguments(options)
+    output_dir = Path(output_dir).expanduser().resolve()
+    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
+        raise FileExistsError(
+            f"{output_dir} exists and is not an empty directory; use overwrite=True (--overwrite)"
+        )
+    sources = [s if isinstance(s, HfSource) else HfSource.parse(s) for s in hf_datasets]
+    names = [str(i) for i in inputs] + [s.name for s in sources]
+    if not names:
+        raise ValueError("nothing to prepare: give input paths and/or a Hugging Face dataset")
+    plan = plan_units(
+        inputs,
+        sources,
+        text_column=text_column,
+        doc_per_file=doc_per_file,
+        rows_per_document=rows_per_document,
+        unit_bytes=unit_bytes,
+        max_line_length=max_line_length,
+    )
+    if not plan.units:
+        raise ValueError(f"empty corpus: nothing readable in {names}; skipped: {plan.skipped_files}")
+    logger.info("%d units of work from %d sources", len(plan.units), len(plan.sources))
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()  # hidden, next to the output: same filesystem, so the final rename is atomic
+    try:
+        tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
+        with ray_session(ray_address, progress=progress):
+            unit_stats, shards = _run_stages(plan, staging, tok_info, names, options)
+        manifest = _manifest(
+            plan, unit_stats, shards, tok_info, tokenizer_hash(staging / TOKENIZER_DIR), options
+        )
+        manifest["config"]["hf_datasets"] = [asdict(s) for s in sources]
+        manifest["run"] = {
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 2),
+            "num_workers": num_workers,
+            "ray_address": ray_address,
+        }
+        write_manifest(staging, manifest)
+        _publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    counts = manifest["counts"]
+    logger.info(
+        "wrote %s: %d samples in %d shards from %d documents (%d tokens); skipped %s, repaired %s",
+        output_dir,
+        counts["samples"],
+        counts["shards"],
+        counts["documents"],
+        counts["tokens"],
+        manifest["skipped"],
+        manifest["repaired"],
+    )
+    return manifest
+
+
+def _prepare_tokenizer(
+    plan: Plan, out_dir: Path, names: list[str], options: dict[str, Any]
+) -> dict[str, Any]:
+    if options["tokenizer"] is not None:
+        return tokenization.load_tokenizer(options["tokenizer"], out_dir)
+    logger.info(
+        "training a %s tokenizer (vocab %d) on the corpus", options["train_tokenizer"], options["vocab_size"]
+    )
+    texts = _training_texts(
+        plan,
+        seed=options["seed"],
+        budget=options["tokenizer_sample_bytes"],
+        max_line_length=options["max_line_length"],
+    )
+    if not any(text.strip() for text in texts):
+        raise ValueError(f"empty corpus: no text in {names}")
+    return tokenization.train_tokenizer(
+        texts,
+        out_dir,
+        kind=options["train_tokenizer"],
+        vocab_size=options["vocab_size"],
+        lowercase=options["lowercase"],
+        seq_len=options["seq_len"],
+        show_progress=options["progress"],
+    )
+
+
+def _run_stages(
+    plan: Plan, staging: Path, tok_info: dict[str, Any], names: list[str], options: dict[str, Any]
+) -> tuple[list[dict], list[dict]]:
+    """Stage 1 (units → samples) and stage 2 (samples → shards) on Ray; the unit files are removed after."""
+    units_dir = staging / "_units"
+    units_dir.mkdir()
+    config = BuildConfig(
+        tokenizer_dir=str(staging / TOKENIZER_DIR),
+        units_dir=str(units_dir),
+        seq_len=options["seq_len"],
+        seed=options["seed"],
+        packing=options["packing"],
+        cls_id=tok_info["special_ids"]["cls"],
+        sep_id=tok_info["special_ids"]["sep"],
+        vocab_size=tok_info["vocab_size"],
+        short_seq_prob=options["short_seq_prob"],
+        random_next_prob=options["random_next_prob"],
+        docs_per_group=options["docs_per_group"],
+        max_line_length=options["max_line_length"],
+    )
+    workers = options["num_workers"]
+    unit_stats = sorted(
+        _ray_map(plan.units, build_samples, {"config": config}, workers), key=lambda s: s["unit"]
+    )
+    done = [(str(unit_file(units_dir, s["unit"])), s["samples"]) for s in unit_stats if "failed" not in s]
+    specs = plan_shards(done, options["shard_size"])
+    if not specs:
+        issues = ReadCounters()
+        for s in unit_stats:
+            issues.add(ReadCounters(**s["counters"]))
+        raise ValueError(f"empty corpus: no training sample from {names} (input issues: {issues.as_dict()})")
+    schema = pickle.dumps(shard_schema(tok_info["vocab_size"], options["packing"]))
+    shards = _ray_map(specs, write_shards, {"out_dir": str(staging), "schema_blob": schema}, workers)
+    shutil.rmtree(units_dir)
+    return unit_stats, sorted(shards, key=lambda entry: entry["file"])
+
+
+def _manifest(
+    plan: Plan,
+    unit_stats: list[dict],
+    shards: list[dict],
+    tok_info: dict[str, Any],
+    tok_hash: str,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    counters = ReadCounters()
+    totals = dict.fromkeys(_TOTALS, 0)
+    failed = []
+    for s in unit_stats:
+        counters.add(ReadCounters(**s["counters"]))
+        if "failed" in s:
+            failed.append(s["failed"])
+        for key in totals:
+            totals[key] += s.get(key, 0)
+    if options["packing"] != "nsp":
+        totals.pop("nsp_random_next")
+    config_keys = (
+        "shard_size",
+        "short_seq_prob",
+        "random_next_prob",
+        "docs_per_group",
+        "unit_bytes",
+        "max_line_length",
+        "rows_per_document",
+        "doc_per_file",
+        "text_column",
+        "tokenizer_sample_bytes",
+    )
+    issues = counters.as_dict()
+    return {
+        "format_version": FORMAT_VERSION,
+        "seq_len": options["seq_len"],
+        "seed": options["seed"],
+        "packing": options["packing"],
+        "sources": plan.sources,
+        "config": {key: options[key] for key in config_keys} | {"lowercase": tok_info["lowercase"]},
+        "tokenizer": {"dir": TOKENIZER_DIR, "hash": tok_hash, **tok_info},
+        "counts": {"units": len(plan.units), "shards": len(shards), **totals},
+        "skipped": {"files": plan.skipped_files + failed}
+        | {k: v for k, v in issues.items() if k != "invalid_utf8_lines"},
+        "repaired": {"invalid_utf8_lines": issues["invalid_utf8_lines"]},
+        "shards": shards,
+    }

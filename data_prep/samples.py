@@ -1,0 +1,163 @@
+"""Tokenised documents → training samples, the way BERT and RoBERTa build them (no masking here).
+
+Masking is dynamic, at train time (``sparsebert.data.MlmCollator``); the shards hold unmasked ids.
+
+``nsp_samples`` follows ``create_instances_from_document`` of google-research/bert: sentences are
+gathered into a chunk up to a target length (shorter with probability ``short_seq_prob``), split at
+a random sentence into A and B; with probability ``random_next_prob`` (and always for a one-segment
+chunk) B is replaced by a run of sentences from another document, and the unused segments are put
+back. ``packed_samples`` is RoBERTa's FULL-SENTENCES: contiguous sentences up to the length limit,
+crossing document boundaries with an extra ``[SEP]`` between documents, no NSP.
+
+A document is a list of sentences, a sentence a non-empty list of token ids no longer than the
+sample's room (the caller cuts longer ones). Every random choice comes from the ``rng`` passed in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from itertools import chain
+from typing import NamedTuple
+
+Document = Sequence[Sequence[int]]
+
+
+class Sample(NamedTuple):
+    input_ids: list[int]  # with [CLS]/[SEP]
+    a_length: int  # tokens of type 0: len([CLS] A [SEP]); all of them for packed samples
+    next_sentence_label: int  # 0 = B follows A, 1 = B is random, -1 = no NSP
+
+
+def _truncate_pair(
+    a: list[int], b: list[int], max_tokens: int, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """Trim the longer segment, from the front or the back at random, until both fit (as BERT does)."""
+    a_lo, a_hi, b_lo, b_hi = 0, len(a), 0, len(b)
+    while (a_hi - a_lo) + (b_hi - b_lo) > max_tokens:
+        if a_hi - a_lo > b_hi - b_lo:
+            if rng.random() < 0.5:
+                a_lo += 1
+            else:
+                a_hi -= 1
+        elif rng.random() < 0.5:
+            b_lo += 1
+        else:
+            b_hi -= 1
+    return a[a_lo:a_hi], b[b_lo:b_hi]
+
+
+def _random_segment(docs: Sequence[Document], doc_index: int, target: int, rng: random.Random) -> list[int]:
+    """A run of sentences of at least ``target`` tokens from another document (BERT gives up
+    looking after 10 draws, so a one-document group falls back on itself)."""
+    other = doc_index
+    for _ in range(10):
+        other = rng.randint(0, len(docs) - 1)
+        if other != doc_index:
+            break
+    document = docs[other]
+    tokens: list[int] = []
+    for sentence in document[rng.randint(0, len(document) - 1) :]:
+        tokens.extend(sentence)
+        if len(tokens) >= target:
+            break
+    return tokens
+
+
+def _document_nsp_samples(
+    docs: Sequence[Document],
+    doc_index: int,
+    rng: random.Random,
+    *,
+    seq_len: int,
+    cls_id: int,
+    sep_id: int,
+    short_seq_prob: float,
+    random_next_prob: float,
+) -> list[Sample]:
+    document = docs[doc_index]
+    max_tokens = seq_len - 3  # [CLS] A [SEP] B [SEP]
+    # One target length per document, as in BERT; short samples teach the model short inputs.
+    target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
+    samples: list[Sample] = []
+    chunk: list[Sequence[int]] = []
+    chunk_tokens = 0
+    i = 0
+    while i < len(document):
+        chunk.append(document[i])
+        chunk_tokens += len(document[i])
+        if i == len(document) - 1 or chunk_tokens >= target:
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            tokens_a = list(chain.from_iterable(chunk[:a_end]))
+            if len(chunk) == 1 or rng.random() < random_next_prob:
+                is_random = 1
+                tokens_b = _random_segment(docs, doc_index, max(1, target - len(tokens_a)), rng)
+                i -= len(chunk) - a_end  # the segments B did not use are read again
+            else:
+                is_random = 0
+                tokens_b = list(chain.from_iterable(chunk[a_end:]))
+            tokens_a, tokens_b = _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
+            ids = [cls_id, *tokens_a, sep_id, *tokens_b, sep_id]
+            samples.append(Sample(ids, len(tokens_a) + 2, is_random))
+            chunk, chunk_tokens = [], 0
+        i += 1
+    return samples
+
+
+def nsp_samples(
+    docs: Sequence[Document],
+    rng: random.Random,
+    *,
+    seq_len: int,
+    cls_id: int,
+    sep_id: int,
+    short_seq_prob: float = 0.1,
+    random_next_prob: float = 0.5,
+) -> list[Sample]:
+    """Sentence-pair samples with NSP labels for a group of documents, shuffled like BERT's."""
+    samples: list[Sample] = []
+    for doc_index in range(len(docs)):
+        samples.extend(
+            _document_nsp_samples(
+                docs,
+                doc_index,
+                rng,
+                seq_len=seq_len,
+                cls_id=cls_id,
+                sep_id=sep_id,
+                short_seq_prob=short_seq_prob,
+                random_next_prob=random_next_prob,
+            )
+        )
+    rng.shuffle(samples)
+    return samples
+
+
+def packed_samples(
+    docs: Sequence[Document], rng: random.Random, *, seq_len: int, cls_id: int, sep_id: int
+) -> list[Sample]:
+    """RoBERTa FULL-SENTENCES samples for a group of documents, shuffled."""
+    max_tokens = seq_len - 2  # [CLS] ... [SEP]
+    samples: list[Sample] = []
+    current: list[int] = []
+
+    def emit() -> None:
+        while current and current[-1] == sep_id:  # a document separator at the very end is redundant
+            current.pop()
+        if current:
+            ids = [cls_id, *current, sep_id]
+            samples.append(Sample(ids, len(ids), -1))
+        current.clear()
+
+    for document in docs:
+        for sentence in document:
+            if current and len(current) + len(sentence) > max_tokens:
+                emit()
+            current.extend(sentence)
+        if current and len(current) < max_tokens:
+            current.append(sep_id)  # the extra separator between documents
+        elif current:
+            emit()
+    emit()
+    rng.shuffle(samples)
+    return samples

@@ -1,0 +1,84 @@
+"""Stage 2: the per-unit sample files → shards of exactly ``shard_size`` samples (the last may be short).
+
+The corpus order is units by index, rows in file order. Knowing every unit's sample count, shard k
+is rows ``[k * shard_size, (k + 1) * shard_size)`` of that order: a fixed set of row ranges of a few
+unit files, so the shards are written in parallel and come out the same whatever the workers.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.format import file_sha256, shard_name
+
+SHARD_ROW_GROUP = 16384
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Shard ``index`` = the concatenation of ``pieces``: (unit file, first row, end row)."""
+
+    index: int
+    pieces: tuple[tuple[str, int, int], ...]
+
+
+def plan_shards(unit_files: Sequence[tuple[str, int]], shard_size: int) -> list[ShardSpec]:
+    """``unit_files`` lists (path, samples) in corpus order; returns the shards' row ranges."""
+    files = [(path, n) for path, n in unit_files if n > 0]
+    starts = [0]
+    for _, n in files:
+        starts.append(starts[-1] + n)
+    total = starts[-1]
+    specs = []
+    for index, lo in enumerate(range(0, total, shard_size)):
+        hi = min(lo + shard_size, total)
+        pieces = []
+        f = bisect.bisect_right(starts, lo) - 1
+        while lo < hi:
+            path, n = files[f]
+            take_hi = min(hi, starts[f] + n)
+            pieces.append((path, lo - starts[f], take_hi - starts[f]))
+            lo = take_hi
+            f += 1
+        specs.append(ShardSpec(index, tuple(pieces)))
+    return specs
+
+
+def _read_rows(path: str, lo: int, hi: int) -> pa.Table:
+    """Rows ``[lo, hi)`` of a unit file, reading only the row groups that hold them."""
+    parquet = pq.ParquetFile(path)
+    groups, first_row, row = [], None, 0
+    for g in range(parquet.metadata.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if row + n > lo and row < hi:
+            groups.append(g)
+            first_row = row if first_row is None else first_row
+        row += n
+    table = parquet.read_row_groups(groups)
+    return table.slice(lo - first_row, hi - lo)
+
+
+def write_shard(spec: ShardSpec, out_dir: str | Path, schema: pa.Schema) -> dict[str, Any]:
+    """Write one shard; return its manifest entry."""
+    try:
+        table = pa.concat_tables([_read_rows(path, lo, hi) for path, lo, hi in spec.pieces]).cast(schema)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc}: a worker cannot see a file another worker wrote; on a multi-node cluster the output "
+            "directory must be on storage every node shares (NFS, EFS, a mounted bucket)"
+        ) from exc
+    path = Path(out_dir) / shard_name(spec.index)
+    pq.write_table(table, path, compression="zstd", row_group_size=SHARD_ROW_GROUP)
+    return {
+        "file": path.name,
+        "samples": table.num_rows,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
