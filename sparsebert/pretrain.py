@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         state = TrainState(**checkpoint.train_state(out, resume_tag))
     model = build_model(config, reader.tokenizer, ds, frozen=state.restarted)
     engine, scheduler = build_engine(model, config, ds, restarted=state.restarted)
+    engine.train()  # from_pretrained returns models in eval mode: no dropout, and a DAM mask would not search
     # Training randomness (dropout, Gumbel noise) starts from the seed whatever the ZeRO stage consumed
     # while building the model; ranks get distinct streams.
     _seed_everything(config.train.seed + ds_setup.rank())
@@ -224,6 +225,7 @@ def end_search(model, engine, scheduler, config: PretrainConfig, ds: dict, track
         with ds_setup.gathered([model.mask_source.alpha], ds, modifier_rank=0), torch.no_grad():
             model.mask_source.alpha.copy_(alpha)
         engine, scheduler = build_engine(model, config, ds, restarted=True)
+        engine.train()
     else:
         _freeze_in_place(model, engine, scheduler)
     mask = model.current_mask(seq_len)

@@ -1,0 +1,286 @@
+"""Pre-training end to end through the real `deepspeed` launcher (2 CPU ranks), read back through MLflow.
+
+The launches are shared between tests (each costs ~40 s): one two-stage DAM_s run per ZeRO stage (0, 2, 3),
+and a ZeRO-2 run killed after a checkpoint, then resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from sparsebert import SparseBertForPreTraining
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = REPO / "sparsebert" / "pretrain.py"
+MAX_STEPS, SEARCH_STEPS = 8, 4
+COMMON = [
+    "--config",
+    "tiny_cpu",
+    "model.max_position_embeddings=64",
+    "model.attention_pattern={name: dam_s, lambda: 0.01}",
+    f"train.max_steps={MAX_STEPS}",
+    f"dam.search_steps={SEARCH_STEPS}",
+    "train.micro_batch_size=4",
+    "train.optimizer=adamw",  # LAMB needs ZeRO stage 0; the parity test compares stages 0, 2 and 3
+    "train.lr=1e-3",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=2",
+    "data.log_sample_ids=true",
+    "mlflow.experiment=test-pretrain",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _words(seed: int, n: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = [
+        f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu") for b in ("n", "r", "s", "t", "")
+    ]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, ray_local) -> Path:
+    from data_prep import prepare_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = []
+    for d in range(60):
+        sentences = [_words(d * 100 + s, 6 + (d + s) % 9).capitalize() + "." for s in range(12)]
+        docs.append(" ".join(sentences))
+    (root / "docs.txt").write_text("\n\n".join(docs))
+    prepare_corpus(
+        [root / "docs.txt"],
+        root / "prepared",
+        vocab_size=300,
+        seq_len=64,
+        seed=0,
+        shard_size=64,
+        progress=False,
+    )
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory, corpus) -> Path:
+    """Initial weights shared by every run: ZeRO-3 builds models partitioned, drawing random init differently."""
+    from transformers import AutoTokenizer
+
+    from sparsebert import SparseBertConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "tokenizer")
+    config = SparseBertConfig(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=512, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        attention_pattern={"name": "dam_s", "lambda": 0.01},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("init")
+    SparseBertForPreTraining(config).save_pretrained(path)
+    return path
+
+
+class Launcher:
+    """Runs pretrain.py under the deepspeed launcher with 2 CPU ranks; one MLflow store for all runs."""
+
+    def __init__(self, root: Path, corpus: Path, init_dir: Path, mlflow_uri: str):
+        self.root, self.corpus, self.init_dir, self.mlflow_uri = root, corpus, init_dir, mlflow_uri
+        self.results: dict[str, subprocess.CompletedProcess] = {}
+
+    def run(
+        self, name: str, ds_config: str, *extra: str, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        cmd = [
+            "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(PRETRAIN), *COMMON,
+            f"output_dir={self.root / name}", f"deepspeed_config=ds_configs/{ds_config}",
+            f"data.path={self.corpus}", f"model.init_from={self.init_dir}", *extra,
+        ]  # fmt: skip
+        environment = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
+        result = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+        (self.root / f"{name}.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def completed(self, name: str, ds_config: str) -> Path:
+        if name not in self.results:
+            self.results[name] = self.run(name, ds_config)
+        result = self.results[name]
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return self.root / name
+
+    def mlflow_run(self, name: str):
+        client = MlflowClient(self.mlflow_uri)
+        experiment = client.get_experiment_by_name("test-pretrain")
+        runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'")
+        assert len(runs) == 1, f"expected one MLflow run named {name}, found {len(runs)}"
+        return client, runs[0]
+
+    def losses(self, name: str) -> dict[int, float]:
+        client, run = self.mlflow_run(name)
+        history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.timestamp)
+        return {m.step: m.value for m in history}  # a step logged twice (crash, resume): the last one wins
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory, corpus, init_dir) -> Launcher:
+    root = tmp_path_factory.mktemp("runs")
+    return Launcher(root, corpus, init_dir, f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _rank_masks(out: Path, stage: str) -> list[torch.Tensor]:
+    return [load_file(out / "masks" / f"{stage}.rank{r}.safetensors")["mask"] for r in (0, 1)]
+
+
+@pytest.mark.parametrize("ds_config", ["cpu_zero2.json", "cpu_zero3.json"])
+def test_zero_stages_match_zero0_and_loss_falls(launcher, ds_config):
+    reference = launcher.losses(launcher.completed("zero0", "cpu.json").name)
+    out = launcher.completed(ds_config.removesuffix(".json"), ds_config)
+    losses = launcher.losses(out.name)
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    steps = sorted(reference)
+    torch.testing.assert_close(
+        torch.tensor([losses[s] for s in steps]),
+        torch.tensor([reference[s] for s in steps]),
+        rtol=2e-3,
+        atol=2e-3,
+    )
+    assert sum(losses[s] for s in steps[-2:]) < sum(losses[s] for s in steps[:2])
+
+
+def test_dam_mask_frozen_identically_on_both_ranks_and_kept(launcher):
+    out = launcher.completed("cpu_zero2", "cpu_zero2.json")
+    frozen = _rank_masks(out, "stage1_frozen")
+    final = _rank_masks(out, "final")
+    assert torch.equal(frozen[0], frozen[1]), "ranks froze different masks"
+    assert torch.equal(final[0], frozen[0]) and torch.equal(final[1], frozen[0]), "stage 2 changed the mask"
+    assert frozen[0].dtype == torch.bool
+    assert torch.equal(frozen[0][0], frozen[0][0].transpose(-1, -2))  # dam_s: symmetric Toeplitz
+
+    model = SparseBertForPreTraining.from_pretrained(out / "final")
+    assert model.config.attention_pattern["name"] == "dam_s" and model.config.attention_pattern["frozen"]
+    assert torch.equal(model.current_mask(64), frozen[0])
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out / "final").vocab_size == model.config.vocab_size
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(launcher):
+    out = launcher.completed("cpu_zero2", "cpu_zero2.json")
+    client, run = launcher.mlflow_run(out.name)
+    params = run.data.params
+    assert params["world_size"] == "2"
+    assert params["deepspeed.zero_optimization.stage"] == "2"
+    assert json.loads(params["model.attention_pattern"])["name"] == "dam_s"
+    assert params["train.max_steps"] == str(MAX_STEPS) and len(params["git_commit"]) >= 7
+    expected = {
+        "loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "mask_penalty", "mask_density", "lr",
+        "tokens_per_s", "samples_per_s", "frozen_sparsity",
+    }  # fmt: skip
+    assert expected <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "mlm_loss")) == MAX_STEPS
+    penalty_steps = [m.step for m in client.get_metric_history(run.info.run_id, "mask_penalty")]
+    assert max(penalty_steps) == SEARCH_STEPS  # λ·‖M‖₁ only while searching
+    artifacts = _all_artifacts(client, run.info.run_id)
+    for path in (
+        "config/train.yaml",
+        "config/deepspeed.json",
+        "masks/stage1_frozen/mask.safetensors",
+        "masks/stage1_frozen/mask_layer0.png",
+        "masks/stage1_frozen/importance_by_distance.png",
+        "masks/final/mask.safetensors",
+    ):
+        assert path in artifacts, f"{path} not in {sorted(artifacts)}"
+    assert run.data.tags["final_model_dir"] == str((out / "final").resolve())
+
+
+def _all_artifacts(client, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_killed_run_resumes_to_the_same_loss_and_reads_each_sample_once(launcher):
+    reference_out = launcher.completed("cpu_zero2", "cpu_zero2.json")
+    crashed = launcher.run("resumed", "cpu_zero2.json", env={"SPARSEBERT_CRASH_AFTER_STEP": "5"})
+    assert crashed.returncode != 0
+    out = launcher.root / "resumed"
+    assert (out / "checkpoints" / "latest").read_text() == "step00000004"
+    resumed = launcher.run("resumed", "cpu_zero2.json")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step00000004" in resumed.stdout
+
+    reference, losses = launcher.losses("cpu_zero2"), launcher.losses("resumed")
+    for step in range(1, MAX_STEPS + 1):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000006", "step00000008"]
+
+    def consumed(run_dir: Path) -> dict[tuple[int, int], list[int]]:
+        records = {}  # (rank, step) -> sample ids; a step replayed after the crash: the last record wins
+        for rank in (0, 1):
+            for line in (run_dir / f"samples.rank{rank}.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                records[(rank, record["step"])] = record["ids"]
+        return records
+
+    got, expected = consumed(out), consumed(reference_out)
+    assert got == expected
+    everything = [i for ids in got.values() for i in ids]
+    assert len(everything) == len(set(everything)) == MAX_STEPS * 2 * 4
+
+
+def test_bad_config_fails_fast_naming_the_key(tmp_path):
+    for override, message in [
+        ("train.max_step=3", "unknown config key 'train.max_step'"),
+        ("train.lr=fast", "config key 'train.lr' must be float"),
+        ("model.attention_pattern=strided3", "unknown attention pattern 'strided3'"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, str(PRETRAIN), f"output_dir={tmp_path}", override],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_plain_python_run_restarting_weights_for_stage_two(tmp_path, corpus):
+    """One process without the launcher; stage 2 from fresh weights keeps the frozen mask."""
+    out = tmp_path / "restart"
+    cmd = [
+        sys.executable, str(PRETRAIN), *COMMON, f"output_dir={out}", f"data.path={corpus}",
+        "train.max_steps=6", "dam.search_steps=3", "dam.restart_weights=true", "mlflow.enabled=false",
+        "checkpoint.every=0",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    frozen = load_file(out / "masks" / "stage1_frozen.rank0.safetensors")["mask"]
+    assert torch.equal(load_file(out / "masks" / "final.rank0.safetensors")["mask"], frozen)
+    state = json.loads((out / "checkpoints" / "step00000006" / "train_state.json").read_text())
+    assert state["stage"] == 2 and state["restarted"] is True
+    model = SparseBertForPreTraining.from_pretrained(out / "final")
+    assert torch.equal(model.current_mask(64), frozen)
