@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     final_mask = model.current_mask(seq_len)
     _save_rank_mask(out, "final", final_mask)
     tracker.log_mask("final", final_mask)
+    model.config.mlm_logits = "all"  # the exported model keeps transformers' output semantics
     checkpoint.export_final(model, ds, out / "final", reader.tokenizer_dir, tracker.run_id)
     tracker.set_tags(
         {"final_model_dir": str((out / "final").resolve()), "final_sparsity": sparsity(final_mask)}
@@ -189,13 +190,17 @@ def build_model(
     ds_setup.enable_zero3_init(ds)
     if m.init_from:
         return SparseBertForPreTraining.from_pretrained(
-            m.init_from, attention_pattern=pattern, attention_backend=m.attention_backend
+            m.init_from,
+            attention_pattern=pattern,
+            attention_backend=m.attention_backend,
+            mlm_logits=m.mlm_logits,
         )
     model_config = SparseBertConfig(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         attention_pattern=pattern,
         attention_backend=m.attention_backend,
+        mlm_logits=m.mlm_logits,
         **arch,
     )
     return SparseBertForPreTraining._from_config(model_config)
@@ -260,8 +265,11 @@ class Meter:
         self.samples += batch["input_ids"].shape[0]
         values = {"loss": outputs.loss, "mlm_loss": outputs.mlm_loss}
         labels = batch["labels"]
-        predicted = labels != -100
-        hits = (outputs.prediction_logits.argmax(-1)[predicted] == labels[predicted]).float()
+        predicted = labels[labels != -100]
+        guesses = outputs.prediction_logits.argmax(-1)
+        if guesses.dim() == 2:  # logits for every position (model.mlm_logits=all)
+            guesses = guesses[labels != -100]
+        hits = (guesses == predicted).float()
         values["mlm_accuracy"] = hits.mean() if hits.numel() else torch.tensor(0.0)
         if outputs.nsp_loss is not None:
             values["nsp_loss"] = outputs.nsp_loss

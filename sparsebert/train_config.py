@@ -46,6 +46,7 @@ class ModelConfig:
         "dense", "mask pattern spec: a name, or {name: ..., params...}; see README"
     )
     attention_backend: str = _f("auto", "auto, eager, sdpa or flex")
+    mlm_logits: str = _f("masked_only", "MLM vocabulary logits at masked positions only (faster) or all")
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TrainConfig:
 
 @dataclass
 class DamConfig:
-    search_steps: int = _f(0, "stage-1 steps searching the mask (DAM patterns only); then the mask is frozen")
+    search_steps: int = _f(0, "stage-1 steps searching a DAM mask, then frozen (fixed patterns skip stage 1)")
     tau_start: float | None = _f(
         None, "anneal the Gumbel temperature from this ... (null = the pattern's tau)"
     )
@@ -265,6 +266,7 @@ def _check_semantics(config: PretrainConfig) -> None:
         "train.decay": (t.decay, ("linear", "polynomial", "constant")),
         "model.size": (config.model.size, tuple(MODEL_SIZES)),
         "model.attention_backend": (config.model.attention_backend, ("auto", "eager", "sdpa", "flex")),
+        "model.mlm_logits": (config.model.mlm_logits, ("masked_only", "all")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -278,10 +280,8 @@ def _check_semantics(config: PretrainConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"config key 'model.attention_pattern': {err}") from err
     search = config.dam.search_steps
-    if search < 0 or (search and not spec.learned):
-        raise ConfigError(
-            f"config key 'dam.search_steps' must be 0 for the fixed pattern {spec.name!r} and >= 0 otherwise"
-        )
+    if search < 0:
+        raise ConfigError(f"config key 'dam.search_steps' must be >= 0, got {search}")
     if spec.learned and not spec.params["frozen"] and not 0 < search < t.max_steps:
         raise ConfigError(
             f"config key 'dam.search_steps' must be between 1 and train.max_steps - 1 ({t.max_steps - 1}) "
