@@ -35,11 +35,16 @@ def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """LAMB or AdamW over :func:`param_groups`. Under LAMB, α takes plain Adam steps: the trust ratio
+    ‖w‖/‖update‖ of a parameter that starts near 0 would keep it there."""
     groups = param_groups(model, train)
     betas = tuple(train.betas)
     if train.optimizer == "lamb":
-        # Decoupled weight decay as in the LAMB paper and NVIDIA's BERT recipe; `adam` is read per group.
-        return Lamb(groups, lr=train.lr, betas=betas, eps=train.eps, weight_decouple=True, adam=False)
+        # Decoupled weight decay as in the LAMB paper and NVIDIA's BERT recipe.
+        optimizer = Lamb(groups, lr=train.lr, betas=betas, eps=train.eps, weight_decouple=True)
+        for group in optimizer.param_groups:  # Lamb's constructor resets the per-group `adam` flag
+            group["adam"] = group["name"] == DAM_GROUP
+        return optimizer
     return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=train.eps)
 
 
