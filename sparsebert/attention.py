@@ -41,14 +41,15 @@ IMPLEMENTATION = "sparsebert"
 BACKENDS = ("auto", "eager", "sdpa", "flex")
 DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 − M)·(−10000)
 # The granularity at which FlexAttention skips work. GPU: FlexAttention's default (its Triton tiles). CPU: the
-# C++ kernel tiles by the block size itself, and smaller blocks skip more of a banded mask (measured:
-# benchmarks/results/cpu_attention.md).
+# C++ kernel tiles by the block size itself, and small blocks skip most of a banded mask: 16 beat 32, 64 and
+# 128 at L = 512…4096 (longformer, L=4096: ≈ 9× dense SDPA vs ≈ 2× with 128; benchmarks/results/).
 FLEX_BLOCK = 128
-CPU_FLEX_BLOCK = 32
-# "auto" uses flex on CPU only for inference at or above this length, and only when at most this fraction of
-# blocks must be computed (below / above, masked sdpa wins: measured, see benchmarks/).
+CPU_FLEX_BLOCK = 16
+# "auto" uses flex on CPU for inference only from this length (shorter inputs gain less than a new shape's
+# 10–30 s compile costs), and only when at most this fraction of blocks must be computed (above it, masked
+# sdpa is as fast: measured with bigbird and fixed).
 CPU_FLEX_MIN_LEN = 1024
-CPU_FLEX_MAX_BLOCK_DENSITY = 0.35
+CPU_FLEX_MAX_BLOCK_DENSITY = 0.4
 
 
 def padding_mask(
@@ -250,6 +251,13 @@ def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> 
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.where(keep[b, kv_idx], score, -float("inf"))
+    elif padded_len != seq_len:
+        # The block mask already masks the padded keys, but compiled FlexAttention on CPU (torch 2.13) without
+        # a score_mod still miscomputes the last block's rows at some padded lengths (block 16: L = 20, 70,
+        # 100, 130); with one it has matched eager at every length tried.
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(kv_idx < seq_len, score, -float("inf"))
 
     block_mask = _block_mask(masks, slot, block)
     flex = flex_function(query.is_cuda)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Everything SparseBERT measures on a GPU, in one run (about 5 minutes on an H100), tables written to
+# benchmarks/results/gpu_*_<gpu>.md (and copied to $OUT when that is set).
+#
+#     bash benchmarks/gpu_check.sh
+#
+# Needs only PyTorch (CUDA), transformers and triton: the package is used from this checkout (PYTHONPATH), and
+# importing it pulls in no deepspeed, ray or mlflow. Any failure stops the run with a non-zero exit status —
+# no GPU, a fast path that disagrees with eager, a benchmark that errors or runs past its time limit, or
+# FlexAttention falling back to its uncompiled (slow) path. Nothing is skipped silently.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+RESULTS=benchmarks/results
+LOG=$(mktemp -d)/gpu_check.log
+mkdir -p "$RESULTS"
+
+fail() { echo "gpu_check: FAILED: $*" >&2; exit 1; }
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "environment"
+python - <<'EOF' || fail "no usable CUDA GPU, or sparsebert pulls in the cluster stack"
+import sys
+import torch, transformers, triton
+assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
+import sparsebert
+stack = {"deepspeed", "ray", "mlflow"} & set(sys.modules)
+assert not stack, f"importing sparsebert imported {sorted(stack)}"
+print(torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| transformers", transformers.__version__, "| triton", triton.__version__)
+EOF
+GPU=$(python -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+
+step "fast paths match eager on GPU (flex forward + backward)"
+timeout 150 python benchmarks/gpu_sanity.py --device cuda 2>&1 | tee -a "$LOG" \
+  || fail "gpu_sanity (exit ${PIPESTATUS[0]}): a fast path disagrees with eager, or it timed out"
+
+step "attention layer: BERT-base, bf16, L=512..4096, fwd+bwd"
+timeout 240 python benchmarks/bench_attention.py --device cuda --size base --dtype bfloat16 \
+  --tokens 32768 --lengths 512 1024 2048 4096 --modes train --repeats 5 \
+  --out "$RESULTS/gpu_attention_${GPU}.md" 2>&1 | tee -a "$LOG" \
+  || fail "bench_attention (exit ${PIPESTATUS[0]})"
+
+step "training step: BERT-base, bf16 autocast, seq 128 and 512 (+ torch.compile at 128)"
+timeout 240 python benchmarks/bench_training.py --device cuda --sizes base --lengths 128 512 --tokens 16384 \
+  --bf16 --compile --compile-lengths 128 --repeats 5 \
+  --out "$RESULTS/gpu_training_${GPU}.md" 2>&1 | tee -a "$LOG" \
+  || fail "bench_training (exit ${PIPESTATUS[0]})"
+
+# A FlexAttention call dynamo gave up compiling runs unfused: the numbers would be wrong, not just slow.
+if grep -qiE "recompile_limit|cache_size_limit|without torch.compile|unfused implementation" "$LOG"; then
+  grep -iE "recompile_limit|cache_size_limit|without torch.compile|unfused implementation" "$LOG" | head -5 >&2
+  fail "FlexAttention ran uncompiled somewhere (see above)"
+fi
+
+if [[ -n "${OUT:-}" ]]; then
+  cp "$RESULTS/gpu_attention_${GPU}.md" "$RESULTS/gpu_training_${GPU}.md" "$LOG" "$OUT/"
+fi
+step "done: $RESULTS/gpu_attention_${GPU}.md, $RESULTS/gpu_training_${GPU}.md"

@@ -1,0 +1,231 @@
+"""What makes sparse attention fast, tested as structure (never as timings; see benchmarks/ for those).
+
+Block masks skip fully masked blocks; masks and everything derived from them are built once (per mask, or per
+forward pass when they depend on padding) and reused; dense SDPA gets no mask; a head-shared mask is
+broadcast; ``auto`` picks flex only where blocks are skipped; the fast paths still compute what eager does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsebert import (
+    SparseBertConfig,
+    SparseBertForMaskedLM,
+    SparseBertForPreTraining,
+    SparseBertModel,
+    attention,
+)
+from sparsebert.mask_source import PatternMask
+from sparsebert.masks import parse_spec
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def _uncompiled_flex(monkeypatch):
+    monkeypatch.setenv("SPARSEBERT_FLEX_COMPILE", "0")  # same results, no 20 s compile per shape
+
+
+def _masks(pattern, seq_len: int, heads: int = 12):
+    return PatternMask(parse_spec(pattern), heads).masks(seq_len)
+
+
+def _visited_blocks(block_mask) -> int:
+    return int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
+
+
+@pytest.mark.parametrize("block", [attention.CPU_FLEX_BLOCK, attention.FLEX_BLOCK])
+def test_block_mask_skips_fully_masked_blocks(block):
+    seq_len = 1024
+    n = seq_len // block
+    longformer = attention._block_mask(_masks("longformer", seq_len), 0, block)
+    dense = attention._block_mask(_masks("dense", seq_len), 0, block)
+    assert _visited_blocks(dense) == n * n and int(dense.kv_num_blocks.sum()) == 0  # all full: no mask_mod
+    # longformer (window 6, 1 global token): the global row block, the global column and a band of ≤ 3 blocks.
+    assert _visited_blocks(longformer) <= n + 4 * (n - 1)  # 36 of 64 blocks at 128, 156 of 1024 at 32
+    # Exactly the blocks holding an allowed position are visited.
+    hard = _masks("longformer", seq_len).hard[0, 0]
+    any_allowed = hard.view(n, block, n, block).any(dim=3).any(dim=1)
+    visited = longformer.to_dense()[0, 0].bool()
+    assert torch.equal(visited, any_allowed)
+
+
+def test_head_shared_patterns_give_one_head_masks_and_dam_keeps_its_heads():
+    star = _masks("star", 64)
+    assert attention.head_shared(star, 0).shape == (1, 64, 64)
+    assert attention._block_mask(star, 0, 32).kv_num_blocks.shape[1] == 1  # broadcast over heads
+    model = SparseBertModel(SparseBertConfig(**TINY, attention_pattern={"name": "dam_s", "frozen": True}))
+    with torch.no_grad():
+        model.sparse_mask.alpha[0, 0].fill_(1.0)
+        model.sparse_mask.alpha[0, 1].fill_(-1.0)
+    assert attention.head_shared(model.sparse_mask.masks(16), 0).shape == (2, 16, 16)
+
+
+def _spy(monkeypatch, module, name: str) -> list:
+    calls = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def _ids(batch=2, seq_len=24, pad_from=None):
+    ids = torch.randint(5, TINY["vocab_size"], (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    if pad_from is not None:
+        attention_mask[1:, pad_from:] = 0
+    return ids, attention_mask
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_masks_are_built_once_and_reused_across_passes(monkeypatch, backend):
+    import sparsebert.mask_source as mask_source
+
+    builds = _spy(monkeypatch, mask_source, "build_mask")
+    derived = _spy(monkeypatch, attention, "head_shared")  # called when a layer's mask is (re)derived
+    blocks = _spy(monkeypatch, attention, "_block_structure")
+    model = SparseBertModel(
+        SparseBertConfig(**TINY, attention_pattern="star", attention_backend=backend)
+    ).eval()
+    ids, full = _ids()
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids, attention_mask=full)
+    assert len(builds) == 1  # the pattern, once
+    cache = model.sparse_mask.masks(24).cache
+    first = dict(cache)
+    assert len(derived) == 1  # the mask in the backend's form, once
+    assert len(blocks) == (1 if backend == "flex" else 0)
+    with torch.no_grad():
+        model(ids, attention_mask=full)
+    assert all(cache[key] is value for key, value in first.items())  # same objects, not equal copies
+
+    # With padding: combined with the batch's padding once per pass, shared by both layers.
+    derived.clear()
+    _, padded = _ids(pad_from=10)
+    with torch.no_grad():
+        model(ids, attention_mask=padded)
+        model(ids, attention_mask=padded)
+    per_pass = 0 if backend == "flex" else 1  # flex keeps padding out of its (cached) block mask
+    assert len(derived) == 2 * per_pass  # two passes, two layers: once per pass
+
+
+def test_sdpa_gets_no_mask_when_dense_and_unpadded_and_a_broadcast_mask_when_sparse(monkeypatch):
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    ids, full = _ids()
+    for pattern in ("dense", "star"):
+        model = SparseBertModel(SparseBertConfig(**TINY, attention_pattern=pattern, attention_backend="sdpa"))
+        with torch.no_grad():
+            model(ids, attention_mask=full)
+    assert seen[0] is None and seen[1] is None  # dense, all-ones attention mask: the unmasked kernel
+    assert seen[2].shape == (1, 1, 24, 24) and seen[2].dtype == torch.bool and seen[2] is seen[3]
+
+
+def test_auto_uses_flex_on_cpu_only_for_long_block_sparse_inference():
+    query = torch.empty(1, 12, 1, 64)
+    long = attention.CPU_FLEX_MIN_LEN
+    assert attention.choose_backend("auto", _masks("longformer", long), query) == "flex"
+    assert (
+        attention.choose_backend("auto", _masks("bigbird", long), query) == "sdpa"
+    )  # random keys: few blocks skipped
+    assert attention.choose_backend("auto", _masks("longformer", long // 2), query) == "sdpa"
+    assert attention.choose_backend("auto", _masks("dense", long), query) == "sdpa"
+    with torch.enable_grad():
+        assert attention.choose_backend("auto", _masks("longformer", long), query.requires_grad_()) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [{"name": "longformer", "window": 3}, "star", {"name": "dam_s", "frozen": True, "max_len": 64}],
+)
+def test_flex_matches_eager_on_padded_batches(pattern):
+    torch.manual_seed(0)
+    model = SparseBertModel(
+        SparseBertConfig(**TINY, attention_pattern=pattern, attention_backend="flex")
+    ).eval()
+    if isinstance(pattern, dict) and pattern["name"] == "dam_s":
+        with torch.no_grad():  # per-head masks: the multi-head block-mask path
+            model.sparse_mask.alpha.normal_()
+    ids, padded = _ids(batch=3, seq_len=40, pad_from=29)  # 40 is no multiple of the block size
+    with torch.no_grad():
+        flex = model(ids, attention_mask=padded).last_hidden_state
+        model.config.attention_backend = "eager"
+        eager = model(ids, attention_mask=padded).last_hidden_state
+    torch.testing.assert_close(flex, eager, atol=2e-5, rtol=1e-4)
+
+
+def test_dam_search_bias_is_built_once_per_pass(monkeypatch):
+    built = _spy(monkeypatch, attention, "_search_masks")
+    model = SparseBertForPreTraining(
+        SparseBertConfig(**TINY, attention_pattern="dam_s", attention_backend="sdpa")
+    )
+    ids, padded = _ids(pad_from=10)
+    model(ids, attention_mask=padded, labels=ids).loss.backward()
+    assert len(built) == 1  # two layers, one bias
+    assert model.bert.sparse_mask.alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [SparseBertForPreTraining, SparseBertForMaskedLM])
+def test_masked_only_mlm_logits_give_the_same_loss_and_gradients(cls):
+    torch.manual_seed(0)
+    full = cls(SparseBertConfig(**TINY, attention_pattern="star"))
+    masked = cls(SparseBertConfig(**TINY, attention_pattern="star", mlm_logits="masked_only"))
+    masked.load_state_dict(full.state_dict())
+    ids, padded = _ids(batch=3, pad_from=15)
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.2, ids, -100)
+    kwargs = {"attention_mask": padded, "labels": labels}
+    if cls is SparseBertForPreTraining:
+        kwargs["next_sentence_label"] = torch.tensor([0, 1, 0])
+    expected, got = full(**{"input_ids": ids, **kwargs}), masked(**{"input_ids": ids, **kwargs})
+    torch.testing.assert_close(got.loss, expected.loss)
+    expected.loss.backward()
+    got.loss.backward()
+    for (name, p), q in zip(full.named_parameters(), masked.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    logits = got.prediction_logits if cls is SparseBertForPreTraining else got.logits
+    full_logits = expected.prediction_logits if cls is SparseBertForPreTraining else expected.logits
+    assert logits.shape == (int((labels != -100).sum()), TINY["vocab_size"])
+    torch.testing.assert_close(logits, full_logits[labels != -100])
+    without_labels = masked(ids).prediction_logits if cls is SparseBertForPreTraining else masked(ids).logits
+    assert without_labels.shape == (3, 24, TINY["vocab_size"])  # no labels: every position, as transformers
+
+
+def test_mlm_logits_is_validated_and_defaults_to_transformers_semantics(tmp_path):
+    assert SparseBertConfig(**TINY).mlm_logits == "all"
+    with pytest.raises(ValueError, match="unknown mlm_logits 'masked'"):
+        SparseBertConfig(**TINY, mlm_logits="masked")
+    SparseBertConfig(**TINY, mlm_logits="masked_only").save_pretrained(tmp_path)
+    assert SparseBertConfig.from_pretrained(tmp_path).mlm_logits == "masked_only"
+
+
+def test_importing_sparsebert_pulls_in_no_cluster_stack():
+    """A bare GPU machine (benchmarks/gpu_check.sh) has no deepspeed, ray or mlflow."""
+    code = "import sys, sparsebert; print(sorted({'deepspeed', 'ray', 'mlflow'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
