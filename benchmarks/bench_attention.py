@@ -11,7 +11,7 @@ Attention dropout is off so that every backend computes the same function (flex 
 
 Columns: ``density`` = allowed fraction of the L×L map; ``blocks`` = fraction of the flex block tiles that
 hold any allowed position (what a block-sparse kernel must still compute); ``× ref`` = reference time /
-our time (> 1 is faster); ``ideal`` = 1 / density; ``% ideal`` = (× ref) / ideal; ``mem`` = CUDA peak
+our time (> 1 is faster; the median over pairs of calls made a moment apart, see common.py); ``ideal`` = 1 / density; ``% ideal`` = (× ref) / ideal; ``mem`` = CUDA peak
 memory of forward + backward, or on CPU the tensors autograd saves for backward (MiB).
 """
 
@@ -34,7 +34,7 @@ from common import (
     markdown_table,
     median,
     peak_memory,
-    time_round_robin,
+    time_paired,
     write_report,
 )
 from transformers import BertConfig
@@ -147,10 +147,12 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
             train_cands[f"dam_s search/{backend}"] = ours_with(search, backend, train_step)
 
     ours.train()
-    train = time_round_robin(train_cands, device, args.repeats, args.warmup)
+    train, train_ratio = time_paired(train_cands, "ref", device, args.repeats, args.warmup)
     ours.eval()
     ref.eval()
-    infer_t = time_round_robin(infer_cands, device, args.repeats, args.warmup)
+    infer_t, infer_ratio = {}, {}
+    if len(infer_cands) > 1:
+        infer_t, infer_ratio = time_paired(infer_cands, "ref", device, args.repeats, args.warmup)
     ours.train()
     ref.train()
 
@@ -160,9 +162,10 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
             return peak_memory(fn, device)
         return saved_for_backward_mib(fn)
 
-    t_ref, i_ref = median(train["ref"]), median(infer_t["ref"])
+    t_ref = median(train["ref"])
+    i_ref = median(infer_t["ref"]) * 1e3 if infer_t else None
     rows = [[seq_len, batch, "reference (HF sdpa)", "dense", 1.0, 1.0, t_ref * 1e3, 1.0, None,
-             i_ref * 1e3, 1.0, None, mem("ref")]]  # fmt: skip
+             i_ref, 1.0 if infer_t else None, None, mem("ref")]]  # fmt: skip
     for cand in [c for c in {**infer_cands, **train_cands} if c != "ref"]:
         pattern, backend = cand.split("/")
         searching = pattern.endswith("search")
@@ -170,8 +173,8 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
         ideal = None if density is None else 1.0 / density
         t = median(train[cand]) if cand in train else None
         i = median(infer_t[cand]) if cand in infer_t else None
-        speed_t = None if t is None else t_ref / t
-        speed_i = None if i is None else i_ref / i
+        speed_t = median(train_ratio[cand]) if cand in train else None
+        speed_i = median(infer_ratio[cand]) if cand in infer_t else None
         rows.append([
             seq_len, batch, pattern, backend, density, blocks,
             None if t is None else t * 1e3, speed_t, _pct(speed_t, ideal),

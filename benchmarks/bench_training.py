@@ -1,13 +1,14 @@
 """Tokens/s of a full pre-training step: ``SparseBertForPreTraining`` vs ``transformers.BertForPreTraining``.
 
-    python benchmarks/bench_training.py                                     # CPU: BERT-tiny and -mini
+    python benchmarks/bench_training.py --tokens 2048                       # CPU: BERT-tiny and -mini
     python benchmarks/bench_training.py --device cuda --sizes base --tokens 16384 --bf16 --compile
 
 A step is forward (MLM on 15% of the tokens + NSP) + backward + AdamW step, in training mode (dropout 0.1),
 on full-length sequences. The reference is transformers' ``BertForPreTraining`` with the same config and
-weights and ``attn_implementation="sdpa"``. Every candidate runs in turn within each repeat (see
-``common.py``); tokens/s come from the median step time. Rows: the reference, our model with several
-masks (``auto`` backend unless named), the DAM_s search step, and the opt-in ``mlm_logits="masked_only"``.
+weights and ``attn_implementation="sdpa"``. Every candidate runs in turn within each repeat, right after a
+reference step (see ``common.py``): tokens/s come from the median step time, ``× ref`` from the median of
+the paired ratios. Rows: the reference, our model with several masks (``auto`` backend unless named), the
+DAM_s search step next to the frozen DAM_s step, and the opt-in ``mlm_logits="masked_only"``.
 
 On CUDA, MFU = model FLOPs / time / peak: FLOPs per step = 6·N·T + 12·layers·hidden·L·T (N = all parameters,
 the tied word embedding counted once as the MLM decoder's matmul; T = tokens; the second term is dense
@@ -35,7 +36,7 @@ from common import (
     load_average,
     markdown_table,
     median,
-    time_round_robin,
+    time_paired,
     write_report,
 )
 from transformers import BertConfig, BertForPreTraining
@@ -53,6 +54,8 @@ CANDIDATES = [
     ("dam_s search, eager", "dam_s", "eager", "all", True),
     ("dense, masked_only", "dense", "auto", "masked_only", False),
     ("longformer, masked_only", "longformer", "auto", "masked_only", False),
+    ("dam_s frozen, masked_only", "dam_s", "auto", "masked_only", False),
+    ("dam_s search, masked_only", "dam_s", "auto", "masked_only", True),
 ]
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}  # dense bf16 tensor-core peaks
 
@@ -107,7 +110,7 @@ def freeze_like_search(model: SparseBertForPreTraining) -> None:
     model.freeze_mask()
 
 
-def run(args, size: str, seq_len: int, device: torch.device) -> list[list[object]]:
+def run(args, size: str, seq_len: int, device: torch.device) -> tuple[list[list[object]], list[list[object]]]:
     batch_size = max(1, args.tokens // seq_len)
     kwargs = bert_kwargs(size, seq_len)
     batch = batch_for(kwargs["vocab_size"], batch_size, seq_len, device)
@@ -142,10 +145,11 @@ def run(args, size: str, seq_len: int, device: torch.device) -> list[list[object
         if name.endswith("compiled"):
             for _ in range(3):  # compile, then the recompile once the mask cache is filled
                 steps[name]()
-    times = time_round_robin(steps, device, args.repeats, args.warmup)
+    reference = "reference (HF sdpa)"
+    times, speed = time_paired(steps, reference, device, args.repeats, args.warmup)
+    speed[reference] = [1.0]
 
     tokens = batch_size * seq_len
-    t_ref = median(times["reference (HF sdpa)"])
     peak = _peak_flops(device, args.peak_tflops)
     ref_cfg = ref.config
     rows = []
@@ -155,12 +159,13 @@ def run(args, size: str, seq_len: int, device: torch.device) -> list[list[object
         if peak:
             base = getattr(model, "_orig_mod", model)
             mfu = f"{100 * model_flops(base, ref_cfg, batch, masked_only) / t / peak:.1f}%"
-        rows.append([size, seq_len, batch_size, name, t * 1e3, tokens / t, t_ref / t, mfu])
-    search, frozen = times.get("dam_s search"), times.get("dam_s frozen")
-    if search and frozen:
-        rows.append([size, seq_len, batch_size, "→ DAM search / frozen-mask step time",
-                     median(search) / median(frozen), None, None, None])  # fmt: skip
-    return rows
+        rows.append([size, seq_len, batch_size, name, t * 1e3, tokens / t, median(speed[name]), mfu])
+    ratios = []
+    for suffix in ("", ", masked_only"):  # the search step's cost, with and without the MLM head's bulk
+        search, frozen = speed.get(f"dam_s search{suffix}"), speed.get(f"dam_s frozen{suffix}")
+        if search and frozen:  # (t_ref / t_frozen) / (t_ref / t_search), each from paired calls
+            ratios.append([size, seq_len, suffix.lstrip(", ") or "all", median(frozen) / median(search)])
+    return rows, ratios
 
 
 def _peak_flops(device: torch.device, override: float | None) -> float | None:
@@ -204,12 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     runs = [(size, seq_len) for size in args.sizes for seq_len in args.lengths]
     rows: list[list[object]] = []
+    ratios: list[list[object]] = []
     for i, (size, seq_len) in enumerate(runs):
-        new = run(args, size, seq_len, device)
+        new, new_ratios = run(args, size, seq_len, device)
         print(markdown_table(HEADER, new), flush=True)
         rows += new
-        complete = i == len(runs) - 1
-        write_report(args.out, title, device, intro + markdown_table(HEADER, rows), start_load, complete)
+        ratios += new_ratios
+        body = intro + markdown_table(HEADER, rows)
+        if ratios:
+            body += "\n\nDAM_s search step time / frozen DAM_s (fixed mask) step time:\n\n"
+            body += markdown_table(["size", "L", "mlm_logits", "search / fixed"], ratios)
+        write_report(args.out, title, device, body, start_load, complete=i == len(runs) - 1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Shared by the benchmarks: interleaved timing, peak memory, the machine's description, markdown tables.
 
-The machines these run on are shared, so a benchmark never times one candidate after the other: every
-repeat runs each candidate once, in turn (round robin), and the table reports the median over repeats.
-A burst of load then slows every candidate of that repeat alike, and ratios stay meaningful.
+The machines these run on are shared, so a benchmark never times one candidate's repeats back to back:
+every repeat runs each candidate once, in turn, each right after a call of the reference, and a ratio to
+the reference is the median of those pairs' ratios. A burst of load then slows both calls of a pair alike,
+and ratios stay meaningful even when absolute times move.
 """
 
 from __future__ import annotations
@@ -55,26 +56,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(
+def time_paired(
     candidates: dict[str, Callable[[], object]],
+    reference: str,
     device: torch.device,
     repeats: int,
     warmup: int = 2,
-) -> dict[str, list[float]]:
-    """Seconds per call of every candidate, ``repeats`` samples each, taken in turn (see module doc)."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time every candidate right after a call of ``reference``, ``repeats`` times, in turn.
+
+    Returns (seconds per call of every candidate, reference time / candidate time of each pair). A ratio
+    taken from two calls a moment apart survives load that comes and goes; report its median.
+    """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
-    synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    ratios: dict[str, list[float]] = {name: [] for name in candidates if name != reference}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return samples
+            if name == reference:
+                continue
+            t_ref, t = _seconds(candidates[reference], device), _seconds(fn, device)
+            samples[reference].append(t_ref)
+            samples[name].append(t)
+            ratios[name].append(t_ref / t)
+    return samples, ratios
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def median(values: list[float]) -> float:
