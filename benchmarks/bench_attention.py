@@ -9,10 +9,12 @@ with each pattern × backend. Every length keeps the tokens per call constant (b
 Timed: forward + backward (training; FlexAttention has none on CPU) and forward without grad (inference).
 Attention dropout is off so that every backend computes the same function (flex has no dropout).
 
-Columns: ``density`` = allowed fraction of the L×L map; ``blocks`` = fraction of the flex block tiles that
-hold any allowed position (what a block-sparse kernel must still compute); ``× ref`` = reference time /
-our time (> 1 is faster; the median over pairs of calls made a moment apart, see common.py); ``ideal`` = 1 / density; ``% ideal`` = (× ref) / ideal; ``mem`` = CUDA peak
-memory of forward + backward, or on CPU the tensors autograd saves for backward (MiB).
+Columns: ``density`` = allowed fraction of the L×L map; ``work`` = fraction of dense attention's scores the
+backend computes (flex: the block tiles holding any allowed position; block_sparse: its plan's gathered
+blocks, see sparsebert/block_sparse.py; eager and sdpa compute all of them); ``× ref`` = reference time /
+our time (> 1 is faster; the median over pairs of calls made a moment apart, see common.py);
+``% ideal`` = (× ref) / (1 / density); ``mem`` = CUDA peak memory of forward + backward, or on CPU the
+tensors autograd saves for backward (MiB).
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from sparsebert import SparseBertConfig
-from sparsebert.attention import block_density, flex_block_size
+from sparsebert.attention import block_density, block_plan, flex_block_size
 from sparsebert.dam import DamMask
 from sparsebert.mask_source import LayerMasks, PatternMask
 from sparsebert.masks import parse_spec
 
 PATTERNS = ["dense", "no_diagonal", "longformer", "bigbird", "fixed", "star", "dam_s"]
-BACKENDS = ["eager", "sdpa", "flex"]
+BACKENDS = ["eager", "sdpa", "flex", "block_sparse"]
 
 
 def frozen_dam_s(heads: int, max_len: int, seed: int = 0) -> DamMask:
@@ -131,11 +133,13 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
 
     train_cands: dict[str, Callable] = {"ref": train_step(ref)}
     infer_cands: dict[str, Callable] = {"ref": infer(ref)}
-    info: dict[str, tuple[float, float]] = {}
+    info: dict[str, tuple[float, dict[str, float]]] = {}
     for name in args.patterns:
         source = mask_source(name, heads, max(seq_len, 128)).to(device)
         masks = source.masks(seq_len, device)
-        info[name] = (float(masks.hard.float().mean()), block_density(masks, 0, flex_block_size(device)))
+        work = {"eager": 1.0, "sdpa": 1.0, "block_sparse": block_plan(masks, 0).work}
+        work["flex"] = block_density(masks, 0, flex_block_size(device))
+        info[name] = (float(masks.hard.float().mean()), work)
         for backend in args.backends:
             if backend != "flex" or device.type == "cuda":  # no FlexAttention backward on CPU
                 train_cands[f"{name}/{backend}"] = ours_with(source, backend, train_step)
@@ -143,7 +147,7 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
                 infer_cands[f"{name}/{backend}"] = ours_with(source, backend, infer)
     if args.search:
         search = searching_dam_s(heads, max(seq_len, 128)).to(device)
-        for backend in [b for b in args.backends if b != "flex"]:
+        for backend in [b for b in args.backends if b in ("eager", "sdpa")]:  # the others need a fixed mask
             train_cands[f"dam_s search/{backend}"] = ours_with(search, backend, train_step)
 
     ours.train()
@@ -169,14 +173,14 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
     for cand in [c for c in {**infer_cands, **train_cands} if c != "ref"]:
         pattern, backend = cand.split("/")
         searching = pattern.endswith("search")
-        density, blocks = (None, None) if searching else info[pattern]
+        density, work = (None, None) if searching else (info[pattern][0], info[pattern][1][backend])
         ideal = None if density is None else 1.0 / density
         t = median(train[cand]) if cand in train else None
         i = median(infer_t[cand]) if cand in infer_t else None
         speed_t = median(train_ratio[cand]) if cand in train else None
         speed_i = median(infer_ratio[cand]) if cand in infer_t else None
         rows.append([
-            seq_len, batch, pattern, backend, density, blocks,
+            seq_len, batch, pattern, backend, density, work,
             None if t is None else t * 1e3, speed_t, _pct(speed_t, ideal),
             None if i is None else i * 1e3, speed_i, _pct(speed_i, ideal),
             mem(cand) if cand in train else None,
@@ -188,7 +192,7 @@ def _pct(speed: float | None, ideal: float | None) -> str | None:
     return None if speed is None or ideal is None else f"{100 * speed / ideal:.0f}%"
 
 
-HEADER = ["L", "batch", "mask", "backend", "density", "blocks", "fwd+bwd ms", "× ref", "% ideal",
+HEADER = ["L", "batch", "mask", "backend", "density", "work", "fwd+bwd ms", "× ref", "% ideal",
           "fwd ms", "× ref", "% ideal", "mem MiB"]  # fmt: skip
 
 

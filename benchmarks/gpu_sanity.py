@@ -78,13 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for pattern in PATTERNS:
         for dtype in (torch.float32, torch.bfloat16):
-            train = device.type == "cuda"  # no flex backward on CPU
-            ref = run(pattern, "eager", device, dtype, train)
-            for backend in ("sdpa", "flex"):
+            ref = run(pattern, "eager", device, dtype, True)
+            for backend in ("sdpa", "flex", "block_sparse"):
+                train = backend != "flex" or device.type == "cuda"  # no flex backward on CPU
                 got = run(pattern, backend, device, dtype, train)
                 label = f"{pattern} {backend} {dtype}"
                 checks = [("loss", got[0], ref[0]), ("logits", got[1], ref[1])]
-                checks += [(f"grad {n}", g, ref[2][n]) for n, g in got[2].items()]
+                # A key bias adds the same score to every key of a query, which softmax cancels: its gradient
+                # is zero up to rounding, and a relative error of rounding noise means nothing.
+                checks += [
+                    (f"grad {n}", g, ref[2][n]) for n, g in got[2].items() if not n.endswith("key.bias")
+                ]
                 failures += [
                     f"{label}: {what} {why}" for what, a, b in checks if (why := _differs(a, b, dtype))
                 ]

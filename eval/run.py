@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_pattern,
         help="replace the checkpoint's mask: a name or a JSON spec (default: the checkpoint's own)",
     )
-    hp.add_argument("--attention-backend", default="auto", choices=["auto", "eager", "sdpa", "flex"])
+    hp.add_argument(
+        "--attention-backend", default="auto", choices=["auto", "eager", "sdpa", "flex", "block_sparse"]
+    )
     hp.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPU")
     smoke = p.add_argument_group("smoke runs")
     smoke.add_argument("--max-steps", type=int, help="stop each job after this many optimizer steps")

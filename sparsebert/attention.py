@@ -1,4 +1,4 @@
-"""Sparse attention for transformers' BERT: one attention function, three backends.
+"""Sparse attention for transformers' BERT: one attention function, four backends.
 
 Registered with transformers as the ``"sparsebert"`` attention implementation, together with a matching
 mask builder (without one, transformers hands a custom attention function ``attention_mask=None`` and
@@ -10,14 +10,18 @@ padding is silently ignored). The model passes the pass's :class:`LayerMasks` do
   while DAM searches, so gradients still reach the mask).
 * ``flex``  — FlexAttention with a cached ``BlockMask``, so fully masked blocks are skipped. It applies
   no attention dropout (FlexAttention cannot), has no backward on CPU, and needs a fixed mask.
-* ``auto``  — DAM search → sdpa; fixed sparse pattern on GPU → flex; fixed sparse pattern on CPU at
-  inference with long sequences, when enough blocks can be skipped → flex; everything else → sdpa.
+* ``block_sparse`` — each query block attends only the key blocks it needs, gathered, through SDPA
+  (:mod:`sparsebert.block_sparse`): forward and backward on any device, no compilation; needs a fixed mask.
+* ``auto``  — DAM search → sdpa; fixed sparse pattern on GPU → flex; fixed sparse pattern on CPU whose
+  block plan leaves at most ``CPU_BLOCK_SPARSE_MAX_WORK`` of dense attention's work → block_sparse
+  (training and inference); everything else → sdpa.
 
 What makes it fast (guarded by ``tests/test_performance_guards.py``): every mask a backend derives is built
 once — per mask (cached with it) or, when it depends on the batch's padding, per forward pass (shared by
 all layers); a mask that is the same for every head is passed as one ``[L, L]`` mask broadcast over heads
 (SDPA runs faster with it); a padding mask with no padding is dropped, so dense SDPA keeps its fastest
-kernel; and the flex block size is smaller on CPU (more blocks skipped), 128 on GPU.
+kernel; the flex block size is smaller on CPU (more blocks skipped), 128 on GPU; and block_sparse gathers
+only the key blocks a query block needs (its plan is built once per mask).
 
 **Rows with no allowed key** (a 1-token input without diagonal, an all-padding row, a DAM row that
 dropped everything) output zeros on every backend: the layer's residual connection then carries the
@@ -35,21 +39,21 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from sparsebert import block_sparse
 from sparsebert.mask_source import LayerMasks
 
 IMPLEMENTATION = "sparsebert"
-BACKENDS = ("auto", "eager", "sdpa", "flex")
+BACKENDS = ("auto", "eager", "sdpa", "flex", "block_sparse")
 DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 − M)·(−10000)
 # The granularity at which FlexAttention skips work. GPU: FlexAttention's default (its Triton tiles). CPU: the
 # C++ kernel tiles by the block size itself, and small blocks skip most of a banded mask: 16 beat 32, 64 and
 # 128 at L = 512…4096 (longformer, L=4096: ≈ 9× dense SDPA vs ≈ 2× with 128; benchmarks/results/).
 FLEX_BLOCK = 128
 CPU_FLEX_BLOCK = 16
-# "auto" uses flex on CPU for inference only from this length (shorter inputs gain less than a new shape's
-# 10–30 s compile costs), and only when at most this fraction of blocks must be computed (above it, masked
-# sdpa is as fast: measured with bigbird and fixed).
-CPU_FLEX_MIN_LEN = 1024
-CPU_FLEX_MAX_BLOCK_DENSITY = 0.4
+# "auto" uses block_sparse on CPU when its plan computes at most this fraction of dense attention's scores:
+# above it, gathering and the smaller SDPA problems cost more than masked dense SDPA saves (measured with
+# longformer, star, bigbird and fixed at L = 128…4096; benchmarks/results/cpu_attention.md).
+CPU_BLOCK_SPARSE_MAX_WORK = 0.4
 
 
 def padding_mask(
@@ -88,19 +92,21 @@ def sparse_attention(
         raise ValueError(
             f"mask length {sparse_masks.seq_len} does not match sequence length {query.shape[-2]}"
         )
-    backend = choose_backend(module.config.attention_backend, sparse_masks, query)
     slot = sparse_masks.slot(getattr(module, "layer_idx", None))
+    backend = choose_backend(module.config.attention_backend, sparse_masks, query, slot)
     padding = attention_mask
     if backend == "eager":
         out = _eager(module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
     elif backend == "sdpa":
         out = _sdpa(query, key, value, sparse_masks, slot, padding, scaling, dropout)
+    elif backend == "block_sparse":
+        out = _block_sparse(query, key, value, sparse_masks, slot, padding, scaling, dropout)
     else:
         out = _flex(module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
-def choose_backend(requested: str, masks: LayerMasks, query: torch.Tensor) -> str:
+def choose_backend(requested: str, masks: LayerMasks, query: torch.Tensor, slot: int = 0) -> str:
     """Resolve ``auto`` and reject combinations a backend cannot run (with the reason)."""
     searching = masks.soft is not None
     needs_grad = torch.is_grad_enabled() and query.requires_grad
@@ -109,19 +115,17 @@ def choose_backend(requested: str, masks: LayerMasks, query: torch.Tensor) -> st
             return "sdpa"
         if query.is_cuda:
             return "flex"
-        if needs_grad or masks.seq_len < CPU_FLEX_MIN_LEN:
-            return "sdpa"
-        return "flex" if block_density(masks, 0, CPU_FLEX_BLOCK) <= CPU_FLEX_MAX_BLOCK_DENSITY else "sdpa"
+        return "block_sparse" if block_plan(masks, slot).work <= CPU_BLOCK_SPARSE_MAX_WORK else "sdpa"
+    if requested in ("flex", "block_sparse") and searching:
+        raise ValueError(
+            f"attention_backend={requested!r} needs a fixed mask; a DAM mask that is still searching trains "
+            "through 'eager', 'sdpa' or 'auto' (freeze it with model.freeze_mask() first)"
+        )
     if requested == "flex":
-        if searching:
-            raise ValueError(
-                "attention_backend='flex' needs a fixed mask; a DAM mask that is still searching trains "
-                "through 'eager', 'sdpa' or 'auto' (freeze it with model.freeze_mask() first)"
-            )
         if needs_grad and not query.is_cuda:
             raise ValueError(
                 "attention_backend='flex' has no backward pass on CPU (a PyTorch limitation); "
-                "train on CPU with 'sdpa', 'eager' or 'auto', and use 'flex' for inference"
+                "train on CPU with 'block_sparse', 'sdpa', 'eager' or 'auto', and use 'flex' for inference"
             )
     elif requested not in BACKENDS:
         raise ValueError(f"unknown attention_backend {requested!r}; choose one of {', '.join(BACKENDS)}")
@@ -263,6 +267,24 @@ def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> 
     flex = flex_function(query.is_cuda)
     out = flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
     return out[:, :, :seq_len]
+
+
+def block_plan(masks: LayerMasks, slot: int) -> block_sparse.BlockPlan:
+    """The block-sparse plan of a layer's fixed mask, built once per mask (see :mod:`sparsebert.block_sparse`)."""
+    store = masks.cache if masks.cache is not None else masks.memo
+    key = ("block_plan", slot)
+    if key not in store:
+        store[key] = block_sparse.plan(head_shared(masks, slot))
+    return store[key]
+
+
+def _block_sparse(query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
+    plan = block_plan(masks, slot)
+    store = masks.cache if padding is None and masks.cache is not None else masks.memo
+    key_ = ("block_masks", slot, query.shape[0], query.dtype)  # with padding: once per pass, for all layers
+    if key_ not in store:
+        store[key_] = plan.masks(query.shape[0], padding, query.dtype)
+    return block_sparse.block_sparse_attention(query, key, value, plan, store[key_], scaling, dropout)
 
 
 def flex_block_size(device: torch.device) -> int:

@@ -48,7 +48,7 @@ class SparseBertConfig(BertConfig):
         attention_pattern: a pattern spec — a name (``"star"``), a dict with parameter overrides
             (``{"name": "longformer", "window": 4}``, ``{"name": "dam_s", "lambda": 1e-4}``) or a
             ``"package.module:function"`` user pattern. See :mod:`sparsebert.masks`.
-        attention_backend: ``"auto"``, ``"eager"``, ``"sdpa"`` or ``"flex"`` (see :mod:`sparsebert.attention`).
+        attention_backend: ``"auto"``, ``"eager"``, ``"sdpa"``, ``"flex"`` or ``"block_sparse"`` (see :mod:`sparsebert.attention`).
         mlm_logits: ``"all"`` (default: transformers' outputs) or ``"masked_only"``: when ``labels`` are given,
             the MLM head (transform + vocabulary projection, most of a small BERT's compute) runs only at
             positions whose label is not -100, and ``prediction_logits`` / ``logits`` is ``[num_masked, vocab]``

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from sparsebert.attention import BACKENDS
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny_cpu"
 
@@ -45,7 +47,7 @@ class ModelConfig:
     attention_pattern: str | dict = _f(
         "dense", "mask pattern spec: a name, or {name: ..., params...}; see README"
     )
-    attention_backend: str = _f("auto", "auto, eager, sdpa or flex")
+    attention_backend: str = _f("auto", "auto, eager, sdpa, flex or block_sparse")
     mlm_logits: str = _f("masked_only", "MLM vocabulary logits at masked positions only (faster) or all")
 
 
@@ -265,7 +267,7 @@ def _check_semantics(config: PretrainConfig) -> None:
         "train.optimizer": (t.optimizer, ("lamb", "adamw")),
         "train.decay": (t.decay, ("linear", "polynomial", "constant")),
         "model.size": (config.model.size, tuple(MODEL_SIZES)),
-        "model.attention_backend": (config.model.attention_backend, ("auto", "eager", "sdpa", "flex")),
+        "model.attention_backend": (config.model.attention_backend, BACKENDS),
         "model.mlm_logits": (config.model.mlm_logits, ("masked_only", "all")),
     }
     for key, (value, allowed) in choices.items():

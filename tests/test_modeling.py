@@ -26,7 +26,7 @@ TINY = dict(
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
 )
-BACKENDS = ["eager", "sdpa", "flex"]
+BACKENDS = ["eager", "sdpa", "flex", "block_sparse"]
 
 
 @pytest.fixture(autouse=True)
@@ -129,10 +129,11 @@ def test_backends_agree_forward_and_backward(pattern):
         out.loss.backward()
         results[backend] = (out.logits, _grads(model))
     ref_logits, ref_grads = results["eager"]
-    for backend in ("sdpa", "flex"):
+    for backend in ("sdpa", "flex", "block_sparse"):
         torch.testing.assert_close(results[backend][0], ref_logits, atol=2e-5, rtol=1e-4)
-    for name, grad in results["sdpa"][1].items():
-        torch.testing.assert_close(grad, ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+    for backend in ("sdpa", "block_sparse"):
+        for name, grad in results[backend][1].items():
+            torch.testing.assert_close(grad, ref_grads[name], atol=2e-5, rtol=1e-4, msg=f"{backend}: {name}")
 
 
 def test_eager_and_sdpa_agree_while_dam_searches():
@@ -156,13 +157,18 @@ def test_eager_and_sdpa_agree_while_dam_searches():
     assert results["eager"][1].abs().sum() > 0
 
 
-def test_flex_rejects_what_it_cannot_do():
+@pytest.mark.parametrize("backend", ["flex", "block_sparse"])
+def test_block_backends_need_a_fixed_mask(backend):
     ids, _ = _batch(1, 8)
     searching = SparseBertForPreTraining(
-        SparseBertConfig(**TINY, attention_pattern="dam_s", attention_backend="flex")
+        SparseBertConfig(**TINY, attention_pattern="dam_s", attention_backend=backend)
     )
-    with pytest.raises(ValueError, match="needs a fixed mask"):
+    with pytest.raises(ValueError, match=f"attention_backend='{backend}' needs a fixed mask"):
         searching(ids)
+
+
+def test_flex_has_no_backward_on_cpu():
+    ids, _ = _batch(1, 8)
     fixed = SparseBertForMaskedLM(
         SparseBertConfig(**TINY, attention_pattern="star", attention_backend="flex")
     )

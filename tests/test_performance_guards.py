@@ -1,8 +1,9 @@
 """What makes sparse attention fast, tested as structure (never as timings; see benchmarks/ for those).
 
-Block masks skip fully masked blocks; masks and everything derived from them are built once (per mask, or per
-forward pass when they depend on padding) and reused; dense SDPA gets no mask; a head-shared mask is
-broadcast; ``auto`` picks flex only where blocks are skipped; the fast paths still compute what eager does.
+Block masks skip fully masked blocks, and block-sparse plans gather only the key blocks a query block needs;
+masks and everything derived from them are built once (per mask, or per forward pass when they depend on
+padding) and reused; dense SDPA gets no mask; a head-shared mask is broadcast; ``auto`` picks a block backend
+only where blocks are skipped; the fast paths still compute what eager does, forward and backward.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sparsebert import (
     SparseBertForPreTraining,
     SparseBertModel,
     attention,
+    block_sparse,
 )
 from sparsebert.mask_source import PatternMask
 from sparsebert.masks import parse_spec
@@ -64,6 +66,25 @@ def test_block_mask_skips_fully_masked_blocks(block):
     assert torch.equal(visited, any_allowed)
 
 
+def test_block_sparse_plan_gathers_only_the_needed_key_blocks():
+    seq_len = 1024
+    hard = _masks("longformer", seq_len).hard[0, :1]  # [1, L, L]
+    plan = block_sparse.plan(hard)
+    n, b = plan.num_blocks, plan.block
+    needed = hard.view(n, b, n, b).any(dim=3).any(dim=1)  # [query block, key block]
+    # The global token's row needs every key block: that one query block attends the whole sequence.
+    assert plan.heavy.tolist() == [0]
+    # Every other query block gathers exactly its needed key blocks: the band (≤ 3) and the global column.
+    assert plan.kmax <= 4
+    for block in range(1, n):
+        used = plan.light_mask[block].flatten(0, 1).any(dim=0).view(plan.kmax, b).any(dim=1)  # slots in use
+        gathered = set(plan.key_blocks[block][used].tolist())
+        assert gathered == set(needed[block].nonzero().flatten().tolist())
+    assert plan.work <= (1 + (n - 1) * 4 / n) * b / seq_len + 1e-9  # ≈ 0.16 of dense attention's scores
+    dense_plan = block_sparse.plan(_masks("dense", 256).hard[0, :1])
+    assert dense_plan.work >= 1.0  # nothing to skip
+
+
 def test_head_shared_patterns_give_one_head_masks_and_dam_keeps_its_heads():
     star = _masks("star", 64)
     assert attention.head_shared(star, 0).shape == (1, 64, 64)
@@ -95,13 +116,15 @@ def _ids(batch=2, seq_len=24, pad_from=None):
     return ids, attention_mask
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "block_sparse"])
 def test_masks_are_built_once_and_reused_across_passes(monkeypatch, backend):
     import sparsebert.mask_source as mask_source
 
     builds = _spy(monkeypatch, mask_source, "build_mask")
     derived = _spy(monkeypatch, attention, "head_shared")  # called when a layer's mask is (re)derived
     blocks = _spy(monkeypatch, attention, "_block_structure")
+    plans = _spy(monkeypatch, block_sparse, "plan")
+    plan_masks = _spy(monkeypatch, block_sparse.BlockPlan, "masks")
     model = SparseBertModel(
         SparseBertConfig(**TINY, attention_pattern="star", attention_backend=backend)
     ).eval()
@@ -114,18 +137,23 @@ def test_masks_are_built_once_and_reused_across_passes(monkeypatch, backend):
     first = dict(cache)
     assert len(derived) == 1  # the mask in the backend's form, once
     assert len(blocks) == (1 if backend == "flex" else 0)
+    assert len(plans) == len(plan_masks) == (1 if backend == "block_sparse" else 0)
     with torch.no_grad():
         model(ids, attention_mask=full)
     assert all(cache[key] is value for key, value in first.items())  # same objects, not equal copies
 
     # With padding: combined with the batch's padding once per pass, shared by both layers.
     derived.clear()
+    plan_masks.clear()
     _, padded = _ids(pad_from=10)
     with torch.no_grad():
         model(ids, attention_mask=padded)
         model(ids, attention_mask=padded)
-    per_pass = 0 if backend == "flex" else 1  # flex keeps padding out of its (cached) block mask
+    # flex keeps padding out of its (cached) block mask; block_sparse combines it with its cached plan
+    per_pass = 1 if backend in ("eager", "sdpa") else 0
     assert len(derived) == 2 * per_pass  # two passes, two layers: once per pass
+    assert len(plans) == (1 if backend == "block_sparse" else 0)
+    assert len(plan_masks) == (2 if backend == "block_sparse" else 0)
 
 
 def test_sdpa_gets_no_mask_when_dense_and_unpadded_and_a_broadcast_mask_when_sparse(monkeypatch):
@@ -146,17 +174,22 @@ def test_sdpa_gets_no_mask_when_dense_and_unpadded_and_a_broadcast_mask_when_spa
     assert seen[2].shape == (1, 1, 24, 24) and seen[2].dtype == torch.bool and seen[2] is seen[3]
 
 
-def test_auto_uses_flex_on_cpu_only_for_long_block_sparse_inference():
+def test_auto_uses_block_sparse_on_cpu_only_where_blocks_are_skipped():
     query = torch.empty(1, 12, 1, 64)
-    long = attention.CPU_FLEX_MIN_LEN
-    assert attention.choose_backend("auto", _masks("longformer", long), query) == "flex"
-    assert (
-        attention.choose_backend("auto", _masks("bigbird", long), query) == "sdpa"
-    )  # random keys: few blocks skipped
-    assert attention.choose_backend("auto", _masks("longformer", long // 2), query) == "sdpa"
-    assert attention.choose_backend("auto", _masks("dense", long), query) == "sdpa"
-    with torch.enable_grad():
-        assert attention.choose_backend("auto", _masks("longformer", long), query.requires_grad_()) == "sdpa"
+    for seq_len in (512, 2048):
+        longformer = _masks("longformer", seq_len)
+        assert attention.block_plan(longformer, 0).work <= attention.CPU_BLOCK_SPARSE_MAX_WORK
+        assert attention.choose_backend("auto", longformer, query) == "block_sparse"
+        with torch.enable_grad():  # training too: block_sparse has a backward pass
+            assert (
+                attention.choose_backend("auto", longformer, query.clone().requires_grad_()) == "block_sparse"
+            )
+    # Random keys in every block (bigbird), a short sequence, the dense pattern: masked SDPA.
+    assert attention.choose_backend("auto", _masks("bigbird", 1024), query) == "sdpa"
+    assert attention.choose_backend("auto", _masks("longformer", 128), query) == "sdpa"
+    assert attention.choose_backend("auto", _masks("dense", 1024), query) == "sdpa"
+    searching = SparseBertModel(SparseBertConfig(**TINY, attention_pattern="dam_s")).sparse_mask.masks(64)
+    assert attention.choose_backend("auto", searching, query) == "sdpa"
 
 
 @pytest.mark.parametrize(
@@ -177,6 +210,45 @@ def test_flex_matches_eager_on_padded_batches(pattern):
         model.config.attention_backend = "eager"
         eager = model(ids, attention_mask=padded).last_hidden_state
     torch.testing.assert_close(flex, eager, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [{"name": "longformer", "window": 3}, "star", {"name": "dam_s", "frozen": True, "max_len": 200}],
+)
+def test_block_sparse_matches_eager_forward_and_backward_on_padded_batches(pattern):
+    """Light and heavy query blocks, a length that is no multiple of the block, per-head masks, padding,
+    a 1-token sequence (rows with no key): the same outputs and gradients as eager."""
+    seq_len = 150
+    config = {**TINY, "max_position_embeddings": 256, "attention_probs_dropout_prob": 0.0}
+    results = {}
+    for backend in ("eager", "block_sparse"):
+        torch.manual_seed(0)
+        model = SparseBertForMaskedLM(
+            SparseBertConfig(**config, attention_pattern=pattern, attention_backend=backend)
+        )
+        if isinstance(pattern, dict) and pattern["name"] == "dam_s":
+            with torch.no_grad():  # a distance band that differs per head
+                model.bert.sparse_mask.alpha.fill_(-1.0)
+                model.bert.sparse_mask.alpha[0, 0, :5] = 1.0
+                model.bert.sparse_mask.alpha[0, 1, :40] = 1.0
+        ids, padded = _ids(batch=3, seq_len=seq_len, pad_from=70)
+        padded[2, 1:] = 0
+        out = model(ids, attention_mask=padded, labels=ids)
+        out.loss.backward()
+        results[backend] = (
+            out.logits,
+            {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        )
+    plan = attention.block_plan(model.bert.sparse_mask.masks(seq_len), 0)
+    assert len(plan.heavy) < plan.num_blocks
+    if pattern != "star" and pattern["name"] == "dam_s":
+        assert plan.light_mask.shape[1] == 2  # per-head masks within the gathered blocks
+    else:
+        assert 0 in plan.heavy.tolist()  # the global token's row attends every key
+    torch.testing.assert_close(results["block_sparse"][0], results["eager"][0], atol=2e-5, rtol=1e-4)
+    for name, grad in results["eager"][1].items():
+        torch.testing.assert_close(results["block_sparse"][1][name], grad, atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_dam_search_bias_is_built_once_per_pass(monkeypatch):
