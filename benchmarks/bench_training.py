@@ -1,6 +1,6 @@
 """Tokens/s of a full pre-training step: ``SparseBertForPreTraining`` vs ``transformers.BertForPreTraining``.
 
-    python benchmarks/bench_training.py --tokens 2048                       # CPU: BERT-tiny and -mini
+    python benchmarks/bench_training.py                                     # CPU: BERT-tiny and -mini
     python benchmarks/bench_training.py --device cuda --sizes base --tokens 16384 --bf16 --compile
 
 A step is forward (MLM on 15% of the tokens + NSP) + backward + AdamW step, in training mode (dropout 0.1),
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mini"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / L)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch = tokens / L)")
     parser.add_argument("--rows", nargs="+", default=[c[0] for c in CANDIDATES], help="our rows to run")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd reference and dense rows")

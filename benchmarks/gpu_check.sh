@@ -49,7 +49,7 @@ timeout 200 python benchmarks/bench_training.py --device cuda --sizes base --len
 
 step "attention layer: BERT-base, bf16, L=1024..4096, fwd+bwd (L <= 512 is at most 4x4 blocks of 128)"
 timeout 200 python benchmarks/bench_attention.py --device cuda --size base --dtype bfloat16 \
-  --tokens 32768 --lengths 1024 2048 4096 --modes train --repeats 5 \
+  --tokens 32768 --lengths 1024 2048 4096 --modes train --backends sdpa flex block_sparse --repeats 5 \
   --out "$RESULTS/gpu_attention_${GPU}.md" 2>&1 | tee -a "$LOG" \
   || fail "bench_attention (exit ${PIPESTATUS[0]})"
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Candidate block sizes: smaller blocks skip more of a banded mask, larger ones run SDPA more efficiently
-# per score; below 32 the per-block overhead dominates on CPU (benchmarks/results/cpu_attention.md).
-BLOCK_SIZES = (32, 64, 128)
+# Candidate block sizes; the plan with the least work wins (a tie goes to the larger block, which runs SDPA
+# more efficiently per score). On CPU, 16 beat 32 and 64 for longformer at L = 512, 2048 and 4096, forward
+# and forward + backward (BERT-mini layer, 4096 tokens).
+BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @dataclass
