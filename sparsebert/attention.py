@@ -51,9 +51,10 @@ DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 −
 FLEX_BLOCK = 128
 CPU_FLEX_BLOCK = 16
 # "auto" uses block_sparse on CPU when its plan computes at most this fraction of dense attention's scores:
-# above it, gathering and the smaller SDPA problems cost more than masked dense SDPA saves (measured with
-# longformer, star, bigbird and fixed at L = 128…4096; benchmarks/results/cpu_attention.md).
-CPU_BLOCK_SPARSE_MAX_WORK = 0.4
+# above it, gathering and the smaller SDPA problems cost about what masked dense SDPA saves (bigbird at
+# L = 2048, work 0.28: 0.75× the reference in training vs 0.96× for sdpa; longformer at L = 512, work 0.15,
+# and a frozen DAM band at L = 1024, work 0.14, gain; benchmarks/results/cpu_attention.md).
+CPU_BLOCK_SPARSE_MAX_WORK = 0.2
 
 
 def padding_mask(

@@ -301,3 +301,26 @@ def test_importing_sparsebert_pulls_in_no_cluster_stack():
     code = "import sys, sparsebert; print(sorted({'deepspeed', 'ray', 'mlflow'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_block_sparse_gathers_in_bounded_chunks_with_the_same_result(monkeypatch):
+    """Chunking (bounded temporaries) changes how much is gathered at once, never the result."""
+    hard = _masks({"name": "longformer", "window": 3}, 150, 2).hard[0, :1]
+    plan = block_sparse.plan(hard)
+    q, k, v = (torch.randn(2, 2, 150, 8, requires_grad=True) for _ in range(3))
+    padding = torch.ones(2, 1, 1, 150, dtype=torch.bool)
+    padding[1, ..., 90:] = False
+    masks = plan.masks(2, padding, q.dtype)
+    results = []
+    for chunk_bytes in (block_sparse.GATHER_CHUNK_BYTES, 1):  # one chunk, then one query block per chunk
+        monkeypatch.setattr(block_sparse, "GATHER_CHUNK_BYTES", chunk_bytes)
+        gathers = _spy(monkeypatch, torch.Tensor, "index_select")
+        out = block_sparse.block_sparse_attention(q, k, v, plan, masks)
+        results.append((out, torch.autograd.grad(out.square().sum(), (q, k, v))))
+        monkeypatch.undo()
+        light_gathers = 2 * (1 if chunk_bytes > 1 else 2 * plan.num_blocks)  # keys and values per chunk
+        assert len(gathers) == light_gathers + bool(len(plan.heavy))
+    (out, grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, out)
+    for a, b in zip(chunked_grads, grads, strict=True):
+        torch.testing.assert_close(a, b)
