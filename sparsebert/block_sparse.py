@@ -1,11 +1,11 @@
 """Block-sparse attention by gathering: each query block attends only the key blocks its mask touches.
 
 The sequence is cut into blocks of ``b`` positions. For every query block, the key blocks that hold any
-allowed position are gathered (``index_select``) into one short key sequence, and SDPA runs on all query
-blocks at once as a batch of ``b × (k·b)`` problems, with the mask restricted to the gathered blocks. So the
-work is ``k/n`` of dense attention instead of all of it, forward *and* backward (plain autograd through
-``index_select`` and SDPA), on any device and without compilation: this is what makes a sparse pattern
-train faster on CPU, where FlexAttention has no backward.
+allowed position are gathered (``index_select``) into one short key sequence, and SDPA runs on the query
+blocks as a batch of ``b × (k·b)`` problems (in chunks of bounded size), with the mask restricted to the
+gathered blocks. So the work is ``k/n`` of dense attention instead of all of it, forward *and* backward
+(plain autograd through ``index_select`` and SDPA), on any device and without compilation: this is what
+makes a sparse pattern train faster on CPU, where FlexAttention has no backward.
 
 A query block whose row reaches nearly every key block (a global token's) would force every block to
 gather that many: such *heavy* blocks attend the whole sequence instead, through one masked SDPA call.
