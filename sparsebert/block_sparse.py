@@ -38,7 +38,7 @@ class BlockPlan:
     unused blocks); ``light_mask``: the allowed positions within them, ``[n, Hm, b, kmax·b]``; ``heavy``: the
     query blocks that attend every key instead, with ``heavy_mask`` ``[Hm, n_heavy·b, n·b]``. Heavy blocks
     also run through the gathered path (on placeholder blocks) and are overwritten: every query block then
-    takes part in one batched SDPA call without gathering the queries.
+    takes part in the batched SDPA calls without gathering the queries.
     """
 
     block: int
@@ -103,26 +103,41 @@ def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def plan(hard: torch.Tensor, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> BlockPlan:
     """The plan with the least work over ``block_sizes`` for a bool mask ``[Hm, L, L]``."""
-    plans = [plan_for_block(hard, block) for block in block_sizes]
-    return min(plans, key=lambda p: (p.work, -p.block))
+    works = {block: _split(_blocks(hard, block)[1], hard.shape[-1], block)[2] for block in block_sizes}
+    return plan_for_block(hard, min(block_sizes, key=lambda block: (works[block], -block)))
 
 
-def plan_for_block(hard: torch.Tensor, block: int) -> BlockPlan:
-    """The plan for one block size: heavy query blocks chosen to minimise the work."""
+def _blocks(hard: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mask padded with False to whole blocks ``[Hm, n·b, n·b]``, the key blocks each query block needs
+    in any head ``[n, n]``)."""
     heads, seq_len, _ = hard.shape
     n = -(-seq_len // block)
     table = hard.new_zeros(heads, n * block, n * block)
     table[:, :seq_len, :seq_len] = hard
-    blocks = table.view(heads, n, block, n, block)
-    layout = blocks.any(dim=4).any(dim=2).any(dim=0)  # [nq, nk]: key blocks each query block needs
-    counts = layout.sum(dim=-1)
+    return table, table.view(heads, n, block, n, block).any(dim=4).any(dim=2).any(dim=0)
 
-    # Light blocks gather kmax key blocks each, heavy ones attend all n: pick the kmax that costs least.
+
+def _split(layout: torch.Tensor, seq_len: int, block: int) -> tuple[int, torch.Tensor, float]:
+    """(kmax, which query blocks are light, work): light blocks gather kmax key blocks each, heavy ones attend
+    all n; kmax is the one that costs least."""
+    n = layout.shape[0]
+    counts = layout.sum(dim=-1)
     kmax = min(
         (int((counts <= k).sum()) * k + int((counts > k).sum()) * n, k) for k in counts.unique().tolist()
     )[1]
     kmax = max(kmax, 1)
     is_light = counts <= kmax
+    computed = (int(is_light.sum()) * kmax + int((~is_light).sum()) * n) * block * block
+    return kmax, is_light, computed / seq_len**2
+
+
+def plan_for_block(hard: torch.Tensor, block: int) -> BlockPlan:
+    """The plan for one block size: heavy query blocks chosen to minimise the work."""
+    heads, seq_len, _ = hard.shape
+    table, layout = _blocks(hard, block)
+    n = layout.shape[0]
+    blocks = table.view(heads, n, block, n, block)
+    kmax, is_light, work = _split(layout, seq_len, block)
     heavy = (~is_light).nonzero().flatten()
 
     needed = layout & is_light[:, None]  # a heavy block gathers placeholders: its output is replaced
@@ -133,7 +148,6 @@ def plan_for_block(hard: torch.Tensor, block: int) -> BlockPlan:
     light_mask[:, heavy] = True  # placeholders attend everything, so no heavy row counts as empty
     heavy_mask = table.view(heads, n, block, n * block)[:, heavy]
 
-    computed = (int(is_light.sum()) * kmax * block + len(heavy) * n * block) * block
     return BlockPlan(
         block=block,
         seq_len=seq_len,
@@ -142,7 +156,7 @@ def plan_for_block(hard: torch.Tensor, block: int) -> BlockPlan:
         light_mask=light_mask.reshape(heads, n, block, kmax * block).transpose(0, 1).contiguous(),
         heavy=heavy,
         heavy_mask=heavy_mask.reshape(heads, len(heavy) * block, n * block),
-        work=computed / seq_len**2,
+        work=work,
     )
 
 
