@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_bert import TINY
 from transformers import AutoModel, AutoModelForPreTraining, BertConfig, BertForPreTraining, BertModel
 
 from sparsebert import (
@@ -16,16 +17,6 @@ from sparsebert import (
     build_mask,
 )
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
 BACKENDS = ["eager", "sdpa", "flex", "block_sparse"]
 
 

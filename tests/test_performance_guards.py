@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from tiny_bert import TINY
 
 from sparsebert import (
     SparseBertConfig,
@@ -24,17 +25,6 @@ from sparsebert import (
 )
 from sparsebert.mask_source import PatternMask
 from sparsebert.masks import parse_spec
-
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
 
 
 @pytest.fixture(autouse=True)
