@@ -5,7 +5,8 @@
 FlexAttention's backward exists on GPU only, so this is where it is checked: for fixed masks (one shared by
 every head, and per-head DAM_s masks) on a padded batch whose length is no multiple of the block size,
 compiled flex and sdpa must match eager in the loss, the logits and every gradient (float32), and bf16 must
-stay finite and close. ``auto`` must pick flex for a fixed sparse mask on GPU. Exits non-zero on any
+stay finite and close. ``auto`` must pick flex for a fixed sparse mask in GPU inference, and never for training with attention
+dropout. Exits non-zero on any
 mismatch. On CPU (a dry run of this script) flex is checked forward only.
 """
 
@@ -95,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"checked {label}: {len(checks)} tensors", flush=True)
     model = SparseBertForMaskedLM(SparseBertConfig(**SMALL, attention_pattern="longformer")).to(device)
     masks = model.bert.masks_for(torch.zeros(1, 256, dtype=torch.long, device=device))
-    query = torch.empty(1, 4, 256, 32, device=device, requires_grad=True)
-    with torch.enable_grad():
-        picked = choose_backend("auto", masks, query)
+    picked = choose_backend("auto", masks, device, needs_grad=False, dropout=0.0)
     if device.type == "cuda" and picked != "flex":
-        failures.append(f"auto picked {picked} for a fixed sparse mask on GPU training, expected flex")
+        failures.append(f"auto picked {picked} for a fixed sparse mask in GPU inference, expected flex")
+    picked = choose_backend("auto", masks, device, needs_grad=True, dropout=0.1)
+    if picked == "flex":
+        failures.append("auto picked flex for training with attention dropout: flex would drop it")
     for failure in failures:
         print("FAIL:", failure, file=sys.stderr)
     print("gpu_sanity:", "FAILED" if failures else "all fast paths match eager")

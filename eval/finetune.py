@@ -1,4 +1,5 @@
-"""One fine-tuning job: load data and checkpoint, train with BERT's recipe, score on dev. Runs inside a Ray worker.
+"""One fine-tuning job: load data and checkpoint, train with BERT's recipe, score on dev. Runs inside a Ray
+worker, or in the driver's own process with ``--no-ray``.
 
 Recipe (Devlin et al., 2019): AdamW (β=(0.9, 0.999), ε=1e-6, weight decay 0.01 except biases and LayerNorm),
 linear warm-up over the first 10% of steps then linear decay to 0, gradient clipping at 1.0, dropout as
@@ -12,6 +13,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 import transformers
 
 from eval.glue_data import load_glue
-from eval.jobs import Job
+from eval.jobs import DEVICES, Job
 from eval.metrics import glue_metrics
 from eval.model_loading import load_for_task
 from eval.squad_data import load_squad
@@ -65,6 +67,41 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
         (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """The device a job runs on: ``"auto"`` takes the GPU when torch sees one; ``"cuda"`` insists on it.
+
+    A job asked to use CUDA that cannot see a GPU raises instead of training on the CPU: on a GPU node that is
+    a misconfiguration (wrong CUDA_VISIBLE_DEVICES, a CPU-only torch, a Ray task given no GPU), and a silent
+    fallback would only show up as jobs a hundred times slower.
+    """
+    if requested not in DEVICES:
+        raise ValueError(f"unknown device {requested!r}: one of {', '.join(DEVICES)}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+        raise RuntimeError(
+            f"device 'cuda' was asked for but torch.cuda.is_available() is False in this process "
+            f"(host {socket.gethostname()}, torch {torch.__version__} {build}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}{_ray_gpu_note()})"
+        )
+    return torch.device("cuda")
+
+
+def _ray_gpu_note() -> str:
+    """The GPU ids Ray gave this worker, when we run under Ray (ray is never imported for this)."""
+    if "ray" not in sys.modules:
+        return ""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    try:
+        return f", Ray assigned GPU ids {ray.get_gpu_ids()}"
+    except Exception as exc:  # only decorates an error message: never hide the real one
+        return f", Ray GPU ids unknown ({type(exc).__name__})"
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -133,6 +170,7 @@ def run_job(job: Job, attempt: int = 1) -> dict[str, Any]:
     start_time = time.time()
     task = TASKS[job.task]
     cfg = job.config
+    device = resolve_device(cfg.device)  # first, so a job that cannot get its GPU fails before loading data
     transformers.logging.set_verbosity_error()  # load reports list the fresh task head: expected noise here
     tokenizer = transformers.AutoTokenizer.from_pretrained(job.checkpoint)
     src = job.data
@@ -146,7 +184,6 @@ def run_job(job: Job, attempt: int = 1) -> dict[str, Any]:
         raise InjectedFailure(f"{job.key}: failure injected for attempt {attempt} (SPARSEBERT_EVAL_FAIL)")
 
     _seed_everything(job.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_task(job.checkpoint, task, cfg.attention_pattern, cfg.attention_backend).to(device)
     metrics: dict[str, float] = {}
     predictions: dict[str, Any] = {}

@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+DEVICES = ("auto", "cuda", "cpu")
+# Where a job runs, not what it computes: left out of the evaluation key (so --resume can finish an evaluation
+# on another kind of machine) and of the parent run's params (which MLflow never lets change on resume).
+RUNTIME_FIELDS = ("device",)
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -34,6 +39,16 @@ class FinetuneConfig:
     attention_pattern: str | dict | None = None  # None: the checkpoint's own (frozen) mask
     attention_backend: str = "auto"
     bf16: bool = False  # autocast to bfloat16 on GPU
+    device: str = "auto"  # "auto": CUDA if torch sees a GPU, else CPU; "cuda": a GPU is required; "cpu"
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+
+
+def recipe(config: FinetuneConfig) -> dict[str, Any]:
+    """The hyper-parameters that decide a job's result: the config without its runtime fields."""
+    return {k: v for k, v in asdict(config).items() if k not in RUNTIME_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,7 @@ def evaluation_key(checkpoint: str, config: FinetuneConfig, data: DataSource) ->
 
     ``--resume`` only reuses jobs recorded under the same key, so changing e.g. ``--epochs`` starts afresh.
     """
-    payload = {"checkpoint": resolve_checkpoint(checkpoint), "config": asdict(config), "data": asdict(data)}
+    payload = {"checkpoint": resolve_checkpoint(checkpoint), "config": recipe(config), "data": asdict(data)}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,8 @@
     python -m eval.run --checkpoint runs/star/final runs/dam_s/final --tasks glue --glue-dir data/glue \\
         --lrs 2e-5,3e-5,5e-5 --seeds 1,2,3,4,5
 
+``--no-ray`` runs the same jobs one after another in this process (one GPU, or the CPU), with the same records.
+
 Exit status: 0 when every job finished, 1 when some still failed after retries (the table shows the rest).
 """
 
@@ -14,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from eval.jobs import DataSource, FinetuneConfig
+from eval.jobs import DEVICES, DataSource, FinetuneConfig
 from eval.tasks import TASKS, parse_tasks
 
 
@@ -79,16 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-backend", default="auto", choices=["auto", "eager", "sdpa", "flex", "block_sparse"]
     )
     hp.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPU")
+    hp.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="auto: the GPU if torch sees one (on Ray: always, when jobs get GPUs), else the CPU; "
+        "cuda: fail rather than run on the CPU; cpu: never use a GPU (default auto)",
+    )
     smoke = p.add_argument_group("smoke runs")
     smoke.add_argument("--max-steps", type=int, help="stop each job after this many optimizer steps")
     smoke.add_argument("--max-train-samples", type=int)
     smoke.add_argument("--max-eval-samples", type=int)
     run = p.add_argument_group("orchestration and records")
     run.add_argument(
+        "--no-ray",
+        dest="use_ray",
+        action="store_false",
+        help="run the jobs one after another in this process (no Ray needed); same records and table",
+    )
+    run.add_argument(
         "--ray-address", help="Ray cluster to use ('auto' on a cluster node); default: a local Ray"
     )
-    run.add_argument("--max-retries", type=int, default=1, help="resubmissions of a failed job (default 1)")
-    run.add_argument("--cpus-per-job", type=float, default=1)
+    run.add_argument("--max-retries", type=int, default=1, help="reruns of a failed job (default 1)")
+    run.add_argument("--cpus-per-job", type=float, help="Ray CPUs per job (default 1)")
     run.add_argument("--gpus-per-job", type=float, help="default: 1 if the cluster has GPUs, else 0")
     run.add_argument(
         "--resume", action="store_true", help="skip jobs already finished and recorded in MLflow"
@@ -102,10 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
+# Settings of the Ray executor only: given with --no-ray they would be silently ignored.
+_RAY_ONLY = {
+    "ray_address": "--ray-address",
+    "cpus_per_job": "--cpus-per-job",
+    "gpus_per_job": "--gpus-per-job",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from eval.runner import run_evaluation
+    from eval.runner import run_evaluation  # ray itself is imported only on the Ray path
 
     args = build_parser().parse_args(argv)
+    if not args.use_ray and (
+        given := [flag for a, flag in _RAY_ONLY.items() if getattr(args, a) is not None]
+    ):
+        build_parser().error(f"{', '.join(given)} only apply to Ray: not allowed with --no-ray")
     try:
         tasks = parse_tasks(args.tasks)
     except ValueError as e:
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_pattern=args.attention_pattern,
         attention_backend=args.attention_backend,
         bf16=args.bf16,
+        device=args.device,
     )
     outcome = run_evaluation(
         args.checkpoint,
@@ -145,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         output_dir=args.output,
         labels=labels,
-        cpus_per_job=args.cpus_per_job,
+        cpus_per_job=1 if args.cpus_per_job is None else args.cpus_per_job,
         gpus_per_job=args.gpus_per_job,
+        use_ray=args.use_ray,
     )
     print(outcome.markdown)
     print(

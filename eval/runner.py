@@ -1,24 +1,29 @@
-"""Run an evaluation: every checkpoint × task × learning rate × seed as a Ray task, recorded in MLflow, summarised
-in the paper's table.
+"""Run an evaluation: every checkpoint × task × learning rate × seed as a job, recorded in MLflow, summarised in
+the paper's table.
 
-Each job is a Ray task asking for one GPU when the cluster has GPUs (none on CPU), so Ray runs as many side by
-side as the cluster holds. The driver collects results as they finish and records each at once, so a crash of
-the driver loses nothing already finished and ``resume`` skips it. A failed attempt is recorded (FAILED nested
-run with the traceback) and resubmitted up to ``max_retries`` times; jobs that still fail are reported and the
-table is built from the others.
+Two executors run the jobs; the recording, retries and table are the same for both. On Ray (the default) each
+job is a Ray task asking for one GPU when the cluster has GPUs (none on CPU), so Ray runs as many side by side
+as the cluster holds. In process (``use_ray=False``, ``--no-ray``) the jobs run one after another in the
+driver, on its GPU if it has one; ``ray`` is not even imported. Results are recorded as they come, so a crash
+of the driver loses nothing already finished and ``resume`` skips it. A failed attempt is recorded (FAILED
+nested run with the traceback) and run again up to ``max_retries`` times; jobs that still fail are reported
+and the table is built from the others.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key, expand_jobs
+from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key, expand_jobs, recipe
 from eval.table import TableRow, render_csv, render_markdown, render_selection_csv, select
 from eval.tracking import CHECKPOINT, Tracker
 
@@ -30,7 +35,7 @@ FAIL_ENV = "SPARSEBERT_EVAL_FAIL"
 
 
 def _job_entry(job: Job, attempt: int) -> dict[str, Any]:
-    """What a Ray worker runs. Imports here so the recorded interval includes the worker's import time."""
+    """What a job runs. Imports here so the recorded interval includes a Ray worker's import time."""
     start = time.time()
     from eval.finetune import run_job
 
@@ -58,8 +63,17 @@ class EvalOutcome:
     job_runs: dict[str, list[str]] = field(default_factory=dict)  # job key -> nested run ids, all attempts
 
 
-def _describe(exc: BaseException) -> tuple[str, str]:
-    """A one-line error (the job's own exception when Ray wrapped it) and the full text for the record."""
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:1000]
+
+
+def _describe_local(exc: BaseException) -> tuple[str, str]:
+    """A one-line error and the full traceback for the record."""
+    return _one_line(exc), "".join(traceback.format_exception(exc))
+
+
+def _describe_ray(exc: BaseException) -> tuple[str, str]:
+    """Like :func:`_describe_local`, naming the job's own exception when Ray wrapped it."""
     import ray
 
     details = "".join(traceback.format_exception(exc))
@@ -69,7 +83,118 @@ def _describe(exc: BaseException) -> tuple[str, str]:
         # the (remote) traceback still names it.
         lines = [line for line in str(exc).splitlines() if line.strip()]
         return (lines[-1] if lines else type(exc).__name__)[:1000], details
-    return f"{type(cause).__name__}: {cause}".splitlines()[0][:1000], details
+    return _one_line(cause), details
+
+
+@dataclass
+class _Done:
+    """One finished attempt: the job as it ran, and its result or its error (one line, full text)."""
+
+    job: Job
+    attempt: int
+    result: dict[str, Any] | None = None
+    error: str = ""
+    details: str = ""
+
+
+class _Executor(Protocol):
+    """Runs job attempts and hands back each as it finishes; what differs between Ray and in-process."""
+
+    tags: dict[str, str]  # recorded on every finished nested run
+
+    def submit(self, job: Job, attempt: int) -> None: ...
+
+    def pending(self) -> int: ...
+
+    def next_done(self) -> _Done: ...
+
+    def close(self) -> None: ...
+
+
+class _InProcess:
+    """Runs the jobs one after another in this process, on its GPU if torch sees one (``--no-ray``)."""
+
+    def __init__(self) -> None:
+        self.tags = {"sparsebert.executor": "in-process"}
+        self._queue: deque[tuple[Job, int]] = deque()
+        log.info("running in this process, one job at a time")
+
+    def submit(self, job: Job, attempt: int) -> None:
+        self._queue.append((job, attempt))  # a retry goes to the back, as it would queue on Ray
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def next_done(self) -> _Done:
+        job, attempt = self._queue.popleft()
+        try:
+            return _Done(job, attempt, _job_entry(job, attempt))
+        except Exception as exc:  # KeyboardInterrupt passes: the run is marked KILLED and can be resumed
+            return _Done(job, attempt, None, *_describe_local(exc))
+        finally:
+            _free_accelerator()
+
+    def close(self) -> None:
+        pass
+
+
+def _free_accelerator() -> None:
+    """Give the next job the whole GPU: a failed job's traceback frames can keep its model alive in a cycle."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # never import torch here: the driver stays light until a job runs
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _OnRay:
+    """Runs every job as a Ray task (side by side as the cluster allows); starts or joins Ray."""
+
+    def __init__(
+        self, address: str | None, cpus_per_job: float, gpus_per_job: float | None, device: str
+    ) -> None:
+        import ray
+
+        self._ray = ray
+        self._started = _start_ray(address)
+        self._pending: dict[Any, tuple[Job, int]] = {}
+        try:
+            gpus = gpus_per_job
+            if gpus is None:  # a job forced onto the CPU need not hold a GPU
+                gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            self.gpus = gpus
+            self.tags = {"sparsebert.executor": "ray", "ray.num_gpus": str(gpus)}
+            self._remote = ray.remote(_job_entry).options(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=0)
+            log.info("running on Ray: %s, %s GPU per job", ray.cluster_resources(), gpus)
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, job: Job, attempt: int) -> None:
+        job = device_for_ray(job, self.gpus)
+        self._pending[self._remote.remote(job, attempt)] = (job, attempt)
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def next_done(self) -> _Done:
+        (ref,), _ = self._ray.wait(list(self._pending), num_returns=1)
+        job, attempt = self._pending.pop(ref)
+        try:
+            return _Done(job, attempt, self._ray.get(ref))
+        except Exception as exc:  # a job's own error, a crashed worker, a lost node: all retried
+            return _Done(job, attempt, None, *_describe_ray(exc))
+
+    def close(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+
+
+def device_for_ray(job: Job, gpus: float) -> Job:
+    """A job given GPUs by Ray must use one: ``auto`` becomes ``cuda``, so a worker that cannot see its GPU
+    fails loudly instead of training on the CPU. ``cpu`` and ``cuda`` are left as asked."""
+    if gpus > 0 and job.config.device == "auto":
+        return replace(job, config=replace(job.config, device="cuda"))
+    return job
 
 
 def _start_ray(address: str | None) -> bool:
@@ -99,11 +224,14 @@ def run_evaluation(
     labels: list[str] | None = None,
     cpus_per_job: float = 1,
     gpus_per_job: float | None = None,
+    use_ray: bool = True,
 ) -> EvalOutcome:
     """Fine-tune and evaluate every job, record it in MLflow, and write the results table to ``output_dir``.
 
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.db``).
-    ``gpus_per_job`` defaults to 1 when the Ray cluster has GPUs, else 0.
+    ``use_ray=False`` runs the jobs one after another in this process (``ray_address``, ``cpus_per_job`` and
+    ``gpus_per_job`` are then unused). On Ray, ``gpus_per_job`` defaults to 1 when the cluster has GPUs (and
+    the device is not ``cpu``), else 0.
     """
     config, data = config or FinetuneConfig(), data or DataSource()
     if labels is not None and len(labels) != len(checkpoints):
@@ -115,10 +243,17 @@ def run_evaluation(
     rows, parents, done = _open_parents(tracker, jobs, tasks, lrs, seeds, labels, resume)
     todo = [j for j in jobs if (j.checkpoint, j.key) not in done]
     log.info("%d jobs: %d to run, %d already recorded", len(jobs), len(todo), len(jobs) - len(todo))
+    failures: list[JobFailure] = []
+    job_runs: dict[str, list[str]] = {}
     try:
-        failures, job_runs = _run_jobs(
-            tracker, todo, parents, rows, ray_address, max_retries, cpus_per_job, gpus_per_job
-        )
+        if todo:  # Ray is only started when there is something to run
+            executor: _Executor = (
+                _OnRay(ray_address, cpus_per_job, gpus_per_job, config.device) if use_ray else _InProcess()
+            )
+            try:
+                failures, job_runs = _run_jobs(tracker, todo, parents, rows, executor, max_retries)
+            finally:
+                executor.close()
     except BaseException:
         for parent in parents.values():  # interrupted: say so; --resume picks the parents up again
             tracker.client.set_terminated(parent, "KILLED")
@@ -180,7 +315,7 @@ def _open_parents(
         parent, resumed = tracker.open_parent(
             evaluation_key(ckpt, config, data), f"eval {label}", tags, resume
         )
-        tracker.log_params(parent, {**asdict(config), **{f"data.{k}": v for k, v in asdict(data).items()}})
+        tracker.log_params(parent, {**recipe(config), **{f"data.{k}": v for k, v in asdict(data).items()}})
         tracker.log_metrics(parent, {"mask_sparsity": sparsity})
         rows[ckpt], parents[ckpt] = TableRow(label, ckpt, sparsity), parent
         if resumed:
@@ -193,48 +328,30 @@ def _run_jobs(
     todo: list[Job],
     parents: dict[str, str],
     rows: dict[str, TableRow],
-    ray_address: str | None,
+    executor: _Executor,
     max_retries: int,
-    cpus_per_job: float,
-    gpus_per_job: float | None,
 ) -> tuple[list[JobFailure], dict[str, list[str]]]:
-    """Submit every job to Ray, record each as it finishes, resubmit failures; returns the jobs that still failed."""
-    import ray
-
+    """Run every job, record each attempt as it finishes, run failures again; returns the jobs that still failed."""
     failures: list[JobFailure] = []
     job_runs: dict[str, list[str]] = {}
-    if not todo:
-        return failures, job_runs
-    started_ray = _start_ray(ray_address)
-    try:
-        gpus = gpus_per_job
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        remote = ray.remote(_job_entry).options(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=0)
-        log.info("running on Ray: %s, %s GPU per job", ray.cluster_resources(), gpus)
-        pending = {remote.remote(job, 1): (job, 1) for job in todo}
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            job, attempt = pending.pop(ref)
-            parent, name = parents[job.checkpoint], f"[{rows[job.checkpoint].label}] {job.key}"
-            runs = job_runs.setdefault(f"{job.checkpoint}::{job.key}", [])
-            try:
-                result = ray.get(ref)
-            except Exception as exc:  # a job's own error, a crashed worker, a lost node: all retried
-                error, details = _describe(exc)
-                runs.append(tracker.log_failed_attempt(parent, job, attempt, error, details))
-                if attempt <= max_retries:
-                    log.warning("%s failed (attempt %d): %s; retrying", name, attempt, error)
-                    pending[remote.remote(job, attempt + 1)] = (job, attempt + 1)
-                else:
-                    log.error("%s failed after %d attempts: %s", name, attempt, error)
-                    failures.append(JobFailure(job, attempt, error))
-                continue
-            runs.append(tracker.log_job(parent, job, result, {"ray.num_gpus": str(gpus)}))
-            log.info("%s done: %s", name, _brief(result["metrics"]))
-    finally:
-        if started_ray:
-            ray.shutdown()
+    for job in todo:
+        executor.submit(job, 1)
+    while executor.pending():
+        done = executor.next_done()
+        job, attempt = done.job, done.attempt
+        parent, name = parents[job.checkpoint], f"[{rows[job.checkpoint].label}] {job.key}"
+        runs = job_runs.setdefault(f"{job.checkpoint}::{job.key}", [])
+        if done.result is None:
+            runs.append(tracker.log_failed_attempt(parent, job, attempt, done.error, done.details))
+            if attempt <= max_retries:
+                log.warning("%s failed (attempt %d): %s; retrying", name, attempt, done.error)
+                executor.submit(job, attempt + 1)
+            else:
+                log.error("%s failed after %d attempts: %s", name, attempt, done.error)
+                failures.append(JobFailure(job, attempt, done.error))
+            continue
+        runs.append(tracker.log_job(parent, job, done.result, executor.tags))
+        log.info("%s done on %s: %s", name, done.result["device"], _brief(done.result["metrics"]))
     return failures, job_runs
 
 

@@ -12,9 +12,10 @@ padding is silently ignored). The model passes the pass's :class:`LayerMasks` do
   no attention dropout (FlexAttention cannot), has no backward on CPU, and needs a fixed mask.
 * ``block_sparse`` — each query block attends only the key blocks it needs, gathered, through SDPA
   (:mod:`sparsebert.block_sparse`): forward and backward on any device, no compilation; needs a fixed mask.
-* ``auto``  — DAM search → sdpa; fixed sparse pattern on GPU → flex; fixed sparse pattern on CPU whose
-  block plan leaves at most ``CPU_BLOCK_SPARSE_MAX_WORK`` of dense attention's work → block_sparse
-  (training and inference); everything else → sdpa.
+* ``auto``  — DAM search or the dense pattern → sdpa; a fixed sparse mask on GPU without attention dropout
+  (inference, or a model trained without it) → flex; otherwise (CPU, or GPU training with dropout) a fixed
+  sparse mask whose block plan leaves at most ``BLOCK_SPARSE_MAX_WORK`` of dense attention's work →
+  block_sparse; everything else → sdpa. So no backend ``auto`` picks drops the attention dropout.
 
 What makes it fast (guarded by ``tests/test_performance_guards.py``): every mask a backend derives is built
 once — per mask (cached with it) or, when it depends on the batch's padding, per forward pass (shared by
@@ -50,11 +51,12 @@ DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 −
 # 128 at L = 512…4096 (longformer, L=4096: ≈ 9× dense SDPA vs ≈ 2× with 128; benchmarks/results/).
 FLEX_BLOCK = 128
 CPU_FLEX_BLOCK = 16
-# "auto" uses block_sparse on CPU when its plan computes at most this fraction of dense attention's scores:
-# above it, gathering and the smaller SDPA problems cost about what masked dense SDPA saves (bigbird at
-# L = 2048, work 0.28: 0.75× the reference in training vs 0.96× for sdpa; longformer at L = 512, work 0.15,
-# and a frozen DAM band at L = 1024, work 0.14, gain; benchmarks/results/cpu_attention.md).
-CPU_BLOCK_SPARSE_MAX_WORK = 0.2
+# "auto" uses block_sparse (where it does not use flex) when its plan computes at most this fraction of dense
+# attention's scores: above it, gathering and the smaller SDPA problems cost about what masked dense SDPA saves
+# (CPU: bigbird at L = 2048, work 0.28: 0.75× the reference in training vs 0.96× for sdpa; longformer at
+# L = 512, work 0.15, and a frozen DAM band at L = 1024, work 0.14, gain; benchmarks/results/cpu_attention.md).
+# On GPU the same threshold applies until benchmarks/gpu_check.sh has measured one there.
+BLOCK_SPARSE_MAX_WORK = 0.2
 
 
 def padding_mask(
@@ -94,7 +96,10 @@ def sparse_attention(
             f"mask length {sparse_masks.seq_len} does not match sequence length {query.shape[-2]}"
         )
     slot = sparse_masks.slot(getattr(module, "layer_idx", None))
-    backend = choose_backend(module.config.attention_backend, sparse_masks, query, slot)
+    needs_grad = torch.is_grad_enabled() and query.requires_grad
+    backend = choose_backend(
+        module.config.attention_backend, sparse_masks, query.device, needs_grad, dropout, slot
+    )
     padding = attention_mask
     if backend == "eager":
         out = _eager(module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
@@ -107,23 +112,30 @@ def sparse_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def choose_backend(requested: str, masks: LayerMasks, query: torch.Tensor, slot: int = 0) -> str:
-    """Resolve ``auto`` and reject combinations a backend cannot run (with the reason)."""
+def choose_backend(
+    requested: str, masks: LayerMasks, device: torch.device, needs_grad: bool, dropout: float, slot: int = 0
+) -> str:
+    """Resolve ``auto`` and reject combinations a backend cannot run (with the reason).
+
+    ``dropout`` is the attention dropout this pass applies (0 in eval mode). ``auto`` never picks ``flex``
+    while it is > 0: FlexAttention cannot apply it, and a sparse run regularised less than a dense one would
+    bias every comparison between masks. Such passes go through ``block_sparse`` (which applies dropout)
+    where its plan skips enough work, else masked SDPA.
+    """
     searching = masks.soft is not None
-    needs_grad = torch.is_grad_enabled() and query.requires_grad
     if requested == "auto":
         if searching or masks.is_dense:
             return "sdpa"
-        if query.is_cuda:
+        if device.type == "cuda" and dropout == 0.0:
             return "flex"
-        return "block_sparse" if block_plan(masks, slot).work <= CPU_BLOCK_SPARSE_MAX_WORK else "sdpa"
+        return "block_sparse" if block_plan(masks, slot).work <= BLOCK_SPARSE_MAX_WORK else "sdpa"
     if requested in ("flex", "block_sparse") and searching:
         raise ValueError(
             f"attention_backend={requested!r} needs a fixed mask; a DAM mask that is still searching trains "
             "through 'eager', 'sdpa' or 'auto' (freeze it with model.freeze_mask() first)"
         )
     if requested == "flex":
-        if needs_grad and not query.is_cuda:
+        if needs_grad and device.type != "cuda":
             raise ValueError(
                 "attention_backend='flex' has no backward pass on CPU (a PyTorch limitation); "
                 "train on CPU with 'block_sparse', 'sdpa', 'eager' or 'auto', and use 'flex' for inference"
@@ -131,6 +143,11 @@ def choose_backend(requested: str, masks: LayerMasks, query: torch.Tensor, slot:
     elif requested not in BACKENDS:
         raise ValueError(f"unknown attention_backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     return requested
+
+
+def effective_dropout(backend: str, dropout: float) -> float:
+    """The attention dropout a pass through ``backend`` really applies (flex applies none)."""
+    return 0.0 if backend == "flex" else dropout
 
 
 # --- masks in each backend's form ----------------------------------------------------------------------
@@ -239,7 +256,11 @@ def _sdpa_bool_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
 
 def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
     if dropout > 0.0:
-        _warn_once("flex_dropout", "attention_backend='flex' applies no attention-probability dropout")
+        _warn_once(
+            "flex_dropout",
+            f"attention_backend='flex' applies no attention dropout (the model asks for {dropout}); "
+            "'auto' would train this mask through block_sparse or sdpa, which apply it",
+        )
     # Sequences are padded to whole blocks (padded keys are masked, padded queries dropped): compiled
     # FlexAttention on CPU (torch 2.13) computes wrong rows when the length is not a multiple of the block.
     block = flex_block_size(query.device)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from sparsebert import deepspeed_setup as ds_setup
 
@@ -107,10 +108,26 @@ def _prune(root: Path, keep: int, current: str) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random stream a rank draws from: Python, NumPy, torch's CPU generator and, on an accelerator, the
+    generator of every device it sees (dropout and DAM's Gumbel noise draw from the device's generator)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = [accelerator.get_rng_state(i) for i in range(accelerator.device_count())]
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    accelerator = get_accelerator()
+    saved = state.get("accelerator", [])
+    here = accelerator.device_count() if accelerator.device_name() != "cpu" else 0
+    if len(saved) != here:
+        raise RuntimeError(
+            f"the checkpoint holds the RNG state of {len(saved)} {accelerator.device_name()} device(s), this "
+            f"process sees {here}: resume on the same kind and number of devices for an exact replay"
+        )
+    for index, device_state in enumerate(saved):
+        accelerator.set_rng_state(device_state, index)

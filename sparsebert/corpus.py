@@ -39,7 +39,7 @@ def prepare_default_corpus(rank0: bool) -> Path:
 
 
 def open_reader(data_dir: Path, config: PretrainConfig):
-    """This rank's stream of MLM(+NSP) batches over the prepared shards in ``data_dir``."""
+    """This rank's stream of MLM(+NSP) batches over the prepared shards in ``data_dir``, on its device."""
     from sparsebert.data import MlmCollator, ShardReader
 
     reader = ShardReader(
@@ -49,6 +49,7 @@ def open_reader(data_dir: Path, config: PretrainConfig):
         batch_size=config.train.micro_batch_size,
         seed=config.train.seed,
         prefetch=config.data.prefetch,
+        device=ds_setup.device(),
     )
     # Masking is a pure function of (seed, epoch, sample), so a resumed run masks as an uninterrupted one.
     reader.collator = MlmCollator(

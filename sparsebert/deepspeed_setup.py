@@ -11,6 +11,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from sparsebert.train_config import ConfigError, PretrainConfig
 
@@ -50,6 +51,13 @@ def deepspeed_config(config: PretrainConfig) -> dict[str, Any]:
             "optimizer flat partitions of many parameters, and LAMB's per-layer trust ratio would be computed "
             "over those instead of layers. Use train.optimizer=adamw, or a stage-0 DeepSpeed config"
         )
+    if ds.get("bf16", {}).get("enabled") and config.train.grad_accum_steps > 1 and rank() == 0:
+        print(
+            f"warning: {path} enables DeepSpeed's bf16 mode, so the {config.train.grad_accum_steps} micro-batches "
+            "of a step accumulate their gradients in bf16. The shipped bf16 configs use torch_autocast instead "
+            "(fp32 weights and gradient accumulation, bf16 compute)",
+            flush=True,
+        )
     ds["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
     ds["gradient_accumulation_steps"] = config.train.grad_accum_steps
     ds["gradient_clipping"] = config.train.grad_clip
@@ -59,6 +67,18 @@ def deepspeed_config(config: PretrainConfig) -> dict[str, Any]:
     # parity test (tests/test_pretrain.py) is what tests it here.
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
+
+
+def precision(ds: dict[str, Any]) -> str:
+    """How a DeepSpeed config computes and accumulates, in words (printed and logged at start)."""
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return f"{autocast.get('dtype', 'bfloat16')} autocast, fp32 weights and gradient accumulation"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16 with dynamic loss scaling (skipped steps are counted)"
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16 weights and gradient accumulation"
+    return "fp32"
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -71,6 +91,9 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_init_required=True)
+    # One device per rank from the start: batches and collectives use it before the engine exists (which
+    # would set it too). The CPU accelerator ignores this.
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _free_port() -> int:
@@ -112,6 +135,12 @@ def initialize(model, optimizer, scheduler_factory, ds: dict[str, Any]):
     return engine, scheduler
 
 
+def loss_scale(engine) -> float | None:
+    """fp16's current dynamic loss scale (None without fp16: bf16 and fp32 need none)."""
+    # Every DeepSpeed fp16 optimizer (ZeRO-1/2/3 and the stage-0 ones) exposes it as `loss_scale`.
+    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -125,23 +154,33 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over ranks (one all-reduce for all of them)."""
-    if not values or world_size() == 1:
+def device() -> torch.device:
+    """This rank's accelerator device (``cuda:<local rank>`` on GPUs, ``cpu`` on CPU ranks).
+
+    Batches go there, and so does every tensor handed to a collective: NCCL rejects CPU tensors.
+    """
+    return torch.device(get_accelerator().current_device_name())
+
+
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor of metrics over ranks (one all-reduce; the tensor stays on its device).
+
+    A world of one still goes through the collective, so a single-GPU run exercises the same path.
+    """
+    if not dist.is_initialized():
         return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return {k: v / world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}
+    reduced = values.clone()
+    dist.all_reduce(reduced)
+    return reduced / world_size()
 
 
 def same_on_all_ranks(tensor: torch.Tensor) -> bool:
-    """True when every rank holds an identical tensor (checked on rank 0's copy)."""
-    if world_size() == 1:
+    """True when every rank holds an identical tensor (checked against rank 0's copy)."""
+    if not dist.is_initialized():
         return True
     local = tensor.to(torch.int32)  # gloo has no bool collectives
     reference = local.clone()
     dist.broadcast(reference, src=0)
-    mismatch = torch.tensor([0 if torch.equal(reference, local) else 1])
+    mismatch = (reference != local).any().to(torch.int32).reshape(1)  # on the tensor's own device
     dist.all_reduce(mismatch)
-    return mismatch.item() == 0
+    return bool(mismatch.item() == 0)

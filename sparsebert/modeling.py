@@ -10,7 +10,7 @@ output equals transformers' own ``BertModel``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -97,15 +97,32 @@ class _SparseBertMixin:
 
     def current_mask(self, seq_len: int) -> torch.Tensor:
         """The mask in force, ``[num_layers, num_heads, L, L]`` bool (deterministic: α > 0 for DAM)."""
+        hard = self._deterministic_masks(seq_len).hard
+        return hard.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
+
+    def attention_in_force(self, seq_len: int, training: bool = True) -> tuple[str, float]:
+        """(backend, attention dropout) that a training (or inference) pass at ``seq_len`` runs with on this
+        model's device: ``auto`` resolved, and the dropout the backend really applies."""
+        dropout = self.config.attention_probs_dropout_prob if training else 0.0
+        masks = self._deterministic_masks(seq_len)
+        source = self.mask_source
+        if training and isinstance(source, DamMask) and not source.frozen:
+            masks = replace(masks, soft=masks.hard.float())  # a search pass hands the backends a soft mask
+        backend = attention.choose_backend(
+            self.config.attention_backend, masks, self.device, needs_grad=training, dropout=dropout
+        )
+        return backend, attention.effective_dropout(backend, dropout)
+
+    def _deterministic_masks(self, seq_len: int) -> LayerMasks:
+        """The masks of an eval-mode pass (no sampling, so no random numbers drawn)."""
         source = self.mask_source
         was_training = source.training
         source.eval()
         try:
             with torch.no_grad():
-                hard = source.masks(seq_len, self.device).hard
+                return source.masks(seq_len, self.device)
         finally:
             source.train(was_training)
-        return hard.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
 
     def freeze_mask(self) -> None:
         """End the DAM search: binarise (α > 0) and fix the mask; the config records it."""

@@ -49,6 +49,8 @@ from sparsebert.train_config import (
 )
 
 CRASH_AFTER_STEP = "SPARSEBERT_CRASH_AFTER_STEP"  # test hook: SIGKILL rank 0 after this step
+# test hook: rank 0's loss is made infinite once, in the first attempt at this step
+NONFINITE_AT_STEP = "SPARSEBERT_NONFINITE_AT_STEP"
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TrainState:
     reader: dict | None = None
     mlflow_run_id: str | None = None
     restarted: bool = False  # stage 2 started from fresh weights (dam.restart_weights)
+    skipped_steps: int = 0  # optimizer steps DeepSpeed skipped (fp16 overflow, non-finite gradients)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    device = ds_setup.device()
     data_dir = Path(config.data.path) if config.data.path else prepare_default_corpus(rank0)
-    reader = open_reader(data_dir, config)
+    reader = open_reader(data_dir, config)  # batches arrive on this rank's device
     seq_len = reader.manifest["seq_len"]
     spec = parse_spec(config.model.attention_pattern)
     searches = spec.learned and not spec.params["frozen"]
@@ -106,16 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     if not resume_tag:
         tracker.log_configs(config.to_dict(), ds)
     _report(rank0, f"output: {out.resolve()}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
+    _report(rank0, f"device: {device}  |  ZeRO stage {ds_setup.zero_stage(ds)}  |  {ds_setup.precision(ds)}")
     if resume_tag:
         _report(rank0, f"resumed from {resume_tag} at step {state.step} (stage {state.stage})")
+    report_attention(model, seq_len, state.stage, tracker)
 
     progress = tqdm(total=config.train.max_steps, initial=state.step, disable=not rank0, dynamic_ncols=True)
-    meter = Meter()
+    meter = Meter(device)
     batches = iter(reader)
+    poison_step = int(os.environ.get(NONFINITE_AT_STEP, "0")) if rank0 else 0
     while state.step < config.train.max_steps:
         if state.stage == 1 and state.step >= config.dam.search_steps:
             model, engine, scheduler = end_search(model, engine, scheduler, config, ds, tracker, seq_len)
             state.stage, state.restarted = 2, config.dam.restart_weights
+            report_attention(model, seq_len, state.stage, tracker)
         if state.stage == 1:
             _anneal_tau(model, config, state.step)
 
@@ -123,17 +131,29 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(config.train.grad_accum_steps):
             batch = next(batches)
             outputs = engine(**_model_inputs(batch, config.data.nsp))
-            engine.backward(outputs.loss)
+            loss = outputs.loss
+            if poison_step == state.step + 1:
+                loss, poison_step = loss * float("inf"), 0
+            engine.backward(loss)
             engine.step()
             meter.add(outputs, batch)
             sample_ids += batch["sample_index"].tolist()
-        state.step += 1
+        applied = engine.was_step_applied()
         if config.data.log_sample_ids:
-            _log_samples(out, state.step, sample_ids)
+            _log_samples(out, state.step + 1, sample_ids, applied)
+        meter.end_step(applied)
+        if not applied:
+            # DeepSpeed skipped the update (fp16 overflow, or a non-finite gradient) and did not advance the LR
+            # schedule; the step count, which drives the DAM schedule, checkpoints and logs, does not advance
+            # either. The skipped step's batches are spent.
+            state.skipped_steps += 1
+            continue
+        state.step += 1
         progress.update(1)
 
         if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
-            metrics = meter.flush(model, seq_len, scheduler, state.stage)
+            metrics = meter.flush()
+            metrics.update(_state_metrics(model, engine, scheduler, state, seq_len))
             tracker.log_metrics(metrics, state.step)
             progress.set_postfix(
                 stage=state.stage, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
@@ -250,51 +270,108 @@ def _freeze_in_place(model, engine, scheduler) -> None:
 
 
 class Meter:
-    """Accumulates per-step numbers between logs; rank-averaged when flushed."""
+    """Training numbers between two logs, accumulated on the device: the host waits for the device once per
+    log, not per micro-batch. Micro-batches of a step DeepSpeed skipped are dropped."""
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.tokens = 0
-        self.samples = 0
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # over the micro-batches of applied steps
+        self.pending: dict[str, torch.Tensor] = {}  # the current step's micro-batches
+        self.count = self.pending_count = 0
+        self.samples = self.pending_samples = 0
         self.start = time.perf_counter()
 
     def add(self, outputs, batch) -> None:
-        self.count += 1
-        self.tokens += int(batch["attention_mask"].sum())
-        self.samples += batch["input_ids"].shape[0]
-        values = {"loss": outputs.loss, "mlm_loss": outputs.mlm_loss}
+        """One micro-batch (no host synchronisation)."""
         labels = batch["labels"]
-        predicted = labels[labels != -100]
-        guesses = outputs.prediction_logits.argmax(-1)
-        if guesses.dim() == 2:  # logits for every position (model.mlm_logits=all)
-            guesses = guesses[labels != -100]
-        hits = (guesses == predicted).float()
-        values["mlm_accuracy"] = hits.mean() if hits.numel() else torch.tensor(0.0)
+        selected = labels != -100
+        guesses = outputs.prediction_logits.detach().argmax(-1)
+        if guesses.dim() == 1:  # logits at the masked positions only (model.mlm_logits=masked_only)
+            guesses = torch.full_like(labels, -1).masked_scatter_(selected, guesses)
+        hits = ((guesses == labels) & selected).sum()
+        values = {
+            "loss": outputs.loss,
+            "mlm_loss": outputs.mlm_loss,
+            "mlm_accuracy": hits / selected.sum().clamp_min(1),
+            "tokens": batch["attention_mask"].sum(),
+        }
         if outputs.nsp_loss is not None:
             values["nsp_loss"] = outputs.nsp_loss
-            nsp_hits = outputs.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]
+            nsp_hits = outputs.seq_relationship_logits.detach().argmax(-1) == batch["next_sentence_label"]
             values["nsp_accuracy"] = nsp_hits.float().mean()
         if outputs.mask_penalty is not None:
             values["mask_penalty"] = outputs.mask_penalty
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+            value = value.detach().float()
+            self.pending[key] = self.pending[key] + value if key in self.pending else value
+        self.pending_count += 1
+        self.pending_samples += batch["input_ids"].shape[0]
 
-    def flush(self, model, seq_len: int, scheduler, stage: int) -> dict[str, float]:
+    def end_step(self, applied: bool) -> None:
+        """Keep the step's micro-batches if DeepSpeed applied the step, else drop them."""
+        if applied:
+            for key, value in self.pending.items():
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.count += self.pending_count
+            self.samples += self.pending_samples
+        self.pending, self.pending_count, self.pending_samples = {}, 0, 0
+
+    def reduced(self) -> dict[str, torch.Tensor]:
+        """Per-micro-batch means, averaged over ranks in one collective; still on the device."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        stacked = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        return dict(zip(keys, ds_setup.all_mean(stacked).unbind(), strict=True))
+
+    def flush(self) -> dict[str, float]:
+        """The interval's metrics as numbers (one device → host copy), and a fresh interval."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        metrics = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        metrics = ds_setup.all_mean(metrics)
+        reduced = self.reduced()
+        values = torch.stack(list(reduced.values())).tolist() if reduced else []
+        metrics = dict(zip(reduced, values, strict=True))
         world = ds_setup.world_size()
-        metrics["tokens_per_s"] = self.tokens * world / elapsed
+        tokens = metrics.pop("tokens", 0.0) * self.count  # this rank's mean → all ranks' total / world
+        metrics["tokens_per_s"] = tokens * world / elapsed
         metrics["samples_per_s"] = self.samples * world / elapsed
-        metrics["lr"] = scheduler.get_last_lr()[0]
-        metrics["stage"] = float(stage)
-        metrics["mask_density"] = float(model.current_mask(seq_len).float().mean())
-        source = model.mask_source
-        if isinstance(source, DamMask):
-            metrics["tau"] = source.tau
-        self.__init__()
+        self._reset()
         return metrics
+
+
+def _state_metrics(model, engine, scheduler, state: TrainState, seq_len: int) -> dict[str, float]:
+    """What the log reports besides the meter: schedule, DAM state, skipped steps and the fp16 loss scale."""
+    metrics = {
+        "lr": scheduler.get_last_lr()[0],
+        "stage": float(state.stage),
+        "mask_density": float(model.current_mask(seq_len).float().mean()),
+        "skipped_steps": float(state.skipped_steps),
+    }
+    source = model.mask_source
+    if isinstance(source, DamMask):
+        metrics["tau"] = source.tau
+    if (scale := ds_setup.loss_scale(engine)) is not None:
+        metrics["loss_scale"] = scale
+    return metrics
+
+
+def report_attention(model, seq_len: int, stage: int, tracker: RunTracker) -> None:
+    """Print and log the attention backend a training pass of this stage runs and the dropout it applies."""
+    backend, dropout = model.attention_in_force(seq_len, training=True)
+    configured = model.config.attention_probs_dropout_prob
+    note = (
+        f" (model.attention_dropout={configured:g}: {backend} applies none)" if dropout != configured else ""
+    )
+    _report(
+        ds_setup.rank() == 0,
+        f"stage {stage}: attention backend {backend} (model.attention_backend="
+        f"{model.config.attention_backend}), attention dropout {dropout:g}{note}",
+    )
+    tracker.log_params(
+        {f"attention.stage{stage}.backend": backend, f"attention.stage{stage}.dropout": dropout}
+    )
 
 
 def _model_inputs(batch: dict, nsp: bool) -> dict:
@@ -337,12 +414,12 @@ def _save(engine, out: Path, state: TrainState, reader, config: PretrainConfig) 
 def _save_rank_mask(out: Path, name: str, mask: torch.Tensor) -> None:
     """Each rank's own copy of a mask, so "the same mask on every rank" can be audited afterwards."""
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    save_file({"mask": mask.contiguous()}, out / "masks" / f"{name}.rank{ds_setup.rank()}.safetensors")
+    save_file({"mask": mask.cpu().contiguous()}, out / "masks" / f"{name}.rank{ds_setup.rank()}.safetensors")
 
 
-def _log_samples(out: Path, step: int, sample_ids: list[int]) -> None:
+def _log_samples(out: Path, step: int, sample_ids: list[int], applied: bool) -> None:
     with open(out / f"samples.rank{ds_setup.rank()}.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "ids": sample_ids}) + "\n")
+        f.write(json.dumps({"step": step, "ids": sample_ids, "applied": applied}) + "\n")
 
 
 def _resume_tag(config: PretrainConfig, out: Path) -> str | None:
@@ -357,7 +434,10 @@ def _resume_tag(config: PretrainConfig, out: Path) -> str | None:
 def _params(config: PretrainConfig, ds: dict) -> dict:
     params = flatten(config.to_dict())
     params.update(flatten(ds, "deepspeed."))
-    params.update(world_size=ds_setup.world_size(), git_commit=git_commit())
+    params.update(
+        world_size=ds_setup.world_size(), git_commit=git_commit(), precision=ds_setup.precision(ds),
+        device_type=ds_setup.device().type,
+    )  # fmt: skip
     return params
 
 

@@ -87,6 +87,12 @@ class RunTracker:
         mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config/train.yaml")
         mlflow.log_text(json.dumps(ds, indent=2), "config/deepspeed.json")
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_params(params)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
             import mlflow
@@ -105,6 +111,8 @@ class RunTracker:
             return
         import mlflow
 
+        mask = mask.cpu()  # files and plots are made on the host, whatever device the model runs on
+        importance = importance.cpu() if importance is not None else None
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             tensors = {"mask": mask.to(torch.uint8).contiguous()}

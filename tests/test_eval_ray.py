@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -86,6 +87,7 @@ def test_parallel_evaluation_retries_reports_and_resumes(
         for r in finished:
             assert r.data.params["lr"] == "0.001" and r.data.params["checkpoint"] == ckpt
             assert r.data.tags["ray.num_gpus"] == "0" and r.data.metrics["train_steps"] == 2
+            assert r.data.tags["sparsebert.executor"] == "ray" and r.data.params["device"] == "auto"
             assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 2
             if r.data.params["task"] == "sst2":
                 assert r.data.tags["attempt"] == "2" and "accuracy" in r.data.metrics
@@ -141,6 +143,18 @@ def test_parallel_evaluation_retries_reports_and_resumes(
         assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     table = {row["checkpoint"]: row for row in csv.DictReader((tmp_path / "out" / "results.csv").open())}
     assert all(table[c]["RTE"] != "" for c in table)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
+def test_cuda_job_on_a_ray_worker_without_a_gpu_names_its_gpu_ids(ray_local):
+    from eval.finetune import resolve_device
+
+    ask = ray_local.remote(resolve_device).options(num_gpus=0, max_retries=0)
+    with pytest.raises(
+        ray_local.exceptions.RayTaskError, match=r"CUDA_VISIBLE_DEVICES=.*Ray assigned GPU ids \[\]"
+    ):
+        ray_local.get(ask.remote("cuda"))
 
 
 def test_jobs_expand_and_resume_keys(tmp_path):

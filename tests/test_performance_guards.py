@@ -165,21 +165,52 @@ def test_sdpa_gets_no_mask_when_dense_and_unpadded_and_a_broadcast_mask_when_spa
 
 
 def test_auto_uses_block_sparse_on_cpu_only_where_blocks_are_skipped():
-    query = torch.empty(1, 12, 1, 64)
+    cpu = torch.device("cpu")
     for seq_len in (512, 2048):
         longformer = _masks("longformer", seq_len)
-        assert attention.block_plan(longformer, 0).work <= attention.CPU_BLOCK_SPARSE_MAX_WORK
-        assert attention.choose_backend("auto", longformer, query) == "block_sparse"
-        with torch.enable_grad():  # training too: block_sparse has a backward pass
-            assert (
-                attention.choose_backend("auto", longformer, query.clone().requires_grad_()) == "block_sparse"
-            )
+        assert attention.block_plan(longformer, 0).work <= attention.BLOCK_SPARSE_MAX_WORK
+        assert attention.choose_backend("auto", longformer, cpu, False, 0.0) == "block_sparse"
+        # training too: block_sparse has a backward pass and applies dropout
+        assert attention.choose_backend("auto", longformer, cpu, True, 0.1) == "block_sparse"
     # Random keys in every block (bigbird), a short sequence, the dense pattern: masked SDPA.
-    assert attention.choose_backend("auto", _masks("bigbird", 1024), query) == "sdpa"
-    assert attention.choose_backend("auto", _masks("longformer", 128), query) == "sdpa"
-    assert attention.choose_backend("auto", _masks("dense", 1024), query) == "sdpa"
+    assert attention.choose_backend("auto", _masks("bigbird", 1024), cpu, False, 0.0) == "sdpa"
+    assert attention.choose_backend("auto", _masks("longformer", 128), cpu, False, 0.0) == "sdpa"
+    assert attention.choose_backend("auto", _masks("dense", 1024), cpu, False, 0.0) == "sdpa"
     searching = SparseBertModel(SparseBertConfig(**TINY, attention_pattern="dam_s")).sparse_mask.masks(64)
-    assert attention.choose_backend("auto", searching, query) == "sdpa"
+    assert attention.choose_backend("auto", searching, cpu, True, 0.1) == "sdpa"
+
+
+def test_auto_never_trades_attention_dropout_for_flex_on_gpu():
+    """On GPU, auto picks flex only where no attention dropout is due: flex cannot apply it."""
+    cuda = torch.device("cuda", 0)  # the choice needs no GPU, only the device type
+    longformer = _masks("longformer", 2048)
+    assert attention.choose_backend("auto", longformer, cuda, False, 0.0) == "flex"  # inference
+    assert attention.choose_backend("auto", longformer, cuda, True, 0.0) == "flex"  # trained without dropout
+    assert attention.choose_backend("auto", longformer, cuda, True, 0.1) == "block_sparse"
+    assert attention.choose_backend("auto", _masks("bigbird", 1024), cuda, True, 0.1) == "sdpa"
+    assert attention.effective_dropout("flex", 0.1) == 0.0
+    assert attention.effective_dropout("block_sparse", 0.1) == 0.1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "training", "expected"),
+    [
+        ("dense", True, ("sdpa", 0.1)),
+        # searching: the soft mask needs every score
+        ({"name": "dam_s", "max_len": 512}, True, ("sdpa", 0.1)),
+        ({"name": "longformer", "window": 2}, True, ("block_sparse", 0.1)),
+        ({"name": "longformer", "window": 2}, False, ("block_sparse", 0.0)),
+    ],
+)
+def test_model_reports_the_attention_a_pass_runs_with(pattern, training, expected):
+    config = SparseBertConfig(
+        **{**TINY, "max_position_embeddings": 512, "attention_probs_dropout_prob": 0.1},
+        attention_pattern=pattern,
+    )
+    model = SparseBertModel(config)
+    state = torch.get_rng_state()
+    assert model.attention_in_force(512, training=training) == expected
+    assert torch.equal(torch.get_rng_state(), state)  # reporting draws no random numbers
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Pre-training end to end through the real `deepspeed` launcher (2 CPU ranks), read back through MLflow.
 
 The launches are shared between tests (each costs ~40 s): one two-stage DAM_s run per ZeRO stage (0, 2, 3),
-and a ZeRO-2 run killed after a checkpoint, then resumed.
+a ZeRO-2 run killed after a checkpoint, then resumed, and a bf16-autocast ZeRO-2 run with one skipped step.
 """
 
 from __future__ import annotations
@@ -252,6 +252,45 @@ def test_killed_run_resumes_to_the_same_loss_and_reads_each_sample_once(launcher
     assert got == expected
     everything = [i for ids in got.values() for i in ids]
     assert len(everything) == len(set(everything)) == MAX_STEPS * 2 * 4
+
+
+def test_skipped_step_moves_neither_schedule_in_a_bf16_autocast_run(launcher):
+    """bf16 (torch autocast, fp32 gradient accumulation) ZeRO-2; rank 0's loss is made infinite once, aiming at
+    step 3: DeepSpeed skips that update on both ranks, and neither the LR schedule nor the step count that drives
+    the DAM schedule, checkpoints and logs advances for it."""
+    result = launcher.run(
+        "skipped", "zero2_bf16.json", "train.grad_accum_steps=2", env={"SPARSEBERT_NONFINITE_AT_STEP": "3"}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "bfloat16 autocast, fp32 weights and gradient accumulation" in result.stdout
+    assert (
+        "stage 1: attention backend sdpa (model.attention_backend=auto), attention dropout 0.1"
+        in result.stdout
+    )
+    client, run = launcher.mlflow_run("skipped")
+    history = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        for key in ("loss", "lr", "skipped_steps", "frozen_sparsity")
+    }
+    assert sorted(history["loss"]) == list(range(1, MAX_STEPS + 1))
+    assert all(value == value and abs(value) < 1e6 for value in history["loss"].values())  # finite
+    assert history["skipped_steps"][2] == 0 and history["skipped_steps"][MAX_STEPS] == 1
+    reference = launcher.completed("cpu_zero2", "cpu_zero2.json").name
+    _, reference_run = launcher.mlflow_run(reference)
+    reference_lr = {m.step: m.value for m in client.get_metric_history(reference_run.info.run_id, "lr")}
+    assert history["lr"] == reference_lr  # the schedule counts applied steps only
+    assert list(history["frozen_sparsity"]) == [SEARCH_STEPS]
+    params = run.data.params
+    assert params["precision"].startswith("bfloat16 autocast") and params["device_type"] == "cpu"
+    assert params["attention.stage1.backend"] == "sdpa" and params["attention.stage2.backend"] == "sdpa"
+    assert float(params["attention.stage1.dropout"]) == 0.1
+    out = launcher.root / "skipped"
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (out / f"samples.rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if not r["applied"]] == [3]  # the same step on both ranks
+        assert len(records) == MAX_STEPS + 1
+    state = json.loads((out / "checkpoints" / f"step{MAX_STEPS:08d}" / "train_state.json").read_text())
+    assert state["skipped_steps"] == 1
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):

@@ -48,6 +48,10 @@ class ShardReader:
     run masks exactly as an uninterrupted one; pass ``collator=`` to have it applied in the prefetch
     thread. Iteration runs forever, or until ``epochs`` epochs (counted from 0) are done.
 
+    **Device.** With ``device`` set (a training rank passes its accelerator's), the model inputs arrive there:
+    the producing thread pins them and copies without blocking, so the copy overlaps the training step.
+    ``sample_index`` and ``epoch`` stay on the host (they are bookkeeping, read by the host).
+
     **Validation** on construction: a missing manifest, a missing, truncated, corrupt or foreign
     Parquet file, or a tokenizer whose hash differs from the manifest's raises an error naming the file.
     """
@@ -67,6 +71,7 @@ class ShardReader:
         tokenizer_dir: str | Path | None = None,
         window_shards: int = 4,
         verify_checksums: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -82,6 +87,7 @@ class ShardReader:
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.shuffle, self.prefetch, self.epochs = seed, shuffle, prefetch, epochs
         self.collator, self.window_shards = collator, window_shards
+        self.device = torch.device(device) if device is not None else None
         self.seq_len: int = self.manifest["seq_len"]
         self.nsp: bool = self.manifest["packing"] == "nsp"
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
@@ -204,7 +210,8 @@ class ShardReader:
                 position += G
                 after = (epoch, position) if self.num_samples - position >= G else (epoch + 1, 0)
                 batch = self._to_batch(rows, epoch)
-                yield (self.collator(batch) if self.collator else batch), after
+                batch = self.collator(batch) if self.collator else batch
+                yield (to_device(batch, self.device) if self.device is not None else batch), after
             epoch, position = epoch + 1, 0
 
     def _to_batch(self, rows: dict[str, np.ndarray], epoch: int) -> Batch:
@@ -270,6 +277,27 @@ class ShardReader:
         if self.nsp:
             out["next_sentence_label"] = table.column("next_sentence_label").to_numpy()
         return out
+
+
+HOST_KEYS = ("sample_index", "epoch")  # bookkeeping the host reads; never moved to the device
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with its model inputs on ``device``: pinned host memory, then a non-blocking copy.
+
+    The copy is queued on the calling thread's current stream, which for a prefetch thread is the device's
+    default stream, the one the model runs on: the batch is complete before any kernel reads it. Pinning
+    needs an accelerator, so a CPU-only build copies from pageable memory (it only matters on GPU).
+    """
+    if device.type == "cpu":
+        return batch
+    pin = torch.accelerator.is_available()
+    return {
+        key: value
+        if key in HOST_KEYS
+        else (value.pin_memory() if pin else value).to(device, non_blocking=True)
+        for key, value in batch.items()
+    }
 
 
 class _EpochStream:
