@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     report_attention(model, seq_len, state.stage, tracker)
 
     progress = tqdm(total=config.train.max_steps, initial=state.step, disable=not rank0, dynamic_ncols=True)
-    meter = Meter(device)
+    meter = Meter()
     batches = iter(reader)
     poison_step = int(os.environ.get(NONFINITE_AT_STEP, "0")) if rank0 else 0
     while state.step < config.train.max_steps:
@@ -270,11 +270,10 @@ def _freeze_in_place(model, engine, scheduler) -> None:
 
 
 class Meter:
-    """Training numbers between two logs, accumulated on the device: the host waits for the device once per
-    log, not per micro-batch. Micro-batches of a step DeepSpeed skipped are dropped."""
+    """Training numbers between two logs, accumulated on the device the model computes them on: the host waits
+    for the device once per log, not per micro-batch. Micro-batches of a step DeepSpeed skipped are dropped."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
         self._reset()
 
     def _reset(self) -> None:

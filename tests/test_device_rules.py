@@ -96,7 +96,7 @@ def test_a_rank_keeps_batches_metrics_and_collectives_on_its_accelerator(
     model = build_model(config, reader.tokenizer, ds={}).to(ACCELERATOR).train()
     rule = NcclRule()
     with rule:
-        meter = Meter(ds_setup.device())
+        meter = Meter()
         batch = next(iter(reader))
         assert batch["input_ids"].device == ACCELERATOR and batch["sample_index"].device.type == "cpu"
         outputs = model(**_model_inputs(batch, config.data.nsp))

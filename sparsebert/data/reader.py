@@ -49,7 +49,7 @@ class ShardReader:
     thread. Iteration runs forever, or until ``epochs`` epochs (counted from 0) are done.
 
     **Device.** With ``device`` set (a training rank passes its accelerator's), the model inputs arrive there:
-    the producing thread pins them and copies without blocking, so the copy overlaps the training step.
+    the producing thread pins them and queues the copy without blocking, so neither thread waits for it.
     ``sample_index`` and ``epoch`` stay on the host (they are bookkeeping, read by the host).
 
     **Validation** on construction: a missing manifest, a missing, truncated, corrupt or foreign
