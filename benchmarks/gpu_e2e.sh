@@ -5,7 +5,7 @@
 #
 # 1. pretrain.py, BERT-mini, bf16 autocast + ZeRO-2 (ds_configs/zero2_bf16.json), a DAM_s search (20 steps),
 #    frozen, then the fixed mask to step 60; checkpoints every 20 steps. The first launch is killed right after
-#    the step-40 checkpoint (the SPARSEBERT_CRASH_AFTER_STEP hook: SIGKILL, as a preemption would), the same
+#    the step-40 checkpoint (the SPARSEBERT_FAULTS=crash_after_step hook: SIGKILL, as a preemption would), the same
 #    command resumes it and finishes. A world of one still forms a process group (NCCL on GPU), so every
 #    collective of a multi-GPU run runs here too.
 # 2. The export is checked: it loads, its mask is the frozen one, the losses are finite.
@@ -42,7 +42,7 @@ PRETRAIN=(
 )
 
 step "pre-training on $DEVICE, killed after the step-40 checkpoint"
-if SPARSEBERT_CRASH_AFTER_STEP=40 "${PRETRAIN[@]}" >"$WORK/pretrain_1.log" 2>&1; then
+if SPARSEBERT_FAULTS=crash_after_step=40 "${PRETRAIN[@]}" >"$WORK/pretrain_1.log" 2>&1; then
   tail -20 "$WORK/pretrain_1.log"; fail "the first launch should have been killed after step 40"
 fi
 grep -E "^(device|stage|output)" "$WORK/pretrain_1.log" || true

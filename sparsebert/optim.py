@@ -1,4 +1,4 @@
-"""Optimizers (LAMB, the paper's, and AdamW) and the warm-up + decay learning-rate schedule."""
+"""Pre-training's optimizers (LAMB, the paper's, and AdamW) over BERT's groups plus DAM's α, and its schedule."""
 
 from __future__ import annotations
 
@@ -7,22 +7,18 @@ from pytorch_optimizer import Lamb
 from torch import nn
 
 from sparsebert.train_config import TrainConfig
+from sparsebert.training import parameter_groups, warmup_decay_schedule
 
 DAM_GROUP = "dam_alpha"
 
 
 def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     """Three groups: decayed weights; biases and LayerNorm (no decay, as BERT); DAM α (no decay, own lr)."""
-    decay, no_decay, alpha = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith("sparse_mask.alpha"):
-            alpha.append(param)
-        elif param.ndim < 2 or "LayerNorm" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    alpha = [p for n, p in named if n.endswith("sparse_mask.alpha")]
+    decay, no_decay = parameter_groups(
+        ((n, p) for n, p in named if not n.endswith("sparse_mask.alpha")), train.weight_decay
+    )
     groups = [
         {"params": decay, "weight_decay": train.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
@@ -48,19 +44,10 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=train.eps)
 
 
-def lr_factor(step: int, train: TrainConfig, total_steps: int | None = None) -> float:
-    """Multiplier of the peak lr at ``step``: linear warm-up, then linear/polynomial decay (or constant)."""
-    total = total_steps or train.max_steps
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    if train.decay == "constant":
-        return 1.0
-    remaining = max(0.0, (total - step) / max(1, total - train.warmup_steps))
-    return remaining if train.decay == "linear" else remaining**train.poly_power
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None = None):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train, total_steps))
+    """Warm-up, then ``train.decay`` to 0 at ``total_steps`` (default ``train.max_steps``)."""
+    total = total_steps or train.max_steps
+    return warmup_decay_schedule(optimizer, train.warmup_steps, total, train.decay, train.poly_power)
 
 
 def stop_dam_updates(optimizer: torch.optim.Optimizer, scheduler) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import sys
 import time
@@ -27,7 +26,6 @@ if __package__ in (
 ):  # run as a script (the deepspeed launcher does this): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -36,6 +34,7 @@ from sparsebert import checkpoint, optim
 from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.corpus import open_reader, prepare_default_corpus
 from sparsebert.dam import DamMask
+from sparsebert.faults import step_fault
 from sparsebert.masks import parse_spec, sparsity
 from sparsebert.modeling import SparseBertConfig, SparseBertForPreTraining
 from sparsebert.tracking import RunTracker, flatten, git_commit
@@ -47,10 +46,7 @@ from sparsebert.train_config import (
     load_config,
     presets,
 )
-
-CRASH_AFTER_STEP = "SPARSEBERT_CRASH_AFTER_STEP"  # test hook: SIGKILL rank 0 after this step
-# test hook: rank 0's loss is made infinite once, in the first attempt at this step
-NONFINITE_AT_STEP = "SPARSEBERT_NONFINITE_AT_STEP"
+from sparsebert.training import seed_everything
 
 
 @dataclass
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config or DEFAULT_PRESET, args.overrides)
     ds_setup.init_distributed()
     rank0 = ds_setup.rank() == 0
-    _seed_everything(config.train.seed)
+    seed_everything(config.train.seed)
     ds = ds_setup.deepspeed_config(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.train()  # from_pretrained returns models in eval mode: no dropout, and a DAM mask would not search
     # Training randomness (dropout, Gumbel noise) starts from the seed whatever the ZeRO stage consumed
     # while building the model; ranks get distinct streams.
-    _seed_everything(config.train.seed + ds_setup.rank())
+    seed_everything(config.train.seed + ds_setup.rank())
     if resume_tag:
         checkpoint.load(engine, out, resume_tag)
         reader.load_state_dict(state.reader)
@@ -118,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=config.train.max_steps, initial=state.step, disable=not rank0, dynamic_ncols=True)
     meter = Meter()
     batches = iter(reader)
-    poison_step = int(os.environ.get(NONFINITE_AT_STEP, "0")) if rank0 else 0
+    poison_step = step_fault("nonfinite_at_step") if rank0 else 0  # tests: the skipped-step path
     while state.step < config.train.max_steps:
         if state.stage == 1 and state.step >= config.dam.search_steps:
             model, engine, scheduler = end_search(model, engine, scheduler, config, ds, tracker, seq_len)
@@ -160,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if config.checkpoint.every and state.step % config.checkpoint.every == 0:
             _save(engine, out, state, reader, config)
-        if os.environ.get(CRASH_AFTER_STEP) == str(state.step) and rank0:
+        if rank0 and state.step == step_fault("crash_after_step"):  # tests: the resume path
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
 
@@ -232,10 +228,9 @@ def build_engine(model, config: PretrainConfig, ds: dict, restarted: bool = Fals
     offset = config.dam.search_steps if restarted else 0
     total = config.train.max_steps - offset
 
-    def schedule(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: optim.lr_factor(step, config.train, total))
-
-    return ds_setup.initialize(model, optimizer, schedule, ds)
+    return ds_setup.initialize(
+        model, optimizer, lambda opt: optim.build_scheduler(opt, config.train, total), ds
+    )
 
 
 def end_search(model, engine, scheduler, config: PretrainConfig, ds: dict, tracker: RunTracker, seq_len: int):
@@ -438,12 +433,6 @@ def _params(config: PretrainConfig, ds: dict) -> dict:
         device_type=ds_setup.device().type,
     )  # fmt: skip
     return params
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _report(rank0: bool, message: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining
-from sparsebert.optim import DAM_GROUP, build_optimizer, build_scheduler, lr_factor, stop_dam_updates
+from sparsebert.optim import DAM_GROUP, build_optimizer, build_scheduler, stop_dam_updates
 from sparsebert.train_config import load_config
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -40,15 +40,27 @@ def test_alpha_has_its_own_group_and_moves(optimizer):
 
 
 def test_schedule_warms_up_then_decays():
-    train = load_config(
-        "tiny_cpu", ["train.warmup_steps=10", "train.max_steps=110", "train.decay=linear"]
-    ).train
-    assert lr_factor(0, train) == pytest.approx(0.1) and lr_factor(9, train) == pytest.approx(1.0)
-    assert lr_factor(60, train) == pytest.approx(0.5) and lr_factor(110, train) == 0.0
-    poly = load_config(
-        "tiny_cpu", ["train.warmup_steps=10", "train.max_steps=110", "train.decay=polynomial"]
-    ).train
-    assert lr_factor(60, poly) == pytest.approx(0.5**0.5)
+    """The scheduler pre-training runs: warm-up, then linear or polynomial decay; every group from its own peak."""
+
+    def lrs(decay: str) -> list[float]:
+        train = load_config(
+            "tiny_cpu",
+            ["train.warmup_steps=10", "train.max_steps=110", f"train.decay={decay}", "train.lr=1.0"],
+        ).train
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr)
+        scheduler = build_scheduler(opt, train)
+        history = []
+        for _ in range(111):
+            history.append(scheduler.get_last_lr()[0])
+            opt.step()
+            scheduler.step()
+        return history
+
+    linear = lrs("linear")
+    assert linear[0] == pytest.approx(0.1) and linear[9] == pytest.approx(1.0)
+    assert linear[60] == pytest.approx(0.5) and linear[110] == 0.0
+    assert lrs("polynomial")[60] == pytest.approx(0.5**0.5)
+    assert set(lrs("constant")[10:]) == {1.0}
 
 
 def test_stop_dam_updates_keeps_alpha_fixed():

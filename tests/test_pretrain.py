@@ -227,7 +227,7 @@ def _all_artifacts(client, run_id: str, path: str = "") -> set[str]:
 
 def test_killed_run_resumes_to_the_same_loss_and_reads_each_sample_once(launcher):
     reference_out = launcher.completed("cpu_zero2", "cpu_zero2.json")
-    crashed = launcher.run("resumed", "cpu_zero2.json", env={"SPARSEBERT_CRASH_AFTER_STEP": "5"})
+    crashed = launcher.run("resumed", "cpu_zero2.json", env={"SPARSEBERT_FAULTS": "crash_after_step=5"})
     assert crashed.returncode != 0
     out = launcher.root / "resumed"
     assert (out / "checkpoints" / "latest").read_text() == "step00000004"
@@ -259,7 +259,10 @@ def test_skipped_step_moves_neither_schedule_in_a_bf16_autocast_run(launcher):
     step 3: DeepSpeed skips that update on both ranks, and neither the LR schedule nor the step count that drives
     the DAM schedule, checkpoints and logs advances for it."""
     result = launcher.run(
-        "skipped", "zero2_bf16.json", "train.grad_accum_steps=2", env={"SPARSEBERT_NONFINITE_AT_STEP": "3"}
+        "skipped",
+        "zero2_bf16.json",
+        "train.grad_accum_steps=2",
+        env={"SPARSEBERT_FAULTS": "nonfinite_at_step=3"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "bfloat16 autocast, fp32 weights and gradient accumulation" in result.stdout

@@ -1,0 +1,35 @@
+"""Fault injection for the end-to-end tests, behind one switch: the ``SPARSEBERT_FAULTS`` environment variable.
+
+Tests drive the real failure paths with it (a killed rank, a non-finite loss, a failing fine-tuning job), with
+nothing mocked. Unset, no fault exists. The value is ``name=value`` pairs separated by ``;``:
+
+* ``crash_after_step=N`` — pre-training: rank 0 kills itself (SIGKILL) right after step N (and its checkpoint);
+* ``nonfinite_at_step=N`` — pre-training: rank 0's loss is made infinite once, in the first attempt at step N;
+* ``eval_fail=TASK[:N],...`` — evaluation: attempts of TASK's jobs fail (all of them, or the first N).
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "SPARSEBERT_FAULTS"
+KNOWN = ("crash_after_step", "nonfinite_at_step", "eval_fail")
+
+
+def fault(name: str) -> str | None:
+    """The value of fault ``name`` in ``$SPARSEBERT_FAULTS``, or None."""
+    if name not in KNOWN:
+        raise ValueError(f"unknown fault {name!r}; known: {', '.join(KNOWN)}")
+    for part in filter(None, (p.strip() for p in os.environ.get(ENV, "").split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in KNOWN:
+            raise ValueError(f"{ENV}: {part!r} is not one of {', '.join(k + '=...' for k in KNOWN)}")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def step_fault(name: str) -> int:
+    """A step-valued fault (0 when unset)."""
+    value = fault(name)
+    return int(value) if value else 0
