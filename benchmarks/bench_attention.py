@@ -45,7 +45,8 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from sparsebert import SparseBertConfig
 from sparsebert.attention import block_density, block_plan, flex_block_size
 from sparsebert.dam import DamMask
-from sparsebert.mask_source import LayerMasks, PatternMask
+from sparsebert.layer_masks import LayerMasks
+from sparsebert.mask_source import PatternMask
 from sparsebert.masks import parse_spec
 
 PATTERNS = ["dense", "no_diagonal", "longformer", "bigbird", "fixed", "star", "dam_s"]

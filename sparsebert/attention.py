@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,11 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from sparsebert import block_sparse
-from sparsebert.mask_source import LayerMasks
+from sparsebert import block_sparse, choices
+from sparsebert.layer_masks import LayerMasks
+from sparsebert.masks import padded_blocks
 
 IMPLEMENTATION = "sparsebert"
-BACKENDS = ("auto", "eager", "sdpa", "flex", "block_sparse")
 DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 − M)·(−10000)
 # The granularity at which FlexAttention skips work. GPU: FlexAttention's default (its Triton tiles). CPU: the
 # C++ kernel tiles by the block size itself, and small blocks skip most of a banded mask: 16 beat 32, 64 and
@@ -97,19 +98,24 @@ def sparse_attention(
         )
     slot = sparse_masks.slot(getattr(module, "layer_idx", None))
     needs_grad = torch.is_grad_enabled() and query.requires_grad
-    backend = choose_backend(
+    backend = resolved_backend(
         module.config.attention_backend, sparse_masks, query.device, needs_grad, dropout, slot
     )
-    padding = attention_mask
-    if backend == "eager":
-        out = _eager(module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
-    elif backend == "sdpa":
-        out = _sdpa(query, key, value, sparse_masks, slot, padding, scaling, dropout)
-    elif backend == "block_sparse":
-        out = _block_sparse(query, key, value, sparse_masks, slot, padding, scaling, dropout)
-    else:
-        out = _flex(module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
+    out = _BACKENDS[backend](module, query, key, value, sparse_masks, slot, attention_mask, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def resolved_backend(
+    requested: str, masks: LayerMasks, device: torch.device, needs_grad: bool, dropout: float, slot: int = 0
+) -> str:
+    """:func:`choose_backend`, decided once per fixed mask (and device, grad mode, dropout): every layer and
+    every later pass of the same mask reuses the decision. A mask that is still searching is new each pass."""
+    if masks.cache is None:
+        return choose_backend(requested, masks, device, needs_grad, dropout, slot)
+    key = ("backend", requested, device.type, needs_grad, dropout > 0.0, slot)
+    if key not in masks.cache:
+        masks.cache[key] = choose_backend(requested, masks, device, needs_grad, dropout, slot)
+    return masks.cache[key]
 
 
 def choose_backend(
@@ -134,15 +140,12 @@ def choose_backend(
             f"attention_backend={requested!r} needs a fixed mask; a DAM mask that is still searching trains "
             "through 'eager', 'sdpa' or 'auto' (freeze it with model.freeze_mask() first)"
         )
-    if requested == "flex":
-        if needs_grad and device.type != "cuda":
-            raise ValueError(
-                "attention_backend='flex' has no backward pass on CPU (a PyTorch limitation); "
-                "train on CPU with 'block_sparse', 'sdpa', 'eager' or 'auto', and use 'flex' for inference"
-            )
-    elif requested not in BACKENDS:
-        raise ValueError(f"unknown attention_backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    return requested
+    if requested == "flex" and needs_grad and device.type != "cuda":
+        raise ValueError(
+            "attention_backend='flex' has no backward pass on CPU (a PyTorch limitation); "
+            "train on CPU with 'block_sparse', 'sdpa', 'eager' or 'auto', and use 'flex' for inference"
+        )
+    return choices.check("attention_backend", requested, list(_BACKENDS))
 
 
 def effective_dropout(backend: str, dropout: float) -> float:
@@ -192,6 +195,11 @@ def _zero_empty_rows(out: torch.Tensor, empty: torch.Tensor | None) -> torch.Ten
 # --- backends --------------------------------------------------------------------------------------------
 
 
+# Every backend has this signature: (module, query, key, value [B, H, L, D], masks, slot, padding [B, 1, 1, L]
+# bool or None, scaling, dropout) -> [B, H, L, D]; `masks.soft` is set while DAM searches.
+BackendFn = Callable[..., torch.Tensor]
+
+
 def _eager(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if masks.soft is not None:
@@ -232,7 +240,7 @@ def _search_bias(masks: LayerMasks, slot: int, padding: torch.Tensor | None, dty
     return masks.memo[key]
 
 
-def _sdpa(query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
+def _sdpa(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
     if masks.soft is not None:
         attn_mask, empty = _search_bias(masks, slot, padding, query.dtype)
     else:
@@ -300,7 +308,7 @@ def block_plan(masks: LayerMasks, slot: int) -> block_sparse.BlockPlan:
     return store[key]
 
 
-def _block_sparse(query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
+def _block_sparse(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
     plan = block_plan(masks, slot)
     store = masks.cache if padding is None and masks.cache is not None else masks.memo
     key_ = ("block_masks", slot, query.shape[0], query.dtype)  # with padding: once per pass, for all layers
@@ -361,16 +369,12 @@ def _block_structure(hard: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     ``table`` is the mask padded with False to whole blocks (the length attention runs at). ``partial``/``full`` are
     the block flags ``[1, H, nQ, nK]``.
     """
-    heads, seq_len, _ = hard.shape
-    n = -(-seq_len // block)
-    table = hard.new_zeros(heads, n * block, n * block)
-    table[:, :seq_len, :seq_len] = hard
-    valid = torch.zeros_like(table)
-    valid[:, :seq_len, :seq_len] = True
-    blocks = table.view(heads, n, block, n, block)
+    blocks = padded_blocks(hard, block)
+    valid = padded_blocks(torch.ones_like(hard[:1]), block)  # the real positions, not the block padding
+    heads, n = blocks.shape[:2]
     any_ = blocks.any(dim=4).any(dim=2)
-    all_ = (blocks | ~valid.view_as(blocks)).all(dim=4).all(dim=2)
-    return table, (any_ & ~all_).unsqueeze(0), all_.unsqueeze(0)
+    all_ = (blocks | ~valid).all(dim=4).all(dim=2)
+    return blocks.reshape(heads, n * block, n * block), (any_ & ~all_).unsqueeze(0), all_.unsqueeze(0)
 
 
 def _ordered(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +408,24 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, stacklevel=3)
+
+
+_BACKENDS: dict[str, BackendFn] = {
+    "eager": _eager,
+    "sdpa": _sdpa,
+    "flex": _flex,
+    "block_sparse": _block_sparse,
+}
+
+
+def register_backend(name: str, fn: BackendFn) -> BackendFn:
+    """Make ``attention_backend=name`` run ``fn`` (the signature of :data:`BackendFn`). ``auto`` never picks a
+    registered backend; a model config or training config may name it once it is registered."""
+    if name == "auto" or name in _BACKENDS:
+        raise ValueError(f"attention backend {name!r} exists already")
+    _BACKENDS[name] = fn
+    choices.ATTENTION_BACKENDS.append(name)
+    return fn
 
 
 def register() -> None:

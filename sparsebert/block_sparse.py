@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sparsebert.masks import padded_blocks
+
 # Candidate block sizes; the plan with the least work wins (a tie goes to the larger block, which runs SDPA
 # more efficiently per score). On CPU, 16 beat 32 and 64 for longformer at L = 512, 2048 and 4096, forward
 # and forward + backward (BERT-mini layer, 4096 tokens).
@@ -110,11 +112,9 @@ def plan(hard: torch.Tensor, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> Bloc
 def _blocks(hard: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(the mask padded with False to whole blocks ``[Hm, n·b, n·b]``, the key blocks each query block needs
     in any head ``[n, n]``)."""
-    heads, seq_len, _ = hard.shape
-    n = -(-seq_len // block)
-    table = hard.new_zeros(heads, n * block, n * block)
-    table[:, :seq_len, :seq_len] = hard
-    return table, table.view(heads, n, block, n, block).any(dim=4).any(dim=2).any(dim=0)
+    blocks = padded_blocks(hard, block)
+    heads, n = blocks.shape[:2]
+    return blocks.reshape(heads, n * block, n * block), blocks.any(dim=4).any(dim=2).any(dim=0)
 
 
 def _split(layout: torch.Tensor, seq_len: int, block: int) -> tuple[int, torch.Tensor, float]:

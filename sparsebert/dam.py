@@ -14,26 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsebert.mask_source import LayerMasks
-from sparsebert.masks import MaskSpec
-
-
-def distance_matrix(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """``|i − j|`` as a long tensor ``[seq_len, seq_len]``."""
-    idx = torch.arange(seq_len, device=device)
-    return (idx[:, None] - idx[None, :]).abs()
-
-
-def expand_alpha(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Per-position logits ``[..., H, L, L]`` from DAM parameters (``dam_s``: one per distance)."""
-    if name == "dam_s":
-        return alpha[..., :seq_len][..., distance_matrix(seq_len, alpha.device)]
-    return alpha[..., :seq_len, :seq_len]
-
-
-def alpha_to_mask(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The frozen (binary) mask of DAM logits: M = 1[α > 0]."""
-    return expand_alpha(name, alpha, seq_len) > 0
+from sparsebert.layer_masks import LayerMasks
+from sparsebert.masks import MaskSpec, alpha_to_mask, distance_matrix
 
 
 class DamMask(nn.Module):

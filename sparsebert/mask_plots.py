@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; training nodes have no display
 import matplotlib.pyplot as plt
 import torch
 
-from sparsebert.dam import distance_matrix
+from sparsebert.masks import distance_matrix
 
 
 def head_heatmaps(mask: torch.Tensor, path: Path, title: str) -> Path:
@@ -51,9 +51,3 @@ def importance_by_distance(importance: torch.Tensor, path: Path, title: str) -> 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def diagonal_vs_rest(importance: torch.Tensor) -> tuple[float, float]:
-    """Mean importance of the diagonal and of everything else — the paper's headline comparison."""
-    eye = torch.eye(importance.shape[-1], dtype=torch.bool, device=importance.device)
-    return importance[..., eye].mean().item(), importance[..., ~eye].mean().item()

@@ -6,7 +6,8 @@ pattern's defaults (``{"name": "longformer", "window": 4}``), or a dotted path t
 (``"mypkg.masks:my_pattern"``). Every pattern accepts ``no_diagonal=True`` to remove ``i == j``.
 
 ``dam_u`` and ``dam_s`` are *learned* patterns (see :mod:`sparsebert.dam`): their specs are validated here,
-but their masks come from a model's parameters.
+but their masks come from a model's parameters; the pure tensor helpers that turn those parameters into masks
+live here too. This module imports no model code: everything else in the package builds on it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ PatternFn = Callable[..., torch.Tensor]
 
 _PATTERNS: dict[str, PatternFn] = {}
 
-# Parameters of the learned (DAM) patterns and their defaults; the values of DESIGN.md / the paper's code.
+# Parameters of the learned (DAM) patterns and their defaults: the paper's (and its reference code's) values.
 LEARNED_DEFAULTS: dict[str, Any] = {
     "lambda": 1e-4,  # weight of the L1 penalty λ·‖M‖₁
     "tau": 1.0,  # Gumbel-sigmoid temperature
@@ -74,9 +75,6 @@ class MaskSpec:
     def to_config(self) -> str | dict[str, Any]:
         """The JSON-serialisable form stored in a model config."""
         return {"name": self.name, **self.params}
-
-    def cache_key(self) -> tuple:
-        return (self.name, tuple(sorted((k, repr(v)) for k, v in self.params.items())))
 
 
 def parse_spec(spec: str | Mapping[str, Any] | MaskSpec) -> MaskSpec:
@@ -130,7 +128,39 @@ def sparsity(mask: torch.Tensor) -> float:
     return 1.0 - mask.float().mean().item()
 
 
-# --- the built-in patterns (DESIGN.md's table; i = query, j = key, 0-based) -----------------------------
+# --- tensor helpers for learned masks and block layouts (pure functions of tensors) --------------------------
+
+
+def distance_matrix(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """``|i − j|`` as a long tensor ``[seq_len, seq_len]``."""
+    idx = torch.arange(seq_len, device=device)
+    return (idx[:, None] - idx[None, :]).abs()
+
+
+def expand_alpha(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Per-position logits ``[..., H, L, L]`` from DAM parameters (``dam_s``: one per distance)."""
+    if name == "dam_s":
+        return alpha[..., :seq_len][..., distance_matrix(seq_len, alpha.device)]
+    return alpha[..., :seq_len, :seq_len]
+
+
+def alpha_to_mask(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The frozen (binary) mask of DAM logits: M = 1[α > 0]."""
+    return expand_alpha(name, alpha, seq_len) > 0
+
+
+def padded_blocks(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """A bool mask ``[H, L, L]`` padded with False to whole blocks of ``block`` positions, viewed as
+    ``[H, n, block, n, block]`` (query block, row in it, key block, column in it): the layout block-sparse
+    kernels (FlexAttention's block masks, the ``block_sparse`` gather plan) are built from."""
+    heads, seq_len, _ = mask.shape
+    n = -(-seq_len // block)
+    table = mask.new_zeros(heads, n * block, n * block)
+    table[:, :seq_len, :seq_len] = mask
+    return table.view(heads, n, block, n, block)
+
+
+# --- the built-in patterns (the paper's baselines; i = query, j = key, 0-based) ---------------------------
 
 
 def _distance(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -268,8 +298,6 @@ def _check_learned(params: dict[str, Any]) -> None:
 
 
 def _learned_mask(spec: dict[str, Any], seq_len: int, num_heads: int) -> torch.Tensor:
-    from sparsebert.dam import alpha_to_mask  # DAM module imports this one
-
     alpha = spec.pop("alpha", None)
     parse_spec(spec)
     if alpha is None:

@@ -31,14 +31,13 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
-from sparsebert import attention
+from sparsebert import attention, choices
 from sparsebert.dam import DamMask
-from sparsebert.mask_source import LayerMasks, build_mask_source
+from sparsebert.layer_masks import LayerMasks
+from sparsebert.mask_source import build_mask_source
 from sparsebert.masks import parse_spec
 
 attention.register()
-
-MLM_LOGITS = ("all", "masked_only")
 
 
 class SparseBertConfig(BertConfig):
@@ -62,12 +61,8 @@ class SparseBertConfig(BertConfig):
     ):
         kwargs.pop("attn_implementation", None)  # always ours; the backend is chosen by attention_backend
         super().__init__(**kwargs)
-        if attention_backend not in attention.BACKENDS:
-            raise ValueError(
-                f"unknown attention_backend {attention_backend!r}; choose one of {', '.join(attention.BACKENDS)}"
-            )
-        if mlm_logits not in MLM_LOGITS:
-            raise ValueError(f"unknown mlm_logits {mlm_logits!r}; choose one of {', '.join(MLM_LOGITS)}")
+        choices.check("attention_backend", attention_backend, choices.ATTENTION_BACKENDS)
+        choices.check("mlm_logits", mlm_logits, choices.MLM_LOGITS)
         self.attention_pattern = attention_pattern
         self.attention_backend = attention_backend
         self.mlm_logits = mlm_logits

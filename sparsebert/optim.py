@@ -6,6 +6,7 @@ import torch
 from pytorch_optimizer import Lamb
 from torch import nn
 
+from sparsebert import choices
 from sparsebert.train_config import TrainConfig
 from sparsebert.training import parameter_groups, warmup_decay_schedule
 
@@ -30,18 +31,28 @@ def param_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     return groups
 
 
+def _lamb(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    """LAMB with decoupled weight decay, as in the LAMB paper and NVIDIA's BERT recipe. α takes plain Adam
+    steps: the trust ratio ‖w‖/‖update‖ of a parameter that starts near 0 would keep it there."""
+    optimizer = Lamb(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decouple=True)
+    for group in optimizer.param_groups:  # Lamb's constructor resets the per-group `adam` flag
+        group["adam"] = group["name"] == DAM_GROUP
+    return optimizer
+
+
+def _adamw(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
+
+
+# train.optimizer → builder over the parameter groups; the names live in sparsebert.choices.OPTIMIZERS.
+OPTIMIZERS = {"lamb": _lamb, "adamw": _adamw}
+
+
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """LAMB or AdamW over :func:`param_groups`. Under LAMB, α takes plain Adam steps: the trust ratio
-    ‖w‖/‖update‖ of a parameter that starts near 0 would keep it there."""
-    groups = param_groups(model, train)
-    betas = tuple(train.betas)
-    if train.optimizer == "lamb":
-        # Decoupled weight decay as in the LAMB paper and NVIDIA's BERT recipe.
-        optimizer = Lamb(groups, lr=train.lr, betas=betas, eps=train.eps, weight_decouple=True)
-        for group in optimizer.param_groups:  # Lamb's constructor resets the per-group `adam` flag
-            group["adam"] = group["name"] == DAM_GROUP
-        return optimizer
-    return torch.optim.AdamW(groups, lr=train.lr, betas=betas, eps=train.eps)
+    """``train.optimizer`` over :func:`param_groups`."""
+    return OPTIMIZERS[choices.check("train.optimizer", train.optimizer, list(OPTIMIZERS))](
+        param_groups(model, train), train
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None = None):

@@ -384,7 +384,7 @@ def _anneal_tau(model, config: PretrainConfig, step: int) -> None:
 
 
 def _per_layer_importance(importance: torch.Tensor, name: str, seq_len: int, layers: int) -> torch.Tensor:
-    from sparsebert.dam import expand_alpha
+    from sparsebert.masks import expand_alpha
 
     return expand_alpha(name, importance, seq_len).expand(layers, -1, -1, -1)
 

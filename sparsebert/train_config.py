@@ -17,16 +17,28 @@ from typing import Any
 
 import yaml
 
-from sparsebert.attention import BACKENDS
+from sparsebert import choices
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny_cpu"
 
+# BERT's official sizes (Turc et al. 2019 for the small ones): layers, hidden, heads.
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
 
-def _f(default: Any, help: str) -> Any:
+
+def _f(default: Any, help: str, one_of: Any = None) -> Any:
+    """A documented config field; ``one_of`` (a list of names, read when a config is loaded) restricts it."""
+    metadata = {"help": help, "choices": one_of}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -34,9 +46,7 @@ class ModelConfig:
     init_from: str | None = _f(
         None, "HF BERT directory (or hub name) to continue pre-training from; null = random init"
     )
-    size: str = _f(
-        "tiny", "architecture preset: tiny, mini, small, medium, base, large (BERT's official sizes)"
-    )
+    size: str = _f("tiny", "architecture preset (BERT's official sizes)", list(MODEL_SIZES))
     num_layers: int | None = _f(None, "override the preset's number of layers")
     hidden_size: int | None = _f(None, "override the preset's hidden size")
     num_heads: int | None = _f(None, "override the preset's number of attention heads")
@@ -47,8 +57,12 @@ class ModelConfig:
     attention_pattern: str | dict = _f(
         "dense", "mask pattern spec: a name, or {name: ..., params...}; see README"
     )
-    attention_backend: str = _f("auto", "auto, eager, sdpa, flex or block_sparse")
-    mlm_logits: str = _f("masked_only", "MLM vocabulary logits at masked positions only (faster) or all")
+    attention_backend: str = _f(
+        "auto", "attention implementation; auto picks per mask and device", choices.ATTENTION_BACKENDS
+    )
+    mlm_logits: str = _f(
+        "masked_only", "MLM vocabulary logits at masked positions only (faster) or all", choices.MLM_LOGITS
+    )
 
 
 @dataclass
@@ -70,14 +84,14 @@ class TrainConfig:
     max_steps: int = _f(300, "optimizer steps in total, both DAM stages included")
     micro_batch_size: int = _f(16, "sequences per rank per forward pass")
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
-    optimizer: str = _f("lamb", "lamb (the paper's) or adamw")
+    optimizer: str = _f("lamb", "lamb (the paper's) or adamw", choices.OPTIMIZERS)
     lr: float = _f(1e-3, "peak learning rate")
     dam_lr: float | None = _f(None, "learning rate of the DAM logits α; null = lr")
     weight_decay: float = _f(0.01, "weight decay (never on biases, LayerNorm or α)")
     betas: list = _f([0.9, 0.999], "Adam/LAMB betas")
     eps: float = _f(1e-6, "Adam/LAMB epsilon")
     warmup_steps: int = _f(30, "linear warm-up steps")
-    decay: str = _f("linear", "after warm-up: linear, polynomial or constant")
+    decay: str = _f("linear", "after warm-up: linear, polynomial or constant", choices.LR_DECAYS)
     poly_power: float = _f(0.5, "power of the polynomial decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = _f(42, "seed for weights, data order, masking and Gumbel noise")
@@ -160,7 +174,9 @@ def describe() -> str:
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+            allowed = f.metadata.get("choices")
+            names = f" (one of: {', '.join(allowed)})" if allowed is not None else ""
+            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}{names}")
 
     walk(PretrainConfig, "")
     return "\n".join(lines)
@@ -213,13 +229,19 @@ def _build(cls, data: Any, prefix: str):
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}; known keys here: {', '.join(sorted(names))}"
         )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            values[name] = _check_type(f"{prefix}{name}", hint, value)
+            continue
+        values[name] = _check_type(f"{prefix}{name}", hint, value)
+        allowed = fields[name].metadata.get("choices")
+        if allowed is not None and values[name] not in allowed:
+            raise ConfigError(
+                f"config key {prefix + name!r} must be one of {', '.join(allowed)}, got {values[name]!r}"
+            )
     return cls(**values)
 
 
@@ -263,16 +285,6 @@ def _check_semantics(config: PretrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
-    choices = {
-        "train.optimizer": (t.optimizer, ("lamb", "adamw")),
-        "train.decay": (t.decay, ("linear", "polynomial", "constant")),
-        "model.size": (config.model.size, tuple(MODEL_SIZES)),
-        "model.attention_backend": (config.model.attention_backend, BACKENDS),
-        "model.mlm_logits": (config.model.mlm_logits, ("masked_only", "all")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
     if not (
         isinstance(t.betas, list) and len(t.betas) == 2 and all(isinstance(b, (int, float)) for b in t.betas)
     ):
@@ -293,14 +305,3 @@ def _check_semantics(config: PretrainConfig) -> None:
         raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {config.checkpoint.every}")
-
-
-# BERT's official sizes (Turc et al. 2019 for the small ones): layers, hidden, heads.
-MODEL_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (2, 128, 2),
-    "mini": (4, 256, 4),
-    "small": (4, 512, 8),
-    "medium": (8, 512, 8),
-    "base": (12, 768, 12),
-    "large": (24, 1024, 16),
-}

@@ -30,21 +30,28 @@ def parameter_groups(named_parameters, weight_decay: float) -> tuple[list[nn.Par
     return decay, no_decay
 
 
+# After the warm-up: the LR multiplier as a function of the fraction of decay steps remaining (and the power).
+DECAYS = {
+    "linear": lambda remaining, power: remaining,
+    "polynomial": lambda remaining, power: remaining**power,
+    "constant": lambda remaining, power: 1.0,
+}
+
+
 def lr_factor(step: int, warmup: int, total: int, decay: str = "linear", power: float = 1.0) -> float:
     """Multiplier of the peak LR after ``step`` optimizer steps: linear warm-up over ``warmup`` steps, then
     ``linear`` or ``polynomial`` (``power``) decay to 0 at ``total``, or ``constant``."""
     if step < warmup:
         return (step + 1) / warmup
-    if decay == "constant":
-        return 1.0
-    remaining = max(0.0, (total - step) / max(1, total - warmup))
-    return remaining if decay == "linear" else remaining**power
+    return DECAYS[decay](max(0.0, (total - step) / max(1, total - warmup)), power)
 
 
 def warmup_decay_schedule(
     optimizer: torch.optim.Optimizer, warmup: int, total: int, decay: str = "linear", power: float = 1.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """:func:`lr_factor` as a scheduler: every group's LR scales from its own peak."""
+    if decay not in DECAYS:
+        raise ValueError(f"unknown LR decay {decay!r}; choose one of {', '.join(DECAYS)}")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total, decay, power)
     )

@@ -1,0 +1,45 @@
+"""``LayerMasks``: the attention masks of one forward pass, as every attention backend receives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LayerMasks:
+    """The attention masks for one forward pass.
+
+    ``hard`` is ``[n, heads, L, L]`` bool (``n`` = 1 when every layer shares the mask). ``soft`` is the
+    straight-through mask ``M`` while DAM searches (forward value equals ``hard``), else None.
+    ``cache`` holds what backends derive from a *fixed* mask (boolean masks, block masks) and lives as
+    long as the mask does; ``memo`` holds what they derive for this pass only (masks combined with this
+    batch's padding, shared by every layer).
+    """
+
+    hard: torch.Tensor
+    soft: torch.Tensor | None = None
+    penalty_weight: float = 0.0
+    cache: dict[Any, Any] | None = None
+    memo: dict[Any, Any] = field(default_factory=dict)
+    is_dense: bool = False
+
+    @property
+    def seq_len(self) -> int:
+        return self.hard.shape[-1]
+
+    def slot(self, layer_idx: int | None) -> int:
+        """Index into ``hard``/``soft`` for a layer (0 for a mask shared by all layers)."""
+        return 0 if self.hard.shape[0] == 1 or layer_idx is None else layer_idx
+
+    def penalty(self) -> torch.Tensor | None:
+        """λ·‖M‖₁ (sum over layers, heads and positions) while searching, else None."""
+        if self.soft is None:
+            return None
+        return self.penalty_weight * self.soft.sum()
+
+    def fresh(self) -> LayerMasks:
+        """The same masks with an empty per-pass memo (the long-lived cache is shared)."""
+        return LayerMasks(self.hard, self.soft, self.penalty_weight, self.cache, {}, self.is_dense)
