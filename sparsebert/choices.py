@@ -3,7 +3,7 @@
 Config validation, ``--help-config`` and the command lines read the names here; each name's implementation is
 registered where it lives, under the same name: attention backends in :mod:`sparsebert.attention` (users add
 theirs with ``sparsebert.register_backend``, which extends this list), optimizers in :mod:`sparsebert.optim`.
-A test checks that every registry and its list of names agree.
+A test checks that every registry and its list of names agree (docs/ARCHITECTURE.md: "Names in one place").
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsebert.dam import DamMask
 from sparsebert.layer_masks import LayerMasks
-from sparsebert.masks import MaskSpec, build_mask, parse_spec
+from sparsebert.masks import MaskSpec, build_mask
 
 
 class PatternMask(nn.Module):
@@ -24,6 +24,7 @@ class PatternMask(nn.Module):
         self.spec = spec
         self.num_heads = num_heads
         self.is_dense = spec.name == "dense" and not spec.params["no_diagonal"]
+        self.frozen = True  # a pattern is fixed from the start (the same question as for a DAM mask)
         self._cache: dict[tuple, LayerMasks] = {}
 
     def masks(self, seq_len: int, device: torch.device | None = None) -> LayerMasks:
@@ -37,7 +38,7 @@ class PatternMask(nn.Module):
 
 def build_mask_source(config: Any) -> nn.Module:
     """The mask module a config asks for: :class:`PatternMask` or :class:`~sparsebert.dam.DamMask`."""
-    spec = parse_spec(config.attention_pattern)
+    spec = config.mask_spec
     if not spec.learned:
         return PatternMask(spec, config.num_attention_heads)
     max_len = spec.params["max_len"] or config.max_position_embeddings

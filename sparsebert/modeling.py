@@ -35,7 +35,7 @@ from sparsebert import attention, choices
 from sparsebert.dam import DamMask
 from sparsebert.layer_masks import LayerMasks
 from sparsebert.mask_source import build_mask_source
-from sparsebert.masks import parse_spec
+from sparsebert.masks import MaskSpec, expand_alpha, parse_spec
 
 attention.register()
 
@@ -74,6 +74,13 @@ class SparseBertConfig(BertConfig):
             value = parse_spec(value).to_config()
         super().__setattr__(key, value)
 
+    @property
+    def mask_spec(self) -> MaskSpec:
+        """``attention_pattern`` as a :class:`~sparsebert.masks.MaskSpec` (it is stored validated and complete)."""
+        return MaskSpec(
+            self.attention_pattern["name"], {k: v for k, v in self.attention_pattern.items() if k != "name"}
+        )
+
 
 class _SparseBertMixin:
     """What every SparseBert class shares: config class, weight init for α, mask access."""
@@ -100,8 +107,7 @@ class _SparseBertMixin:
         model's device: ``auto`` resolved, and the dropout the backend really applies."""
         dropout = self.config.attention_probs_dropout_prob if training else 0.0
         masks = self._deterministic_masks(seq_len)
-        source = self.mask_source
-        if training and isinstance(source, DamMask) and not source.frozen:
+        if training and not self.mask_frozen:
             masks = replace(masks, soft=masks.hard.float())  # a search pass hands the backends a soft mask
         backend = attention.choose_backend(
             self.config.attention_backend, masks, self.device, needs_grad=training, dropout=dropout
@@ -121,22 +127,40 @@ class _SparseBertMixin:
 
     def freeze_mask(self) -> None:
         """End the DAM search: binarise (α > 0) and fix the mask; the config records it."""
-        source = self.mask_source
-        if not isinstance(source, DamMask):
-            raise ValueError(
-                f"attention pattern {parse_spec(self.config.attention_pattern).name!r} is not learned"
-            )
-        source.freeze()
-        self.config.attention_pattern = {
-            **parse_spec(self.config.attention_pattern).to_config(),
-            "frozen": True,
-        }
+        if not isinstance(self.mask_source, DamMask):
+            raise ValueError(f"attention pattern {self.config.mask_spec.name!r} is not learned")
+        self.mask_source.freeze()
+        self.config.attention_pattern = {**self.config.attention_pattern, "frozen": True}
+
+    @property
+    def mask_frozen(self) -> bool:
+        """True when the mask is fixed: a pattern always, a DAM mask once frozen (no search left to run)."""
+        return self.mask_source.frozen
 
     @property
     def searching_mask(self) -> bool:
         """True while a DAM mask is sampled (training mode, not frozen)."""
+        return self.mask_source.training and not self.mask_frozen
+
+    @property
+    def mask_temperature(self) -> float | None:
+        """The Gumbel-sigmoid temperature τ of a DAM mask (None for a fixed pattern); settable, to anneal it."""
+        return self.mask_source.tau if isinstance(self.mask_source, DamMask) else None
+
+    @mask_temperature.setter
+    def mask_temperature(self, tau: float) -> None:
+        if not isinstance(self.mask_source, DamMask):
+            raise ValueError(f"attention pattern {self.config.mask_spec.name!r} has no temperature")
+        self.mask_source.tau = float(tau)
+
+    def mask_importance(self, seq_len: int) -> torch.Tensor:
+        """σ(α) per position, ``[num_layers, num_heads, L, L]``: how much the search wants each position kept
+        (the paper's importance). Under ZeRO-3, gather ``mask_source.parameters()`` around the call."""
         source = self.mask_source
-        return isinstance(source, DamMask) and source.searching
+        if not isinstance(source, DamMask):
+            raise ValueError(f"attention pattern {self.config.mask_spec.name!r} is not learned")
+        importance = expand_alpha(source.name, torch.sigmoid(source.alpha.detach().float()), seq_len)
+        return importance.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
 
 
 class SparseBertModel(_SparseBertMixin, BertModel):
@@ -291,7 +315,7 @@ class _FixedMaskHeads(_SparseBertHeads):
 
     def __init__(self, config: SparseBertConfig):
         super().__init__(config)
-        if isinstance(self.mask_source, DamMask) and not self.mask_source.frozen:
+        if not self.mask_frozen:
             self.freeze_mask()  # α is loaded later by from_pretrained; the frozen mask is derived from it lazily
 
 

@@ -9,15 +9,19 @@ JSON must not repeat them (see :func:`sparsebert.deepspeed_setup.deepspeed_confi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from sparsebert import choices
+
+if TYPE_CHECKING:
+    from sparsebert.masks import MaskSpec
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny_cpu"
@@ -63,6 +67,13 @@ class ModelConfig:
     mlm_logits: str = _f(
         "masked_only", "MLM vocabulary logits at masked positions only (faster) or all", choices.MLM_LOGITS
     )
+
+    @functools.cached_property
+    def mask_spec(self) -> MaskSpec:
+        """``attention_pattern`` parsed (validated, defaults filled in) once: a :class:`~sparsebert.masks.MaskSpec`."""
+        from sparsebert.masks import parse_spec  # torch: only when a config is used, not to read one
+
+        return parse_spec(self.attention_pattern)
 
 
 @dataclass
@@ -272,8 +283,6 @@ def _is_float(text: str) -> bool:
 
 
 def _check_semantics(config: PretrainConfig) -> None:
-    from sparsebert.masks import parse_spec
-
     t = config.train
     positive = {
         "train.max_steps": t.max_steps,
@@ -290,7 +299,7 @@ def _check_semantics(config: PretrainConfig) -> None:
     ):
         raise ConfigError(f"config key 'train.betas' must be a list of two numbers, got {t.betas!r}")
     try:
-        spec = parse_spec(config.model.attention_pattern)
+        spec = config.model.mask_spec
     except ValueError as err:
         raise ConfigError(f"config key 'model.attention_pattern': {err}") from err
     search = config.dam.search_steps

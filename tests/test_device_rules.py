@@ -93,7 +93,8 @@ def test_a_rank_keeps_batches_metrics_and_collectives_on_its_accelerator(
          "train.micro_batch_size=2", "dam.search_steps=1", "train.max_steps=2"],
     )  # fmt: skip
     reader = open_reader(corpus, config)  # its prefetch thread moves the batches to the device
-    model = build_model(config, reader.tokenizer, ds={}).to(ACCELERATOR).train()
+    tokenizer = reader.tokenizer
+    model = build_model(config, len(tokenizer), tokenizer.pad_token_id, ds={}).to(ACCELERATOR).train()
     rule = NcclRule()
     with rule:
         meter = Meter()

@@ -10,7 +10,7 @@ import torch
 
 from sparsebert.masks import available_patterns, build_mask, parse_spec, register_pattern, sparsity
 
-# DESIGN.md's table: sparsity at L=128 with the defaults (ours).
+# The paper's baseline table: sparsity at L=128 with the defaults (ours).
 SPARSITY_AT_128 = {
     "dense": 0.0,
     "no_diagonal": 0.008,
@@ -24,7 +24,7 @@ SPARSITY_AT_128 = {
 
 
 def _rule(name: str, i: int, j: int, **p) -> bool:
-    """The rules of DESIGN.md, written out one pair at a time."""
+    """The patterns' rules (README's table), written out one pair at a time."""
     d = abs(i - j)
     if name == "dense":
         return True

@@ -1,0 +1,80 @@
+"""``Meter``: the training numbers between two logs, kept on the device until the log reads them."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sparsebert import deepspeed_setup as ds_setup
+
+
+class Meter:
+    """Training numbers between two logs, accumulated on the device the model computes them on: the host waits
+    for the device once per log, not per micro-batch. Micro-batches of a step DeepSpeed skipped are dropped."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # over the micro-batches of applied steps
+        self.pending: dict[str, torch.Tensor] = {}  # the current step's micro-batches
+        self.count = self.pending_count = 0
+        self.samples = self.pending_samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, outputs, batch) -> None:
+        """One micro-batch (no host synchronisation)."""
+        labels = batch["labels"]
+        selected = labels != -100
+        guesses = outputs.prediction_logits.detach().argmax(-1)
+        if guesses.dim() == 1:  # logits at the masked positions only (model.mlm_logits=masked_only)
+            guesses = torch.full_like(labels, -1).masked_scatter_(selected, guesses)
+        hits = ((guesses == labels) & selected).sum()
+        values = {
+            "loss": outputs.loss,
+            "mlm_loss": outputs.mlm_loss,
+            "mlm_accuracy": hits / selected.sum().clamp_min(1),
+            "tokens": batch["attention_mask"].sum(),
+        }
+        if outputs.nsp_loss is not None:
+            values["nsp_loss"] = outputs.nsp_loss
+            nsp_hits = outputs.seq_relationship_logits.detach().argmax(-1) == batch["next_sentence_label"]
+            values["nsp_accuracy"] = nsp_hits.float().mean()
+        if outputs.mask_penalty is not None:
+            values["mask_penalty"] = outputs.mask_penalty
+        for key, value in values.items():
+            value = value.detach().float()
+            self.pending[key] = self.pending[key] + value if key in self.pending else value
+        self.pending_count += 1
+        self.pending_samples += batch["input_ids"].shape[0]
+
+    def end_step(self, applied: bool) -> None:
+        """Keep the step's micro-batches if DeepSpeed applied the step, else drop them."""
+        if applied:
+            for key, value in self.pending.items():
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.count += self.pending_count
+            self.samples += self.pending_samples
+        self.pending, self.pending_count, self.pending_samples = {}, 0, 0
+
+    def reduced(self) -> dict[str, torch.Tensor]:
+        """Per-micro-batch means, averaged over ranks in one collective; still on the device."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        stacked = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        return dict(zip(keys, ds_setup.all_mean(stacked).unbind(), strict=True))
+
+    def flush(self) -> dict[str, float]:
+        """The interval's metrics as numbers (one device → host copy), and a fresh interval."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        reduced = self.reduced()
+        values = torch.stack(list(reduced.values())).tolist() if reduced else []
+        metrics = dict(zip(reduced, values, strict=True))
+        world = ds_setup.world_size()
+        tokens = metrics.pop("tokens", 0.0) * self.count  # this rank's mean → all ranks' total / world
+        metrics["tokens_per_s"] = tokens * world / elapsed
+        metrics["samples_per_s"] = self.samples * world / elapsed
+        self._reset()
+        return metrics
