@@ -43,8 +43,9 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from sparsebert import SparseBertConfig
-from sparsebert.attention import block_density, block_plan, flex_block_size
+from sparsebert.attention import block_plan
 from sparsebert.dam import DamMask
+from sparsebert.flex_backend import block_density, flex_block_size
 from sparsebert.layer_masks import LayerMasks
 from sparsebert.mask_source import PatternMask
 from sparsebert.masks import parse_spec

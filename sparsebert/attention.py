@@ -8,8 +8,9 @@ padding is silently ignored). The model passes the pass's :class:`LayerMasks` do
 * ``eager`` — scores plus an additive bias; the only path with DAM's paper-exact ``(1 − M)·(−10000)``.
 * ``sdpa``  — ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (a float bias
   while DAM searches, so gradients still reach the mask).
-* ``flex``  — FlexAttention with a cached ``BlockMask``, so fully masked blocks are skipped. It applies
-  no attention dropout (FlexAttention cannot), has no backward on CPU, and needs a fixed mask.
+* ``flex``  — FlexAttention with a cached ``BlockMask``, so fully masked blocks are skipped
+  (:mod:`sparsebert.flex_backend`). It applies no attention dropout (FlexAttention cannot), has no backward on
+  CPU, and needs a fixed mask.
 * ``block_sparse`` — each query block attends only the key blocks it needs, gathered, through SDPA
   (:mod:`sparsebert.block_sparse`): forward and backward on any device, no compilation; needs a fixed mask.
 * ``auto``  — DAM search or the dense pattern → sdpa; a fixed sparse mask on GPU without attention dropout
@@ -31,8 +32,6 @@ token through unchanged. Never NaN.
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -41,17 +40,11 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from sparsebert import block_sparse, choices
+from sparsebert import block_sparse, choices, flex_backend
 from sparsebert.layer_masks import LayerMasks
-from sparsebert.masks import padded_blocks
 
 IMPLEMENTATION = "sparsebert"
 DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 − M)·(−10000)
-# The granularity at which FlexAttention skips work. GPU: FlexAttention's default (its Triton tiles). CPU: the
-# C++ kernel tiles by the block size itself, and small blocks skip most of a banded mask: 16 beat 32, 64 and
-# 128 at L = 512…4096 (longformer, L=4096: ≈ 9× dense SDPA vs ≈ 2× with 128; benchmarks/results/).
-FLEX_BLOCK = 128
-CPU_FLEX_BLOCK = 16
 # "auto" uses block_sparse (where it does not use flex) when its plan computes at most this fraction of dense
 # attention's scores: above it, gathering and the smaller SDPA problems cost about what masked dense SDPA saves
 # (CPU: bigbird at L = 2048, work 0.28: 0.75× the reference in training vs 0.96× for sdpa; longformer at
@@ -110,12 +103,10 @@ def resolved_backend(
 ) -> str:
     """:func:`choose_backend`, decided once per fixed mask (and device, grad mode, dropout): every layer and
     every later pass of the same mask reuses the decision. A mask that is still searching is new each pass."""
-    if masks.cache is None:
-        return choose_backend(requested, masks, device, needs_grad, dropout, slot)
-    key = ("backend", requested, device.type, needs_grad, dropout > 0.0, slot)
-    if key not in masks.cache:
-        masks.cache[key] = choose_backend(requested, masks, device, needs_grad, dropout, slot)
-    return masks.cache[key]
+    return masks.derived(
+        ("backend", requested, device.type, needs_grad, dropout > 0.0, slot),
+        lambda: choose_backend(requested, masks, device, needs_grad, dropout, slot),
+    )
 
 
 def choose_backend(
@@ -162,10 +153,9 @@ def _allowed(masks: LayerMasks, slot: int, padding: torch.Tensor | None) -> tupl
     ``allowed`` is None when everything is allowed. Derived once per pass (or once per mask when there
     is no padding) and shared by all layers using the same slot.
     """
-    store = masks.cache if padding is None and masks.cache is not None else masks.memo
-    key = ("allowed", slot)
-    if key not in store:
-        allowed = None if masks.is_dense else head_shared(masks, slot).unsqueeze(0)  # [1, H|1, L, L]
+
+    def build():
+        allowed = None if masks.is_dense else masks.head_shared(slot).unsqueeze(0)  # [1, H|1, L, L]
         if padding is not None:
             allowed = padding if allowed is None else allowed & padding
         empty = None
@@ -173,19 +163,9 @@ def _allowed(masks: LayerMasks, slot: int, padding: torch.Tensor | None) -> tupl
             empty = ~allowed.any(dim=-1, keepdim=True)  # [B|1, H|1, L|1, 1]
             if padding is None and not bool(empty.any()):  # fixed mask with no empty row: skip the fix-up
                 empty = None
-        store[key] = (allowed, empty)
-    return store[key]
+        return allowed, empty
 
-
-def head_shared(masks: LayerMasks, slot: int) -> torch.Tensor:
-    """A layer's fixed mask as ``[1, L, L]`` when every head has the same mask (the built-in patterns), else
-    ``[H, L, L]``: a mask broadcast over heads is cheaper for SDPA and FlexAttention alike."""
-    store = masks.cache if masks.cache is not None else masks.memo
-    key = ("heads", slot)
-    if key not in store:
-        hard = masks.hard[slot]
-        store[key] = hard[:1] if bool((hard == hard[:1]).all()) else hard
-    return store[key]
+    return masks.derived(("allowed", slot), build, per_batch=padding is not None)
 
 
 def _zero_empty_rows(out: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
@@ -217,27 +197,29 @@ def _eager(module, query, key, value, masks, slot, padding, scaling, dropout) ->
 
 def _search_masks(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
     """While DAM searches: (positions to mask = padding only, rows with no key under hard ∧ padding)."""
-    key = ("search", slot)
-    if key not in masks.memo:
+
+    def build():
         allowed = masks.hard[slot].unsqueeze(0)
         if padding is not None:
             allowed = allowed & padding
-        masks.memo[key] = (None if padding is None else ~padding, ~allowed.any(dim=-1, keepdim=True))
-    return masks.memo[key]
+        return None if padding is None else ~padding, ~allowed.any(dim=-1, keepdim=True)
+
+    return masks.derived(("search", slot), build, per_batch=True)
 
 
 def _search_bias(masks: LayerMasks, slot: int, padding: torch.Tensor | None, dtype: torch.dtype):
     """While DAM searches: the additive bias ``(M − 1)·10000`` (−inf-like at padding) and the empty rows.
 
     Built once per pass and shared by the layers (autograd sums their gradients into it)."""
-    key = ("search_bias", slot, dtype)
-    if key not in masks.memo:
+
+    def build():
         masked, empty = _search_masks(masks, slot, padding)
         bias = (masks.soft[slot] - 1.0).to(dtype) * DAM_NEG
         if masked is not None:
             bias = bias.masked_fill(masked, torch.finfo(dtype).min)
-        masks.memo[key] = (bias, empty)
-    return masks.memo[key]
+        return bias, empty
+
+    return masks.derived(("search_bias", slot, dtype), build, per_batch=True)
 
 
 def _sdpa(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
@@ -252,168 +234,35 @@ def _sdpa(module, query, key, value, masks, slot, padding, scaling, dropout) -> 
 
 
 def _sdpa_bool_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
-    store = masks.cache if padding is None and masks.cache is not None else masks.memo
-    key = ("sdpa", slot)
-    if key not in store:
+
+    def build():
         allowed, empty = _allowed(masks, slot, padding)
         # A row with no allowed key would be NaN (0/0) in some SDPA kernels: let it attend everywhere,
         # then zero its output.
-        store[key] = (allowed if empty is None else allowed | empty, empty)
-    return store[key]
+        return allowed if empty is None else allowed | empty, empty
 
-
-def _flex(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
-    if dropout > 0.0:
-        _warn_once(
-            "flex_dropout",
-            f"attention_backend='flex' applies no attention dropout (the model asks for {dropout}); "
-            "'auto' would train this mask through block_sparse or sdpa, which apply it",
-        )
-    # Sequences are padded to whole blocks (padded keys are masked, padded queries dropped): compiled
-    # FlexAttention on CPU (torch 2.13) computes wrong rows when the length is not a multiple of the block.
-    block = flex_block_size(query.device)
-    seq_len = masks.seq_len
-    padded_len = -(-seq_len // block) * block
-    if padded_len != seq_len:
-        query, key, value = (F.pad(t, (0, 0, 0, padded_len - seq_len)) for t in (query, key, value))
-    score_mod = None
-    if padding is not None:
-        # Padding goes into a score_mod rather than the block mask: the block mask stays cached (built
-        # once per mask, not per batch) and its full blocks stay full. Rows left with no key give zeros.
-        keep = padding.new_zeros(query.shape[0], padded_len)
-        keep[:, :seq_len] = padding.view(query.shape[0], seq_len)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(keep[b, kv_idx], score, -float("inf"))
-    elif padded_len != seq_len:
-        # The block mask already masks the padded keys, but compiled FlexAttention on CPU (torch 2.13) without
-        # a score_mod still miscomputes the last block's rows at some padded lengths (block 16: L = 20, 70,
-        # 100, 130); with one it has matched eager at every length tried.
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(kv_idx < seq_len, score, -float("inf"))
-
-    block_mask = _block_mask(masks, slot, block)
-    flex = flex_function(query.is_cuda)
-    out = flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling)
-    return out[:, :, :seq_len]
+    return masks.derived(("sdpa", slot), build, per_batch=padding is not None)
 
 
 def block_plan(masks: LayerMasks, slot: int) -> block_sparse.BlockPlan:
     """The block-sparse plan of a layer's fixed mask, built once per mask (see :mod:`sparsebert.block_sparse`)."""
-    store = masks.cache if masks.cache is not None else masks.memo
-    key = ("block_plan", slot)
-    if key not in store:
-        store[key] = block_sparse.plan(head_shared(masks, slot))
-    return store[key]
+    return masks.derived(("block_plan", slot), lambda: block_sparse.plan(masks.head_shared(slot)))
 
 
 def _block_sparse(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
     plan = block_plan(masks, slot)
-    store = masks.cache if padding is None and masks.cache is not None else masks.memo
-    key_ = ("block_masks", slot, query.shape[0], query.dtype)  # with padding: once per pass, for all layers
-    if key_ not in store:
-        store[key_] = plan.masks(query.shape[0], padding, query.dtype)
-    return block_sparse.block_sparse_attention(query, key, value, plan, store[key_], scaling, dropout)
-
-
-def flex_block_size(device: torch.device) -> int:
-    """The FlexAttention block size used on ``device`` (see ``CPU_FLEX_BLOCK``)."""
-    return CPU_FLEX_BLOCK if device.type == "cpu" else FLEX_BLOCK
-
-
-def block_density(masks: LayerMasks, slot: int, block: int) -> float:
-    """Fraction of ``block × block`` tiles of a layer's fixed mask that hold any allowed position: the share of
-    dense attention's work a block-sparse kernel still does (its ideal speed-up is the inverse)."""
-    store = masks.cache if masks.cache is not None else masks.memo
-    key = ("block_density", slot, block)
-    if key not in store:
-        _, partial, full = _block_structure(head_shared(masks, slot), block)
-        store[key] = float((partial | full).float().mean())
-    return store[key]
-
-
-def _block_mask(masks: LayerMasks, slot: int, block: int):
-    """The ``BlockMask`` of a layer's fixed mask, cached with it: fully masked blocks are skipped.
-
-    Built from block-level any/all of the mask (no per-pair mask-function sweep). A mask shared by all heads
-    gives a one-head block mask that FlexAttention broadcasts.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    store = masks.cache if masks.cache is not None else masks.memo
-    key = ("flex", slot, block)
-    if key not in store:
-        hard = head_shared(masks, slot)
-        table, partial, full = _block_structure(hard, block)
-        if hard.shape[0] == 1:
-            plane = table[0]
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return plane[q_idx, kv_idx]
-        else:
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return table[h, q_idx, kv_idx]
-
-        store[key] = BlockMask.from_kv_blocks(
-            *_ordered(partial), *_ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod,
-            seq_lengths=table.shape[1:],
-        )  # fmt: skip
-    return store[key]
-
-
-def _block_structure(hard: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(table, partial, full) of a bool mask ``[H, L, L]``.
-
-    ``table`` is the mask padded with False to whole blocks (the length attention runs at). ``partial``/``full`` are
-    the block flags ``[1, H, nQ, nK]``.
-    """
-    blocks = padded_blocks(hard, block)
-    valid = padded_blocks(torch.ones_like(hard[:1]), block)  # the real positions, not the block padding
-    heads, n = blocks.shape[:2]
-    any_ = blocks.any(dim=4).any(dim=2)
-    all_ = (blocks | ~valid).all(dim=4).all(dim=2)
-    return blocks.reshape(heads, n * block, n * block), (any_ & ~all_).unsqueeze(0), all_.unsqueeze(0)
-
-
-def _ordered(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block flags → (number of kv blocks per query block, their indices first), as BlockMask wants."""
-    counts = flags.sum(dim=-1, dtype=torch.int32)
-    indices = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts, indices
-
-
-_FLEX: dict[bool, object] = {}
-
-
-def flex_function(cuda: bool):
-    """FlexAttention, compiled (it needs ``torch.compile`` to beat SDPA) unless disabled.
-
-    ``SPARSEBERT_FLEX_COMPILE=0`` runs it uncompiled — the same results, slowly (useful for debugging).
-    """
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if os.environ.get("SPARSEBERT_FLEX_COMPILE", "1") == "0":
-        return flex_attention
-    if cuda not in _FLEX:
-        _FLEX[cuda] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX[cuda]
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=3)
+    biases = masks.derived(
+        ("block_masks", slot, query.shape[0], query.dtype),
+        lambda: plan.masks(query.shape[0], padding, query.dtype),
+        per_batch=padding is not None,
+    )
+    return block_sparse.block_sparse_attention(query, key, value, plan, biases, scaling, dropout)
 
 
 _BACKENDS: dict[str, BackendFn] = {
     "eager": _eager,
     "sdpa": _sdpa,
-    "flex": _flex,
+    "flex": flex_backend.attend,
     "block_sparse": _block_sparse,
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,21 @@ class LayerMasks:
         if self.soft is None:
             return None
         return self.penalty_weight * self.soft.sum()
+
+    def derived(self, key: Any, build: Callable[[], Any], per_batch: bool = False) -> Any:
+        """What a backend derives from these masks (``build()``), built once: kept with a fixed mask for as long
+        as it lives, or in this pass's memo when it depends on the batch (``per_batch``: padding, batch size)
+        or the mask is sampled anew each pass. Every layer of the pass shares it."""
+        store = self.memo if per_batch or self.cache is None else self.cache
+        if key not in store:
+            store[key] = build()
+        return store[key]
+
+    def head_shared(self, slot: int) -> torch.Tensor:
+        """A layer's fixed mask as ``[1, L, L]`` when every head has the same mask (the built-in patterns), else
+        ``[H, L, L]``: a mask broadcast over heads is cheaper for SDPA and FlexAttention alike."""
+        hard = self.hard[slot]
+        return self.derived(("heads", slot), lambda: hard[:1] if bool((hard == hard[:1]).all()) else hard)
 
     def fresh(self) -> LayerMasks:
         """The same masks with an empty per-pass memo (the long-lived cache is shared)."""

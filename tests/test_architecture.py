@@ -80,6 +80,7 @@ def test_no_import_cycles():
         ("sparsebert.faults", set()),
         ("sparsebert.training", set()),
         ("sparsebert.block_sparse", {"sparsebert.masks"}),
+        ("sparsebert.flex_backend", {"sparsebert.masks", "sparsebert.layer_masks"}),
         ("sparsebert.dam", {"sparsebert.masks", "sparsebert.layer_masks"}),
     ],
 )

@@ -22,7 +22,9 @@ from sparsebert import (
     SparseBertModel,
     attention,
     block_sparse,
+    flex_backend,
 )
+from sparsebert.layer_masks import LayerMasks
 from sparsebert.mask_source import PatternMask
 from sparsebert.masks import parse_spec
 
@@ -40,12 +42,12 @@ def _visited_blocks(block_mask) -> int:
     return int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
 
 
-@pytest.mark.parametrize("block", [attention.CPU_FLEX_BLOCK, attention.FLEX_BLOCK])
+@pytest.mark.parametrize("block", [flex_backend.CPU_FLEX_BLOCK, flex_backend.FLEX_BLOCK])
 def test_block_mask_skips_fully_masked_blocks(block):
     seq_len = 1024
     n = seq_len // block
-    longformer = attention._block_mask(_masks("longformer", seq_len), 0, block)
-    dense = attention._block_mask(_masks("dense", seq_len), 0, block)
+    longformer = flex_backend.block_mask_of(_masks("longformer", seq_len), 0, block)
+    dense = flex_backend.block_mask_of(_masks("dense", seq_len), 0, block)
     assert _visited_blocks(dense) == n * n and int(dense.kv_num_blocks.sum()) == 0  # all full: no mask_mod
     # longformer (window 6, 1 global token): the global row block, the global column and a band of ≤ 3 blocks.
     assert _visited_blocks(longformer) <= n + 4 * (n - 1)  # 36 of 64 blocks at 128, 156 of 1024 at 32
@@ -77,13 +79,13 @@ def test_block_sparse_plan_gathers_only_the_needed_key_blocks():
 
 def test_head_shared_patterns_give_one_head_masks_and_dam_keeps_its_heads():
     star = _masks("star", 64)
-    assert attention.head_shared(star, 0).shape == (1, 64, 64)
-    assert attention._block_mask(star, 0, 32).kv_num_blocks.shape[1] == 1  # broadcast over heads
+    assert star.head_shared(0).shape == (1, 64, 64)
+    assert flex_backend.block_mask_of(star, 0, 32).kv_num_blocks.shape[1] == 1  # broadcast over heads
     model = SparseBertModel(SparseBertConfig(**TINY, attention_pattern={"name": "dam_s", "frozen": True}))
     with torch.no_grad():
         model.sparse_mask.alpha[0, 0].fill_(1.0)
         model.sparse_mask.alpha[0, 1].fill_(-1.0)
-    assert attention.head_shared(model.sparse_mask.masks(16), 0).shape == (2, 16, 16)
+    assert model.sparse_mask.masks(16).head_shared(0).shape == (2, 16, 16)
 
 
 def _spy(monkeypatch, module, name: str) -> list:
@@ -111,8 +113,8 @@ def test_masks_are_built_once_and_reused_across_passes(monkeypatch, backend):
     import sparsebert.mask_source as mask_source
 
     builds = _spy(monkeypatch, mask_source, "build_mask")
-    derived = _spy(monkeypatch, attention, "head_shared")  # called when a layer's mask is (re)derived
-    blocks = _spy(monkeypatch, attention, "_block_structure")
+    derived = _spy(monkeypatch, LayerMasks, "head_shared")  # called when a layer's mask is (re)derived
+    blocks = _spy(monkeypatch, flex_backend, "_block_structure")
     plans = _spy(monkeypatch, block_sparse, "plan")
     plan_masks = _spy(monkeypatch, block_sparse.BlockPlan, "masks")
     model = SparseBertModel(
