@@ -1,7 +1,8 @@
 """Corpus preparation for BERT pre-training on Ray: text → tokenizer + Parquet shards + manifest.
 
-``python -m data_prep --help`` for the command line; ``prepare_corpus`` for Python. The on-disk format
-lives in ``data_prep.format`` and is read back by ``sparsebert.data.ShardReader``.
+``python -m data_prep --help`` for the command line; ``prepare_corpus`` and ``PrepOptions`` (every
+setting, with its default and help) for Python. The on-disk format lives in ``data_prep.format`` and is
+read back by ``sparsebert.data.ShardReader``.
 
 Attributes are imported lazily so the training ranks, which only need ``data_prep.format``, do not
 import Ray, datasets and transformers.
@@ -13,15 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from data_prep.hub import HfSource
+    from data_prep.options import PrepOptions
     from data_prep.pipeline import prepare_corpus
     from data_prep.pydocs import write_python_docs_corpus
 
-__all__ = ["HfSource", "prepare_corpus", "write_python_docs_corpus"]
+__all__ = ["HfSource", "PrepOptions", "prepare_corpus", "write_python_docs_corpus"]
 
 _LAZY = {
     "prepare_corpus": "data_prep.pipeline",
     "write_python_docs_corpus": "data_prep.pydocs",
     "HfSource": "data_prep.hub",
+    "PrepOptions": "data_prep.options",
 }
 
 

@@ -11,9 +11,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import Field, fields
+from typing import Any, get_args, get_type_hints
 
-from data_prep.format import PACKINGS
-from data_prep.tokenizer import TOKENIZER_KINDS
+from data_prep.options import PrepOptions
+
+_FIELDS = [f for f in fields(PrepOptions) if f.metadata["cli"] is not False]
+_HINTS = get_type_hints(PrepOptions)
 
 _EPILOG = """\
 examples:
@@ -27,6 +31,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``--input``, ``--output``, ``--hf-column``, ``--quiet`` and one flag per field of
+    ``PrepOptions`` (its help, default, choices and group)."""
     p = argparse.ArgumentParser(
         prog="python -m data_prep",
         description="Turn text into a BERT pre-training corpus: a tokenizer directory, Parquet shards of "
@@ -35,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_argument_group("input")
-    src.add_argument(
+    groups = {
+        name: p.add_argument_group(name) for name in dict.fromkeys(f.metadata["group"] for f in _FIELDS)
+    }
+    groups["input"].add_argument(
         "--input",
         nargs="+",
         default=[],
@@ -44,146 +52,69 @@ def build_parser() -> argparse.ArgumentParser:
         help=".txt (documents separated by blank lines), .jsonl or .parquet files, directories "
         "(searched recursively) or globs",
     )
-    src.add_argument(
-        "--text-column", default="text", help="text field of .jsonl/.parquet inputs (default: text)"
+    groups["output"].add_argument(
+        "--output", required=True, metavar="DIR", help="directory to create (must not exist or be empty)"
     )
-    src.add_argument(
-        "--doc-per-file",
-        action="store_true",
-        help="each .txt file is one document (default: blank lines separate documents)",
-    )
-    src.add_argument(
-        "--rows-per-document",
-        type=int,
-        default=1,
-        metavar="N",
-        help="join N consecutive .jsonl/.parquet/hub rows into one document, for one-sentence-per-row "
-        "data such as BookCorpus (default: 1)",
-    )
-    src.add_argument(
-        "--hf-dataset",
-        nargs="+",
-        action="append",
-        default=[],
-        metavar=("NAME", "CONFIG|KEY=VALUE"),
-        help="a Hugging Face dataset, streamed by the workers (network; only when given). Keys: "
-        "split (train), column, revision, rows_per_document. Repeat for several datasets",
-    )
-    src.add_argument(
+    exclusive: dict[str, Any] = {}
+    for f in _FIELDS:
+        group = groups[f.metadata["group"]]
+        if f.metadata["exclusive"]:
+            if f.metadata["group"] not in exclusive:
+                exclusive[f.metadata["group"]] = group.add_mutually_exclusive_group()
+            group = exclusive[f.metadata["group"]]
+        group.add_argument(_flag(f), **_argument(f))
+    groups["input"].add_argument(
         "--hf-column",
         default=None,
         metavar="COL",
         help="text column of the hub datasets that do not say column=... (default: --text-column)",
     )
-    src.add_argument(
-        "--max-line-length",
-        type=int,
-        default=4_000_000,
-        metavar="N",
-        help="skip (and count) lines or records longer than N bytes/characters (default: 4000000)",
+    groups["execution"].add_argument(
+        "--quiet", action="store_true", help="print only errors and the final manifest summary"
     )
-
-    out = p.add_argument_group("output")
-    out.add_argument(
-        "--output", required=True, metavar="DIR", help="directory to create (must not exist or be empty)"
-    )
-    out.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace DIR if it exists (only once the new one is complete)",
-    )
-    out.add_argument(
-        "--shard-size", type=int, default=65536, metavar="N", help="samples per shard (default: 65536)"
-    )
-
-    tok = p.add_argument_group("tokenizer")
-    choice = tok.add_mutually_exclusive_group()
-    choice.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="use this transformers tokenizer (a local directory, or a hub name) instead of training one",
-    )
-    choice.add_argument(
-        "--train-tokenizer",
-        choices=TOKENIZER_KINDS,
-        default="wordpiece",
-        help="train this kind of tokenizer on the corpus (default: wordpiece)",
-    )
-    tok.add_argument(
-        "--vocab-size",
-        type=int,
-        default=8192,
-        metavar="N",
-        help="size of a trained vocabulary (default: 8192)",
-    )
-    tok.add_argument(
-        "--lowercase",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="lower-case (uncased) when training a tokenizer (default: --lowercase)",
-    )
-    tok.add_argument(
-        "--tokenizer-sample-mb",
-        type=float,
-        default=256,
-        metavar="MB",
-        help="train the tokenizer on up to this much text, whole units in a seeded order (default: 256)",
-    )
-
-    smp = p.add_argument_group("samples")
-    smp.add_argument(
-        "--seq-len",
-        type=int,
-        default=128,
-        metavar="N",
-        help="tokens per sample incl. special tokens (default: 128)",
-    )
-    smp.add_argument(
-        "--packing",
-        choices=PACKINGS,
-        default="nsp",
-        help="nsp: BERT sentence pairs with next-sentence labels; full_sentences: RoBERTa packing "
-        "without NSP (default: nsp)",
-    )
-    smp.add_argument(
-        "--short-seq-prob",
-        type=float,
-        default=0.1,
-        help="probability of a shorter target length (default: 0.1)",
-    )
-    smp.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
-    smp.add_argument(
-        "--docs-per-group",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="documents per sampling group, the pool random NSP segments come from (default: 1000)",
-    )
-
-    run = p.add_argument_group("execution")
-    run.add_argument(
-        "--num-workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="parallel Ray tasks (default: every CPU Ray has); does not change the output",
-    )
-    run.add_argument(
-        "--ray-address",
-        default=None,
-        metavar="ADDR",
-        help="join this Ray cluster ('auto' on a cluster node) instead of starting a local Ray",
-    )
-    run.add_argument(
-        "--unit-mb",
-        type=float,
-        default=8,
-        metavar="MB",
-        help="text per unit of parallel work; part of the output's definition (default: 8)",
-    )
-    run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress output")
-    run.add_argument("--quiet", action="store_true", help="print only errors and the final manifest summary")
     return p
+
+
+def _flag(f: Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _argument(f: Field) -> dict[str, Any]:
+    """``add_argument`` keywords for a field: its help and default (in the flag's unit), typed."""
+    meta = f.metadata
+    default = f.default / meta["scale"] if meta["scale"] else f.default
+    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"]}
+    if isinstance(f.default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+    else:
+        kinds = [k for k in get_args(_HINTS[f.name]) or (_HINTS[f.name],) if k is not type(None)]
+        kwargs |= {"type": float if meta["scale"] else kinds[0], "metavar": meta["metavar"]}
+        kwargs["choices"] = meta["choices"]
+    if f.default is True:
+        kwargs["help"] += f" (default: {_flag(f)})"
+    elif not (f.default is None or f.default is False or f.default == ()):
+        kwargs["help"] += (
+            f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
+        )
+    if isinstance(meta["cli"], dict):
+        kwargs |= meta["cli"]
+    return kwargs
+
+
+def options_from_args(args: argparse.Namespace) -> PrepOptions:
+    """The ``PrepOptions`` a parsed command line asks for."""
+    values = {f.name: getattr(args, f.name) for f in _FIELDS}
+    for f in _FIELDS:
+        if f.metadata["scale"]:
+            values[f.name] = int(values[f.name] * f.metadata["scale"])
+    values["hf_datasets"] = [
+        tokens
+        if args.hf_column is None or any(t.startswith("column=") for t in tokens)
+        else [*tokens, f"column={args.hf_column}"]
+        for tokens in args.hf_datasets
+    ]
+    values["progress"] = args.progress and not args.quiet
+    return PrepOptions(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,43 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
-    if not args.input and not args.hf_dataset:
+    if not args.input and not args.hf_datasets:
         print("error: give --input PATH... and/or --hf-dataset NAME", file=sys.stderr)
         return 2
-    hf = [
-        tokens
-        if args.hf_column is None or any(t.startswith("column=") for t in tokens)
-        else [*tokens, f"column={args.hf_column}"]
-        for tokens in args.hf_dataset
-    ]
     from data_prep.pipeline import prepare_corpus
 
     try:
-        manifest = prepare_corpus(
-            args.input,
-            args.output,
-            tokenizer=args.tokenizer,
-            train_tokenizer=args.train_tokenizer,
-            vocab_size=args.vocab_size,
-            lowercase=args.lowercase,
-            seq_len=args.seq_len,
-            seed=args.seed,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            packing=args.packing,
-            hf_datasets=hf,
-            text_column=args.text_column,
-            doc_per_file=args.doc_per_file,
-            rows_per_document=args.rows_per_document,
-            short_seq_prob=args.short_seq_prob,
-            docs_per_group=args.docs_per_group,
-            unit_bytes=int(args.unit_mb * (1 << 20)),
-            max_line_length=args.max_line_length,
-            tokenizer_sample_bytes=int(args.tokenizer_sample_mb * (1 << 20)),
-            ray_address=args.ray_address,
-            overwrite=args.overwrite,
-            progress=not (args.no_progress or args.quiet),
-        )
+        manifest = prepare_corpus(args.input, args.output, options_from_args(args))
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,12 @@ import pyarrow as pa
 from data_prep import tokenizer as tokenization
 from data_prep.format import (
     FORMAT_VERSION,
-    PACKINGS,
     TOKENIZER_DIR,
     shard_schema,
     tokenizer_hash,
     write_manifest,
 )
-from data_prep.hub import HfSource
+from data_prep.options import PrepOptions
 from data_prep.shards import plan_shards, write_shard
 from data_prep.sources import Plan, ReadCounters, plan_units, read_documents
 from data_prep.units import BuildConfig, build_unit, unit_file
@@ -125,19 +124,6 @@ def _training_texts(plan: Plan, *, seed: int, budget: int, max_line_length: int)
     return texts
 
 
-def _check_arguments(options: dict[str, Any]) -> None:
-    if options["packing"] not in PACKINGS:
-        raise ValueError(f"packing must be one of {PACKINGS}, got {options['packing']!r}")
-    if not 8 <= options["seq_len"] <= 32767:
-        raise ValueError(f"seq_len must be in [8, 32767], got {options['seq_len']}")
-    if options["shard_size"] < 1 or options["docs_per_group"] < 1 or options["vocab_size"] < 16:
-        raise ValueError("shard_size and docs_per_group must be >= 1 and vocab_size >= 16")
-    if options["train_tokenizer"] not in tokenization.TOKENIZER_KINDS:
-        raise ValueError(f"train_tokenizer must be one of {tokenization.TOKENIZER_KINDS}")
-    if options["num_workers"] is not None and options["num_workers"] < 1:
-        raise ValueError(f"num_workers must be >= 1, got {options['num_workers']}")
-
-
 def _publish(staging: Path, output_dir: Path) -> None:
     """Move the finished corpus into place (a rename: atomic on one filesystem)."""
     if output_dir.exists():
@@ -150,62 +136,36 @@ def _publish(staging: Path, output_dir: Path) -> None:
 
 
 def prepare_corpus(
-    inputs: Sequence[str | Path],
-    output_dir: str | Path,
-    *,
-    tokenizer: str | Path | None = None,
-    train_tokenizer: str = "wordpiece",
-    vocab_size: int = 8192,
-    lowercase: bool = True,
-    seq_len: int = 128,
-    seed: int = 0,
-    shard_size: int = 65536,
-    num_workers: int | None = None,
-    packing: str = "nsp",
-    hf_datasets: Sequence[HfSource | str | Sequence[str]] = (),
-    text_column: str = "text",
-    doc_per_file: bool = False,
-    rows_per_document: int = 1,
-    short_seq_prob: float = 0.1,
-    random_next_prob: float = 0.5,
-    docs_per_group: int = 1000,
-    unit_bytes: int = 8 << 20,
-    max_line_length: int = 4_000_000,
-    tokenizer_sample_bytes: int = 256 << 20,
-    ray_address: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    inputs: Sequence[str | Path], output_dir: str | Path, options: PrepOptions | None = None, **settings: Any
 ) -> dict[str, Any]:
     """Prepare a pre-training corpus; returns the manifest (also written to ``output_dir/manifest.json``).
 
-    ``inputs`` are files (.txt, .jsonl, .parquet), directories or globs; ``hf_datasets`` names hub
-    datasets (``HfSource``, or ``"NAME"`` / ``["NAME", "CONFIG", "key=value", ...]``). With
-    ``tokenizer=None`` a ``train_tokenizer`` tokenizer of ``vocab_size`` is trained on up to
-    ``tokenizer_sample_bytes`` of the corpus. ``packing`` is ``"nsp"`` (BERT sentence pairs) or
-    ``"full_sentences"`` (RoBERTa). ``num_workers`` caps parallel Ray tasks (default: all CPUs).
-    The output is identical for the same inputs and arguments whatever ``num_workers`` is.
+    ``inputs`` are files (.txt, .jsonl, .parquet), directories or globs. ``options`` holds every setting
+    (``PrepOptions``: hub datasets, tokenizer, sample shape, parallelism...); keyword ``settings`` are
+    fields of it, for short calls (``prepare_corpus(paths, out, seq_len=512)``), and override ``options``.
+    The output is identical for the same inputs and options whatever ``num_workers`` is.
     Ray: reuses a running Ray; otherwise starts one (``ray_address`` to join a cluster) and stops it.
     """
-    options = {k: v for k, v in locals().items() if k not in ("inputs", "output_dir", "hf_datasets")}
+    options = PrepOptions(**settings) if options is None else replace(options, **settings)
     started = time.perf_counter()
-    _check_arguments(options)
     output_dir = Path(output_dir).expanduser().resolve()
-    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
+    if output_dir.exists() and (
+        not output_dir.is_dir() or (any(output_dir.iterdir()) and not options.overwrite)
+    ):
         raise FileExistsError(
             f"{output_dir} exists and is not an empty directory; use overwrite=True (--overwrite)"
         )
-    sources = [s if isinstance(s, HfSource) else HfSource.parse(s) for s in hf_datasets]
-    names = [str(i) for i in inputs] + [s.name for s in sources]
+    names = [str(i) for i in inputs] + [s.name for s in options.hf_datasets]
     if not names:
         raise ValueError("nothing to prepare: give input paths and/or a Hugging Face dataset")
     plan = plan_units(
         inputs,
-        sources,
-        text_column=text_column,
-        doc_per_file=doc_per_file,
-        rows_per_document=rows_per_document,
-        unit_bytes=unit_bytes,
-        max_line_length=max_line_length,
+        options.hf_datasets,
+        text_column=options.text_column,
+        doc_per_file=options.doc_per_file,
+        rows_per_document=options.rows_per_document,
+        unit_bytes=options.unit_bytes,
+        max_line_length=options.max_line_length,
     )
     if not plan.units:
         raise ValueError(f"empty corpus: nothing readable in {names}; skipped: {plan.skipped_files}")
@@ -216,17 +176,15 @@ def prepare_corpus(
     staging.mkdir()  # hidden, next to the output: same filesystem, so the final rename is atomic
     try:
         tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
-        with ray_session(ray_address, progress=progress):
+        with ray_session(options.ray_address, progress=options.progress):
             unit_stats, shards = _run_stages(plan, staging, tok_info, names, options)
         manifest = _manifest(
             plan, unit_stats, shards, tok_info, tokenizer_hash(staging / TOKENIZER_DIR), options
         )
-        manifest["config"]["hf_datasets"] = [asdict(s) for s in sources]
         manifest["run"] = {
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 2),
-            "num_workers": num_workers,
-            "ray_address": ray_address,
+            **options.recorded("run"),
         }
         write_manifest(staging, manifest)
         _publish(staging, output_dir)
@@ -247,35 +205,33 @@ def prepare_corpus(
     return manifest
 
 
-def _prepare_tokenizer(
-    plan: Plan, out_dir: Path, names: list[str], options: dict[str, Any]
-) -> dict[str, Any]:
-    if options["tokenizer"] is not None:
-        return tokenization.load_tokenizer(options["tokenizer"], out_dir)
+def _prepare_tokenizer(plan: Plan, out_dir: Path, names: list[str], options: PrepOptions) -> dict[str, Any]:
+    if options.tokenizer is not None:
+        return tokenization.load_tokenizer(options.tokenizer, out_dir)
     logger.info(
-        "training a %s tokenizer (vocab %d) on the corpus", options["train_tokenizer"], options["vocab_size"]
+        "training a %s tokenizer (vocab %d) on the corpus", options.train_tokenizer, options.vocab_size
     )
     texts = _training_texts(
         plan,
-        seed=options["seed"],
-        budget=options["tokenizer_sample_bytes"],
-        max_line_length=options["max_line_length"],
+        seed=options.seed,
+        budget=options.tokenizer_sample_bytes,
+        max_line_length=options.max_line_length,
     )
     if not any(text.strip() for text in texts):
         raise ValueError(f"empty corpus: no text in {names}")
     return tokenization.train_tokenizer(
         texts,
         out_dir,
-        kind=options["train_tokenizer"],
-        vocab_size=options["vocab_size"],
-        lowercase=options["lowercase"],
-        seq_len=options["seq_len"],
-        show_progress=options["progress"],
+        kind=options.train_tokenizer,
+        vocab_size=options.vocab_size,
+        lowercase=options.lowercase,
+        seq_len=options.seq_len,
+        show_progress=options.progress,
     )
 
 
 def _run_stages(
-    plan: Plan, staging: Path, tok_info: dict[str, Any], names: list[str], options: dict[str, Any]
+    plan: Plan, staging: Path, tok_info: dict[str, Any], names: list[str], options: PrepOptions
 ) -> tuple[list[dict], list[dict]]:
     """Stage 1 (units → samples) and stage 2 (samples → shards) on Ray; the unit files are removed after."""
     units_dir = staging / "_units"
@@ -283,29 +239,23 @@ def _run_stages(
     config = BuildConfig(
         tokenizer_dir=str(staging / TOKENIZER_DIR),
         units_dir=str(units_dir),
-        seq_len=options["seq_len"],
-        seed=options["seed"],
-        packing=options["packing"],
         cls_id=tok_info["special_ids"]["cls"],
         sep_id=tok_info["special_ids"]["sep"],
         vocab_size=tok_info["vocab_size"],
-        short_seq_prob=options["short_seq_prob"],
-        random_next_prob=options["random_next_prob"],
-        docs_per_group=options["docs_per_group"],
-        max_line_length=options["max_line_length"],
+        options=options,
     )
-    workers = options["num_workers"]
+    workers = options.num_workers
     unit_stats = sorted(
         _ray_map(plan.units, build_samples, {"config": config}, workers), key=lambda s: s["unit"]
     )
     done = [(str(unit_file(units_dir, s["unit"])), s["samples"]) for s in unit_stats if "failed" not in s]
-    specs = plan_shards(done, options["shard_size"])
+    specs = plan_shards(done, options.shard_size)
     if not specs:
         issues = ReadCounters()
         for s in unit_stats:
             issues.add(ReadCounters(**s["counters"]))
         raise ValueError(f"empty corpus: no training sample from {names} (input issues: {issues.as_dict()})")
-    schema = pickle.dumps(shard_schema(tok_info["vocab_size"], options["packing"]))
+    schema = pickle.dumps(shard_schema(tok_info["vocab_size"], options.packing))
     shards = _ray_map(specs, write_shards, {"out_dir": str(staging), "schema_blob": schema}, workers)
     shutil.rmtree(units_dir)
     return unit_stats, sorted(shards, key=lambda entry: entry["file"])
@@ -317,7 +267,7 @@ def _manifest(
     shards: list[dict],
     tok_info: dict[str, Any],
     tok_hash: str,
-    options: dict[str, Any],
+    options: PrepOptions,
 ) -> dict[str, Any]:
     counters = ReadCounters()
     totals = dict.fromkeys(_TOTALS, 0)
@@ -328,28 +278,15 @@ def _manifest(
             failed.append(s["failed"])
         for key in totals:
             totals[key] += s.get(key, 0)
-    if options["packing"] != "nsp":
+    if options.packing != "nsp":
         totals.pop("nsp_random_next")
-    config_keys = (
-        "shard_size",
-        "short_seq_prob",
-        "random_next_prob",
-        "docs_per_group",
-        "unit_bytes",
-        "max_line_length",
-        "rows_per_document",
-        "doc_per_file",
-        "text_column",
-        "tokenizer_sample_bytes",
-    )
     issues = counters.as_dict()
     return {
         "format_version": FORMAT_VERSION,
-        "seq_len": options["seq_len"],
-        "seed": options["seed"],
-        "packing": options["packing"],
+        **options.recorded("top"),
         "sources": plan.sources,
-        "config": {key: options[key] for key in config_keys} | {"lowercase": tok_info["lowercase"]},
+        # The tokenizer's own casing: a given tokenizer keeps its own, whatever options.lowercase says.
+        "config": options.recorded("config") | {"lowercase": tok_info["lowercase"]},
         "tokenizer": {"dir": TOKENIZER_DIR, "hash": tok_hash, **tok_info},
         "counts": {"units": len(plan.units), "shards": len(shards), **totals},
         "skipped": {"files": plan.skipped_files + failed}

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.format import TOKENIZER_FILE, ids_type, shard_schema
+from data_prep.options import PrepOptions
 from data_prep.samples import Sample, nsp_samples, packed_samples
 from data_prep.sources import ReadCounters, Unit, read_documents
 from data_prep.text import document_sentences
@@ -33,16 +34,10 @@ class BuildConfig:
 
     tokenizer_dir: str
     units_dir: str
-    seq_len: int
-    seed: int
-    packing: str
     cls_id: int
     sep_id: int
-    vocab_size: int
-    short_seq_prob: float
-    random_next_prob: float
-    docs_per_group: int
-    max_line_length: int
+    vocab_size: int  # the tokenizer's, which options.vocab_size only asks for when training one
+    options: PrepOptions
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -71,7 +66,8 @@ def _tokenize_group(
 ) -> tuple[list[list[list[int]]], dict[str, int]]:
     """Sentences → token ids; sentences longer than a sample's ``room`` are cut into pieces that fit."""
     per_doc = [
-        document_sentences(d, max_line_length=config.max_line_length, counters=counters) for d in documents
+        document_sentences(d, max_line_length=config.options.max_line_length, counters=counters)
+        for d in documents
     ]
     flat = [s for sentences in per_doc for s in sentences]
     encodings = tokenizer.encode_batch_fast(flat, add_special_tokens=False) if flat else []
@@ -117,9 +113,10 @@ def _to_table(samples: list[Sample], schema: pa.Schema, vocab_size: int) -> pa.T
 def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
     """Read, split, tokenise and sample one unit; write its samples to ``units_dir``; return counts."""
     tokenizer = _tokenizer(config.tokenizer_dir)
+    opts = config.options
     counters = ReadCounters()
-    schema = shard_schema(config.vocab_size, config.packing)
-    room = config.seq_len - (3 if config.packing == "nsp" else 2)
+    schema = shard_schema(config.vocab_size, opts.packing)
+    room = opts.seq_len - (3 if opts.packing == "nsp" else 2)
     stats = {
         "documents": 0,
         "sentences": 0,
@@ -138,20 +135,20 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
             stats[key] += value
         if not docs:
             return
-        rng = random.Random(f"{config.seed}/{unit.index}/{group_index}")  # str seeds hash the same everywhere
-        if config.packing == "nsp":
+        rng = random.Random(f"{opts.seed}/{unit.index}/{group_index}")  # str seeds hash the same everywhere
+        if opts.packing == "nsp":
             samples = nsp_samples(
                 docs,
                 rng,
-                seq_len=config.seq_len,
+                seq_len=opts.seq_len,
                 cls_id=config.cls_id,
                 sep_id=config.sep_id,
-                short_seq_prob=config.short_seq_prob,
-                random_next_prob=config.random_next_prob,
+                short_seq_prob=opts.short_seq_prob,
+                random_next_prob=opts.random_next_prob,
             )
         else:
             samples = packed_samples(
-                docs, rng, seq_len=config.seq_len, cls_id=config.cls_id, sep_id=config.sep_id
+                docs, rng, seq_len=opts.seq_len, cls_id=config.cls_id, sep_id=config.sep_id
             )
         if not samples:
             return
@@ -165,9 +162,9 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
     group: list[str] = []
     group_index = 0
     try:
-        for document in read_documents(unit, max_line_length=config.max_line_length, counters=counters):
+        for document in read_documents(unit, max_line_length=opts.max_line_length, counters=counters):
             group.append(document)
-            if len(group) == config.docs_per_group:
+            if len(group) == opts.docs_per_group:
                 flush(group_index, group)
                 group, group_index = [], group_index + 1
         if group:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import prepare_corpus
+from data_prep import PrepOptions, prepare_corpus
 from data_prep.format import MANIFEST_NAME, tokenizer_hash
 
 SEQ_LEN = 64
@@ -59,16 +59,18 @@ def read_rows(out: Path) -> list[dict]:
     return [row for shard in manifest["shards"] for row in pq.read_table(out / shard["file"]).to_pylist()]
 
 
+SMALL = {
+    "vocab_size": 400,
+    "seq_len": SEQ_LEN,
+    "shard_size": 100,
+    "unit_bytes": 4096,
+    "docs_per_group": 16,
+    "progress": False,
+}
+
+
 def prepare(inputs, out: Path, **kwargs) -> dict:
-    options = {
-        "vocab_size": 400,
-        "seq_len": SEQ_LEN,
-        "shard_size": 100,
-        "unit_bytes": 4096,
-        "docs_per_group": 16,
-        "progress": False,
-    }
-    return prepare_corpus(inputs, out, **{**options, **kwargs})
+    return prepare_corpus(inputs, out, **{**SMALL, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +82,11 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(ray_local, corpus, tmp_path_factory):
-    """The same corpus prepared with 1 and with 2 workers."""
+    """The same corpus prepared with 1 worker (settings as keywords) and with 2 (a ``PrepOptions``)."""
     root = tmp_path_factory.mktemp("prepared")
-    outs = {}
-    for workers in (1, 2):
-        prepare([corpus[0]], root / f"w{workers}", num_workers=workers)
-        outs[workers] = root / f"w{workers}"
-    return outs
+    prepare([corpus[0]], root / "w1", num_workers=1)
+    prepare_corpus([corpus[0]], root / "w2", PrepOptions(**SMALL, num_workers=2))
+    return {1: root / "w1", 2: root / "w2"}
 
 
 def _without_run(manifest: dict) -> dict:
@@ -120,6 +120,31 @@ def test_manifest_describes_the_output(prepared, corpus):
         [MANIFEST_NAME, "tokenizer", *(s["file"] for s in manifest["shards"])]
     )
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_manifest_records_the_settings_as_before(prepared):
+    """The settings' keys and values in the manifest are those of the format's first version: manifests of
+    the same input stay byte-identical."""
+    manifest = json.loads((prepared[2] / MANIFEST_NAME).read_text())
+    assert (manifest["seq_len"], manifest["seed"], manifest["packing"]) == (SEQ_LEN, 0, "nsp")
+    assert manifest["config"] == {
+        "doc_per_file": False,
+        "docs_per_group": 16,
+        "hf_datasets": [],
+        "lowercase": True,
+        "max_line_length": 4000000,
+        "random_next_prob": 0.5,
+        "rows_per_document": 1,
+        "shard_size": 100,
+        "short_seq_prob": 0.1,
+        "text_column": "text",
+        "tokenizer_sample_bytes": 268435456,
+        "unit_bytes": 4096,
+    }
+    assert sorted(manifest["run"]) == ["created_at", "num_workers", "ray_address", "seconds"]
+    assert (manifest["run"]["num_workers"], manifest["run"]["ray_address"]) == (2, None)
+    top = "config counts format_version packing repaired run seed seq_len shards skipped sources tokenizer"
+    assert sorted(manifest) == top.split()
 
 
 def test_samples_are_well_formed_bert_pairs(prepared, corpus):
@@ -235,6 +260,16 @@ def test_local_hugging_face_dataset(ray_local, tmp_path):
     manifest = prepare(
         [], tmp_path / "out", hf_datasets=[[str(tmp_path / "hub"), "column=sentence", "rows_per_document=10"]]
     )
+    assert manifest["config"]["hf_datasets"] == [
+        {
+            "name": str(tmp_path / "hub"),
+            "config": None,
+            "split": "train",
+            "column": "sentence",
+            "revision": None,
+            "rows_per_document": 10,
+        }
+    ]
     (source,) = manifest["sources"]
     assert (
         source["type"] == "huggingface" and source["units"] >= 2 and source["commit"] is None

@@ -1,0 +1,269 @@
+"""``PrepOptions``: every setting of a corpus preparation, declared once.
+
+Each field carries its default, a one-line help, its command-line spelling (``data_prep.cli`` builds its
+parser from these fields), where the manifest records it and the values it accepts; ``__post_init__``
+checks them all, so a bad value is an error naming the field before any work starts.
+
+This module imports neither Ray nor transformers: the command line builds its parser from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, get_args, get_type_hints
+
+from data_prep.format import PACKINGS
+from data_prep.hub import HfSource
+from data_prep.tokenizer import TOKENIZER_KINDS
+
+MB = 1 << 20
+# Where the manifest records a setting: "top" (a key of the manifest itself), "config", "run" (the part
+# that differs between identical runs) or None (the tokenizer section records what the tokenizer turned
+# out to be; the rest does not shape the output).
+SECTIONS = ("top", "config", "run")
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    manifest: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    bounds: tuple[float, float | None] | None = None,
+    metavar: str | None = None,
+    flag: str | None = None,
+    scale: int | None = None,
+    exclusive: bool = False,
+    cli: dict[str, Any] | bool = True,
+) -> Any:
+    """A field documented in its ``metadata``: ``help``, ``group`` (of the command line's help), ``manifest``
+    (the section recording it), accepted values (``choices``; ``bounds``: min and max or None), and its
+    command-line spelling: ``metavar``, ``flag`` (default ``--field-name``), ``scale`` (the flag counts
+    units of ``scale`` bytes), ``exclusive`` (mutually exclusive with the group's other exclusive flags),
+    ``cli`` (``False``: not on the command line; a dict: extra ``add_argument`` keywords)."""
+    if manifest not in (None, *SECTIONS):
+        raise ValueError(f"manifest must be one of {SECTIONS} or None, got {manifest!r}")
+    metadata = {
+        "help": help,
+        "group": group,
+        "manifest": manifest,
+        "choices": choices,
+        "bounds": bounds,
+        "metavar": metavar,
+        "flag": flag,
+        "scale": scale,
+        "exclusive": exclusive,
+        "cli": cli,
+    }
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepOptions:
+    """How to prepare a corpus (the inputs and the output directory are not options).
+
+    The output is a function of the inputs and the fields the manifest records, whatever ``num_workers``,
+    ``ray_address``, ``overwrite`` and ``progress`` are.
+    """
+
+    # input
+    text_column: str = _opt(
+        "text",
+        "text field of .jsonl/.parquet inputs and of hub datasets without column=...",
+        group="input",
+        manifest="config",
+    )
+    doc_per_file: bool = _opt(
+        False,
+        "each .txt file is one document (default: blank lines separate documents)",
+        group="input",
+        manifest="config",
+    )
+    rows_per_document: int = _opt(
+        1,
+        "join N consecutive .jsonl/.parquet/hub rows into one document, for one-sentence-per-row data "
+        "such as BookCorpus",
+        group="input",
+        manifest="config",
+        bounds=(1, None),
+        metavar="N",
+    )
+    max_line_length: int = _opt(
+        4_000_000,
+        "skip (and count) lines or records longer than N bytes/characters",
+        group="input",
+        manifest="config",
+        bounds=(1, None),
+        metavar="N",
+    )
+    hf_datasets: tuple[HfSource, ...] = _opt(
+        (),
+        "Hugging Face datasets, streamed by the workers (network; only when given), each an HfSource or "
+        "NAME [CONFIG] [key=value ...] with keys split (train), column, revision, rows_per_document; "
+        "repeat --hf-dataset for several",
+        group="input",
+        manifest="config",
+        flag="--hf-dataset",
+        cli={
+            "nargs": "+",
+            "action": "append",
+            "default": [],
+            "type": str,
+            "metavar": ("NAME", "CONFIG|KEY=VALUE"),
+        },
+    )
+    # output
+    overwrite: bool = _opt(
+        False, "replace the output directory if it exists (only once the new one is complete)", group="output"
+    )
+    shard_size: int = _opt(
+        65536, "samples per shard", group="output", manifest="config", bounds=(1, None), metavar="N"
+    )
+    # tokenizer
+    tokenizer: str | None = _opt(
+        None,
+        "use this transformers tokenizer (a local directory, or a hub name) instead of training one",
+        group="tokenizer",
+        metavar="DIR",
+        exclusive=True,
+    )
+    train_tokenizer: str = _opt(
+        "wordpiece",
+        "train this kind of tokenizer on the corpus",
+        group="tokenizer",
+        choices=TOKENIZER_KINDS,
+        exclusive=True,
+    )
+    vocab_size: int = _opt(
+        8192, "size of a trained vocabulary", group="tokenizer", bounds=(16, None), metavar="N"
+    )
+    lowercase: bool = _opt(True, "lower-case (uncased) when training a tokenizer", group="tokenizer")
+    tokenizer_sample_bytes: int = _opt(
+        256 * MB,
+        "train the tokenizer on up to this much text, whole units in a seeded order",
+        group="tokenizer",
+        manifest="config",
+        bounds=(1, None),
+        metavar="MB",
+        flag="--tokenizer-sample-mb",
+        scale=MB,
+    )
+    # samples
+    seq_len: int = _opt(
+        128,
+        "tokens per sample incl. special tokens",
+        group="samples",
+        manifest="top",
+        bounds=(8, 32767),
+        metavar="N",
+    )
+    packing: str = _opt(
+        "nsp",
+        "nsp: BERT sentence pairs with next-sentence labels; full_sentences: RoBERTa packing without NSP",
+        group="samples",
+        manifest="top",
+        choices=PACKINGS,
+    )
+    short_seq_prob: float = _opt(
+        0.1, "probability of a shorter target length", group="samples", manifest="config", bounds=(0, 1)
+    )
+    random_next_prob: float = _opt(
+        0.5,
+        "probability that segment B is a random segment of another document (NSP packing)",
+        group="samples",
+        manifest="config",
+        bounds=(0, 1),
+        cli=False,
+    )
+    seed: int = _opt(0, "seed of every random choice", group="samples", manifest="top")
+    docs_per_group: int = _opt(
+        1000,
+        "documents per sampling group, the pool random NSP segments come from",
+        group="samples",
+        manifest="config",
+        bounds=(1, None),
+        metavar="N",
+    )
+    # execution
+    num_workers: int | None = _opt(
+        None,
+        "parallel Ray tasks (default: every CPU Ray has); does not change the output",
+        group="execution",
+        manifest="run",
+        bounds=(1, None),
+        metavar="N",
+    )
+    ray_address: str | None = _opt(
+        None,
+        "join this Ray cluster ('auto' on a cluster node) instead of starting a local Ray",
+        group="execution",
+        manifest="run",
+        metavar="ADDR",
+    )
+    unit_bytes: int = _opt(
+        8 * MB,
+        "text per unit of parallel work; part of the output's definition",
+        group="execution",
+        manifest="config",
+        bounds=(1, None),
+        metavar="MB",
+        flag="--unit-mb",
+        scale=MB,
+    )
+    progress: bool = _opt(True, "show Ray Data's progress output", group="execution")
+
+    def __post_init__(self) -> None:
+        # Normalised first, so the checks (and the manifest) see plain values: a path as a string, hub
+        # datasets parsed, which makes a malformed NAME [CONFIG] [key=value ...] fail before any work.
+        if isinstance(self.tokenizer, os.PathLike):
+            object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
+        sources = self.hf_datasets
+        if isinstance(sources, (str, HfSource)) or not isinstance(sources, (list, tuple)):
+            raise TypeError(f"hf_datasets must be a list of datasets, got {sources!r}")
+        parsed = tuple(s if isinstance(s, HfSource) else HfSource.parse(s) for s in sources)
+        object.__setattr__(self, "hf_datasets", parsed)
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            if f.name != "hf_datasets":
+                _check(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+
+    def recorded(self, section: str) -> dict[str, Any]:
+        """The settings the manifest records in ``section`` (one of ``SECTIONS``), as JSON values."""
+        if section not in SECTIONS:
+            raise ValueError(f"section must be one of {SECTIONS}, got {section!r}")
+        values = asdict(self)  # HfSource entries become dicts
+        return {
+            f.name: list(values[f.name]) if isinstance(values[f.name], tuple) else values[f.name]
+            for f in fields(self)
+            if f.metadata["manifest"] == section
+        }
+
+
+def _check(name: str, value: Any, hint: Any, meta: Any) -> None:
+    """Raise an error naming ``name`` unless ``value`` has its type, is one of its choices and in bounds."""
+    allowed = get_args(hint) or (hint,)
+    if not any(_is(value, kind) for kind in allowed):
+        names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
+        raise TypeError(f"{name} must be {names}, got {value!r}")
+    if value is None:
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ValueError(f"{name} must be one of {meta['choices']}, got {value!r}")
+    if meta["bounds"] is not None:
+        low, high = meta["bounds"]
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{name} must be {span}, got {value!r}")
+
+
+def _is(value: Any, kind: type) -> bool:
+    """``isinstance`` as a setting means it: a bool is not a number, an int is a float."""
+    if kind is type(None) or kind is bool:
+        return isinstance(value, kind)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
