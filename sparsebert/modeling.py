@@ -227,6 +227,14 @@ def _masked_only(config: SparseBertConfig, labels: torch.Tensor | None) -> bool:
     return labels is not None and getattr(config, "mlm_logits", "all") == "masked_only"
 
 
+def _encode_masked_only(model, inputs: tuple, masks: LayerMasks, labels: torch.Tensor, head, **kwargs):
+    """The encoder pass, and the MLM ``head`` applied only where a label is set: (encoder output, logits
+    ``[num_masked, vocab]``, the labels there) — the ``mlm_logits="masked_only"`` path of both MLM models."""
+    out = model.bert(*inputs, sparse_masks=masks, return_dict=True, **kwargs)
+    selected = labels != -100
+    return out, head(out.last_hidden_state[selected]), labels[selected]
+
+
 def _total(*terms: torch.Tensor | None) -> torch.Tensor | None:
     present = [t for t in terms if t is not None]
     return sum(present[1:], present[0]) if present else None
@@ -249,11 +257,10 @@ class SparseBertForPreTraining(_SparseBertHeads, BertForPreTraining):
         masks = self.bert.masks_for(input_ids, inputs_embeds)
         inputs = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         if _masked_only(self.config, labels):
-            out = self.bert(*inputs, sparse_masks=masks, return_dict=True, **kwargs)
-            selected = labels != -100
-            prediction_logits = self.cls.predictions(out.last_hidden_state[selected])
+            out, prediction_logits, labels = _encode_masked_only(
+                self, inputs, masks, labels, self.cls.predictions, **kwargs
+            )
             seq_relationship_logits = self.cls.seq_relationship(out.pooler_output)
-            labels = labels[selected]
         else:
             out = super().forward(*inputs, sparse_masks=masks, **kwargs)
             prediction_logits, seq_relationship_logits = out.prediction_logits, out.seq_relationship_logits
@@ -292,10 +299,10 @@ class SparseBertForMaskedLM(_SparseBertHeads, BertForMaskedLM):
         masks = self.bert.masks_for(input_ids, inputs_embeds)
         inputs = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         if _masked_only(self.config, labels):
-            out = self.bert(*inputs, sparse_masks=masks, return_dict=True, **kwargs)
-            selected = labels != -100
-            logits = self.cls(out.last_hidden_state[selected])
-            mlm = nn.functional.cross_entropy(logits, labels[selected])
+            out, logits, selected_labels = _encode_masked_only(
+                self, inputs, masks, labels, self.cls, **kwargs
+            )
+            mlm = nn.functional.cross_entropy(logits, selected_labels)
         else:
             out = super().forward(*inputs, labels=labels, sparse_masks=masks, **kwargs)
             logits, mlm = out.logits, out.loss
