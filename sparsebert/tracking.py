@@ -1,4 +1,4 @@
-"""MLflow for pre-training: rank 0 talks to the tracking store, every other rank stays silent."""
+"""MLflow: the project's one layer over it (:class:`MlflowStore`), and pre-training's run on rank 0 (:class:`RunTracker`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,92 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+class MlflowStore:
+    """The project's one layer over MLflow: an experiment of a tracking store, written through
+    :class:`mlflow.MlflowClient` with explicit run ids (no global active run, so nothing leaks between runs or
+    evaluations in one process). Pre-training (:class:`RunTracker`) and the evaluation driver
+    (``eval.tracking``) both write through it."""
+
+    def __init__(self, experiment: str, uri: str | None = None):
+        from mlflow import MlflowClient  # mlflow is imported only where something is recorded
+
+        self.client = MlflowClient(tracking_uri(uri))
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def create_run(
+        self, run_name: str, tags: dict[str, Any] | None = None, start_time: float | None = None
+    ) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            start_time=None if start_time is None else _ms(start_time),
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            run_name=run_name,
+        )
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run running again (a resumed training run, a resumed evaluation)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(
+        self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp: float | None = None
+    ) -> None:
+        self.log_metric_series(run_id, [(k, float(v), step) for k, v in metrics.items()], timestamp)
+
+    def log_metric_series(
+        self, run_id: str, values: list[tuple[str, float, int]], timestamp: float | None = None
+    ) -> None:
+        """``(key, value, step)`` triples in batches (log_batch takes at most 1000 metrics)."""
+        from mlflow.entities import Metric
+
+        now = _ms(time.time() if timestamp is None else timestamp)
+        metrics = [Metric(key, float(value), now, int(step)) for key, value, step in values]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_dict(self, run_id: str, payload: Any, path: str) -> None:
+        self.client.log_dict(run_id, payload, path)
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, path: str) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), path)
+
+    def end(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
+        self.client.set_terminated(run_id, status, end_time=None if end_time is None else _ms(end_time))
+
+    def search(self, query: str, order_by: list[str] | None = None, experiments: list[str] | None = None):
+        """Every run of this experiment (or of ``experiments``) matching ``query``, page after page."""
+        token = None
+        while True:
+            page = self.client.search_runs(
+                experiments or [self.experiment_id], query, order_by=order_by, page_token=token
+            )
+            yield from page
+            token = page.token
+            if not token:
+                return
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 class RunTracker:
     """One MLflow run per training run; a resumed training run continues the same MLflow run.
 
@@ -57,6 +144,7 @@ class RunTracker:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.store: MlflowStore | None = None
 
     def start(
         self,
@@ -68,49 +156,35 @@ class RunTracker:
     ) -> None:
         if not self.enabled:
             return
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri(uri))
-        mlflow.set_experiment(experiment)
+        self.store = MlflowStore(experiment, uri)
         if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)
+            self.store.reopen(resume_run_id)
+            self.run_id = resume_run_id
         else:
-            run = mlflow.start_run(run_name=run_name)
-            mlflow.log_params(params)
-        self.run_id = run.info.run_id
+            self.run_id = self.store.create_run(run_name)
+            self.store.log_params(self.run_id, params)
 
     def log_configs(self, config: dict[str, Any], ds: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        import mlflow
-
-        mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config/train.yaml")
-        mlflow.log_text(json.dumps(ds, indent=2), "config/deepspeed.json")
+        if self.enabled:
+            self.store.log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), "config/train.yaml")
+            self.store.log_text(self.run_id, json.dumps(ds, indent=2), "config/deepspeed.json")
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
-            import mlflow
-
-            mlflow.log_params(params)
+            self.store.log_params(self.run_id, params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
-            import mlflow
-
-            mlflow.log_metrics(metrics, step=step)
+            self.store.log_metrics(self.run_id, metrics, step)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
-            import mlflow
-
-            mlflow.set_tags(tags)
+            self.store.set_tags(self.run_id, tags)
 
     def log_mask(self, name: str, mask: torch.Tensor, importance: torch.Tensor | None = None) -> None:
         """The mask ``[layers, heads, L, L]`` as a safetensors file and heatmaps; DAM importance plots too."""
         if not self.enabled:
             return
-        import mlflow
-
         mask = mask.cpu()  # files and plots are made on the host, whatever device the model runs on
         importance = importance.cpu() if importance is not None else None
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,13 +204,11 @@ class RunTracker:
                 mask_plots.importance_by_distance(
                     importance[0], out / "importance_by_distance.png", f"{name}: importance by distance"
                 )
-            mlflow.log_artifacts(str(out), artifact_path=f"masks/{name}")
+            self.store.log_artifacts(self.run_id, out, f"masks/{name}")
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
-            import mlflow
-
-            mlflow.end_run(status=status)
+            self.store.end(self.run_id, status)
 
 
 def _distinct_layers(mask: torch.Tensor) -> list[int]:
