@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import socket
 import sys
 import time
@@ -23,22 +22,17 @@ import transformers
 
 from eval.glue_data import load_glue
 from eval.jobs import DEVICES, Job
-from eval.metrics import glue_metrics
 from eval.model_loading import load_for_task
 from eval.squad_data import load_squad
 from eval.squad_metrics import squad_v1_scores, squad_v2_scores
 from eval.squad_postprocess import SquadFeatures, postprocess, prepare_features
 from eval.tasks import TASKS, TaskSpec
+from sparsebert.training import parameter_groups, seed_everything, warmup_decay_schedule
 
 
 class InjectedFailure(RuntimeError):
-    """Raised by a job asked to fail (``SPARSEBERT_EVAL_FAIL``), to exercise retries and failure reports."""
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Raised by a job the fault switch asks to fail (``SPARSEBERT_FAULTS=eval_fail=...``), to exercise
+    retries and failure reports."""
 
 
 def _glue_tensors(tokenizer, task: TaskSpec, examples, max_len: int) -> dict[str, torch.Tensor]:
@@ -60,11 +54,7 @@ def _squad_tensors(feats: SquadFeatures, train: bool) -> dict[str, torch.Tensor]
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    decay, no_decay = parameter_groups(model.named_parameters(), weight_decay)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
 
@@ -118,10 +108,7 @@ def train(
     total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = int(cfg.warmup_ratio * total)
     opt = _optimizer(model, job.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
-    )
+    sched = warmup_decay_schedule(opt, warmup, total, "linear")
     gen = torch.Generator().manual_seed(job.seed)
     log_every = max(1, total // 50)
     history: list[list[float]] = []
@@ -165,10 +152,16 @@ def predict(model, data: dict[str, torch.Tensor], batch_size: int, device: torch
     return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
 
-def run_job(job: Job, attempt: int = 1) -> dict[str, Any]:
-    """Fine-tune and evaluate one job; returns metrics, loss history, timing and (SQuAD) predictions."""
+def run_job(
+    job: Job, attempt: int = 1, task: TaskSpec | None = None, fail_attempts: int = 0
+) -> dict[str, Any]:
+    """Fine-tune and evaluate one job; returns metrics, loss history, timing and (SQuAD) predictions.
+
+    ``task`` defaults to the registry's entry for ``job.task``. ``fail_attempts`` comes from the ``eval_fail``
+    fault, read by the driver: attempts up to this one raise :class:`InjectedFailure` once the data is loaded.
+    """
     start_time = time.time()
-    task = TASKS[job.task]
+    task = TASKS[job.task] if task is None else task
     cfg = job.config
     device = resolve_device(cfg.device)  # first, so a job that cannot get its GPU fails before loading data
     transformers.logging.set_verbosity_error()  # load reports list the fresh task head: expected noise here
@@ -180,10 +173,10 @@ def run_job(job: Job, attempt: int = 1) -> dict[str, Any]:
     else:
         train_ex = load_squad(task, "train", src.squad_dir, src.hub, cfg.max_train_samples)
         dev_ex = {"": load_squad(task, "", src.squad_dir, src.hub, cfg.max_eval_samples)}
-    if attempt <= job.fail_attempts:
-        raise InjectedFailure(f"{job.key}: failure injected for attempt {attempt} (SPARSEBERT_EVAL_FAIL)")
+    if attempt <= fail_attempts:
+        raise InjectedFailure(f"{job.key}: failure injected for attempt {attempt} (fault eval_fail)")
 
-    _seed_everything(job.seed)
+    seed_everything(job.seed)
     model = load_for_task(job.checkpoint, task, cfg.attention_pattern, cfg.attention_backend).to(device)
     metrics: dict[str, float] = {}
     predictions: dict[str, Any] = {}
@@ -193,7 +186,7 @@ def run_job(job: Job, attempt: int = 1) -> dict[str, Any]:
             data = _glue_tensors(tokenizer, task, examples, cfg.max_seq_len)
             (logits,) = predict(model, data, cfg.eval_batch_size, device, cfg.bf16)
             preds = logits[:, 0] if task.labels is None else logits.argmax(-1)
-            metrics.update(glue_metrics(task, preds, data["labels"].numpy(), suffix=split))
+            metrics.update(task.compute_metrics(preds, data["labels"].numpy(), suffix=split))
     else:
         feat_args = (cfg.squad_max_seq_len, cfg.doc_stride, cfg.max_query_len)
         train_feats = prepare_features(tokenizer, train_ex, *feat_args, train=True)
@@ -217,7 +210,6 @@ def run_job(job: Job, attempt: int = 1) -> dict[str, Any]:
         "eval_examples": sum(len(v) for v in dev_ex.values()),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "host": socket.gethostname(),
-        "pid": os.getpid(),
         "start_time": start_time,
         "end_time": time.time(),
         "artifacts": predictions,

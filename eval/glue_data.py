@@ -129,7 +129,7 @@ def load_glue(
     max_samples: int | None = None,
 ) -> list[GlueExample]:
     """Examples of ``split`` ("train" or a key of ``task.dev_splits``) from ``glue_dir`` or, if ``hub``, the hub."""
-    tsv_name, hub_split = ("train.tsv", "train") if split == "train" else task.dev_splits[split]
+    tsv_name, hub_split = task.train_split if split == "train" else task.dev_splits[split]
     if hub:
         import datasets  # only when the user asked for the hub: it is slow to import
 

@@ -62,13 +62,14 @@ class DataSource:
 
 @dataclass(frozen=True)
 class Job:
+    """One fine-tuning run: ``checkpoint`` fine-tuned on ``task`` at one learning rate and seed."""
+
     checkpoint: str
     task: str
     lr: float
     seed: int
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataSource = field(default_factory=DataSource)
-    fail_attempts: int = 0  # testing hook (SPARSEBERT_EVAL_FAIL): attempts up to this one raise
 
     @property
     def key(self) -> str:
@@ -97,26 +98,15 @@ def expand_jobs(
     seeds: list[int],
     config: FinetuneConfig,
     data: DataSource,
-    fail_spec: str | None = None,
 ) -> list[Job]:
     """Every checkpoint × task × learning rate × seed, in that order."""
-    fail = parse_fail_spec(fail_spec)
     return [
-        Job(resolve_checkpoint(c), t, lr, s, config, data, fail.get(t, 0))
+        Job(resolve_checkpoint(c), t, lr, s, config, data)
         for c in checkpoints
         for t in tasks
         for lr in lrs
         for s in seeds
     ]
-
-
-def parse_fail_spec(spec: str | None) -> dict[str, int]:
-    """``"rte"`` (every attempt fails) or ``"rte:1,cola:2"`` (the first N attempts fail) -> {task: N}."""
-    out: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
-        task, _, n = part.partition(":")
-        out[task] = int(n) if n else 1_000_000
-    return out
 
 
 def job_params(job: Job) -> dict[str, Any]:

@@ -1,8 +1,12 @@
-"""GLUE metrics as the official GLUE scorer computes them.
+"""GLUE metrics as the official GLUE scorer computes them, by sklearn and scipy.
 
-CoLA: Matthews correlation; STS-B: Pearson and Spearman correlation; MRPC and QQP: F1 (of the positive class,
-label 1) and accuracy; every other task: accuracy; MNLI on both dev sets. Values are fractions in [0, 1] (or
-[-1, 1] for correlations), as sklearn/scipy return them; the table shows them ×100.
+Which task reports which metric is its :class:`~eval.tasks.TaskSpec`'s ``metrics``; this module only
+computes them. Values are fractions in [0, 1] (or [-1, 1] for correlations), as sklearn/scipy return them;
+the table shows them ×100. A degenerate dev set (one class, constant predictions) scores 0, never NaN: MLflow
+and the median over seeds need a number.
+
+sklearn and scipy are imported when a metric is first computed: the driver and the command line read the task
+registry, which refers to these functions, and should not pay seconds of imports for it.
 """
 
 from __future__ import annotations
@@ -10,49 +14,46 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
-
-from eval.tasks import TaskSpec
 
 
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
-    p, y = np.asarray(preds), np.asarray(labels)
-    return float((p == y).mean())
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(np.asarray(labels), np.asarray(preds)))
 
 
 def f1_binary(preds: Sequence[int], labels: Sequence[int]) -> float:
-    """F1 of class 1; 0.0 when there is no true or predicted positive (sklearn's ``zero_division=0``)."""
-    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
-    tp = float(np.sum(p & y))
-    denom = float(p.sum() + y.sum())
-    return 2.0 * tp / denom if denom else 0.0
+    """F1 of class 1; 0.0 when there is no true or predicted positive."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(np.asarray(labels), np.asarray(preds), zero_division=0))
 
 
 def matthews_corr(preds: Sequence[int], labels: Sequence[int]) -> float:
-    """Matthews correlation for binary labels; 0.0 when undefined (one class only), like sklearn."""
-    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
-    tp, tn = float(np.sum(p & y)), float(np.sum(~p & ~y))
-    fp, fn = float(np.sum(p & ~y)), float(np.sum(~p & y))
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+    """Matthews correlation; 0.0 when undefined (one class only)."""
+    from sklearn.metrics import matthews_corrcoef
+
+    p, y = np.asarray(preds), np.asarray(labels)
+    if np.unique(np.concatenate([p, y])).size < 2:
+        return 0.0  # sklearn says 0.0 here too, after warning that its confusion matrix has one class
+    return float(matthews_corrcoef(y, p))
 
 
-def pearson_spearman(preds: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+def _constant(*arrays: np.ndarray) -> bool:
+    return any(np.ptp(a) == 0 for a in arrays)
+
+
+def pearson(preds: Sequence[float], labels: Sequence[float]) -> float:
+    """Pearson correlation; 0.0 for a constant prediction (a barely trained model), where scipy gives NaN."""
+    from scipy.stats import pearsonr
+
     p, y = np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
-    if np.ptp(p) == 0 or np.ptp(y) == 0:
-        # A constant prediction (a barely trained model) has no correlation; scipy would warn and give NaN.
-        return {"pearson": 0.0, "spearman": 0.0}
-    return {"pearson": float(stats.pearsonr(p, y)[0]), "spearman": float(stats.spearmanr(p, y)[0])}
+    return 0.0 if _constant(p, y) else float(pearsonr(p, y)[0])
 
 
-def glue_metrics(task: TaskSpec, preds: Sequence, labels: Sequence, suffix: str = "") -> dict[str, float]:
-    """The official metrics of one GLUE dev set; ``suffix`` ("m"/"mm") names MNLI's two dev sets."""
-    if task.name == "cola":
-        out = {"matthews_corr": matthews_corr(preds, labels)}
-    elif task.name == "stsb":
-        out = pearson_spearman(preds, labels)
-    elif task.name in ("mrpc", "qqp"):
-        out = {"f1": f1_binary(preds, labels), "accuracy": accuracy(preds, labels)}
-    else:
-        out = {"accuracy": accuracy(preds, labels)}
-    return {f"{k}_{suffix}" if suffix else k: v for k, v in out.items()}
+def spearman(preds: Sequence[float], labels: Sequence[float]) -> float:
+    """Spearman correlation; 0.0 for a constant prediction, like :func:`pearson`."""
+    from scipy.stats import spearmanr
+
+    p, y = np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    return 0.0 if _constant(p, y) else float(spearmanr(p, y)[0])

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.tasks import TaskSpec
+from eval.tasks import TASKS, TaskSpec
 
-# Where a pre-trained checkpoint may record the MLflow run that produced it (config key or file, first found).
-_RUN_ID_KEYS = ("mlflow_run_id", "pretrain_run_id")
-_RUN_ID_FILES = ("mlflow_run_id", "mlflow_run_id.txt")
+# The file in which a pre-training export (sparsebert.checkpoint) records the MLflow run that produced it.
+_RUN_ID_FILE = "mlflow_run_id"
 
 
 def load_for_task(checkpoint: str, task: TaskSpec, attention_pattern=None, attention_backend: str = "auto"):
@@ -39,9 +38,9 @@ def mask_sparsity(
     checkpoint: str, seq_len: int, attention_pattern=None, attention_backend: str = "auto"
 ) -> float:
     """Fraction of masked positions of the mask fine-tuning will use, at ``seq_len`` (all layers and heads)."""
-    from eval.tasks import TASKS
     from sparsebert import sparsity
 
+    # Any sequence-classification task will do: the mask does not depend on the head.
     model = load_for_task(checkpoint, TASKS["sst2"], attention_pattern, attention_backend)
     return sparsity(model.current_mask(seq_len))
 
@@ -72,12 +71,6 @@ def pretrain_run_id(checkpoint: str) -> str | None:
     (The runner also asks the MLflow store for a run tagged ``final_model_dir`` = this checkpoint, which is how
     ``sparsebert.pretrain`` marks its export.)
     """
-    config = _config(checkpoint)
-    for key in _RUN_ID_KEYS:
-        if config.get(key):
-            return str(config[key])
-    for name in _RUN_ID_FILES:
-        path = Path(checkpoint) / name
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
-    return None
+    path = Path(checkpoint) / _RUN_ID_FILE
+    run_id = path.read_text().strip() if path.is_file() else ""
+    return run_id or None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import sys
 import time
 import traceback
@@ -25,21 +24,30 @@ from typing import Any, Protocol
 
 from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key, expand_jobs, recipe
 from eval.table import TableRow, render_csv, render_markdown, render_selection_csv, select
+from eval.tasks import TASKS, TaskSpec
 from eval.tracking import CHECKPOINT, Tracker
 
 log = logging.getLogger("eval")
 
-# Testing hook, read by the driver and passed to the jobs: "rte" makes every RTE attempt fail, "rte:1" only
-# the first one. It runs the real failure path (Ray task error -> retry -> report), nothing is mocked.
-FAIL_ENV = "SPARSEBERT_EVAL_FAIL"
+
+def parse_fail_spec(spec: str | None) -> dict[str, int]:
+    """The ``eval_fail`` fault: ``"rte"`` (every attempt fails) or ``"rte:1,cola:2"`` (the first N attempts
+    fail) -> {task: N}. It drives the real failure path (job error -> retry -> report); nothing is mocked."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        task, _, n = part.partition(":")
+        out[task] = int(n) if n else 1_000_000
+    return out
 
 
-def _job_entry(job: Job, attempt: int) -> dict[str, Any]:
-    """What a job runs. Imports here so the recorded interval includes a Ray worker's import time."""
+def _job_entry(job: Job, attempt: int, task: TaskSpec, fail_attempts: int) -> dict[str, Any]:
+    """What a job runs. ``task`` and ``fail_attempts`` come from the driver: a Ray worker on another node
+    shares neither its registry (a task registered at run time) nor its environment (the fault switch).
+    Imports here so the recorded interval includes a Ray worker's import time."""
     start = time.time()
     from eval.finetune import run_job
 
-    result = run_job(job, attempt)
+    result = run_job(job, attempt, task, fail_attempts)
     result["start_time"] = start
     return result
 
@@ -102,7 +110,8 @@ class _Executor(Protocol):
 
     tags: dict[str, str]  # recorded on every finished nested run
 
-    def submit(self, job: Job, attempt: int) -> None: ...
+    def submit(self, job: Job, attempt: int, task: TaskSpec, fail_attempts: int) -> None:
+        """Start (or queue) :func:`_job_entry` with these arguments."""
 
     def pending(self) -> int: ...
 
@@ -116,19 +125,19 @@ class _InProcess:
 
     def __init__(self) -> None:
         self.tags = {"sparsebert.executor": "in-process"}
-        self._queue: deque[tuple[Job, int]] = deque()
+        self._queue: deque[tuple[Job, int, TaskSpec, int]] = deque()
         log.info("running in this process, one job at a time")
 
-    def submit(self, job: Job, attempt: int) -> None:
-        self._queue.append((job, attempt))  # a retry goes to the back, as it would queue on Ray
+    def submit(self, job: Job, attempt: int, task: TaskSpec, fail_attempts: int) -> None:
+        self._queue.append((job, attempt, task, fail_attempts))  # a retry goes to the back, as on Ray
 
     def pending(self) -> int:
         return len(self._queue)
 
     def next_done(self) -> _Done:
-        job, attempt = self._queue.popleft()
+        job, attempt, task, fail_attempts = self._queue.popleft()
         try:
-            return _Done(job, attempt, _job_entry(job, attempt))
+            return _Done(job, attempt, _job_entry(job, attempt, task, fail_attempts))
         except Exception as exc:  # KeyboardInterrupt passes: the run is marked KILLED and can be resumed
             return _Done(job, attempt, None, *_describe_local(exc))
         finally:
@@ -169,9 +178,9 @@ class _OnRay:
             self.close()
             raise
 
-    def submit(self, job: Job, attempt: int) -> None:
+    def submit(self, job: Job, attempt: int, task: TaskSpec, fail_attempts: int) -> None:
         job = device_for_ray(job, self.gpus)
-        self._pending[self._remote.remote(job, attempt)] = (job, attempt)
+        self._pending[self._remote.remote(job, attempt, task, fail_attempts)] = (job, attempt)
 
     def pending(self) -> int:
         return len(self._pending)
@@ -236,7 +245,13 @@ def run_evaluation(
     config, data = config or FinetuneConfig(), data or DataSource()
     if labels is not None and len(labels) != len(checkpoints):
         raise ValueError("give one label per checkpoint")
-    jobs = expand_jobs(checkpoints, tasks, lrs, seeds, config, data, os.environ.get(FAIL_ENV))
+    if unknown := [t for t in tasks if t not in TASKS]:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; registered: {', '.join(TASKS)}")
+    jobs = expand_jobs(checkpoints, tasks, lrs, seeds, config, data)
+    from sparsebert.faults import fault  # here: the sparsebert package imports torch
+
+    # The fault switch is read once, by the driver: Ray workers may not see its environment.
+    fail = parse_fail_spec(fault("eval_fail"))
     if not jobs:
         raise ValueError("nothing to run: give at least one checkpoint, task, learning rate and seed")
     tracker = Tracker(experiment, tracking_uri)
@@ -251,7 +266,7 @@ def run_evaluation(
                 _OnRay(ray_address, cpus_per_job, gpus_per_job, config.device) if use_ray else _InProcess()
             )
             try:
-                failures, job_runs = _run_jobs(tracker, todo, parents, rows, executor, max_retries)
+                failures, job_runs = _run_jobs(tracker, todo, parents, rows, executor, max_retries, fail)
             finally:
                 executor.close()
     except BaseException:
@@ -330,12 +345,19 @@ def _run_jobs(
     rows: dict[str, TableRow],
     executor: _Executor,
     max_retries: int,
+    fail: dict[str, int],
 ) -> tuple[list[JobFailure], dict[str, list[str]]]:
-    """Run every job, record each attempt as it finishes, run failures again; returns the jobs that still failed."""
+    """Run every job, record each attempt as it finishes, run failures again; returns those still failing.
+
+    ``fail`` is the parsed ``eval_fail`` fault: {task: attempts made to fail}."""
     failures: list[JobFailure] = []
     job_runs: dict[str, list[str]] = {}
+
+    def submit(job: Job, attempt: int) -> None:
+        executor.submit(job, attempt, TASKS[job.task], fail.get(job.task, 0))
+
     for job in todo:
-        executor.submit(job, 1)
+        submit(job, 1)
     while executor.pending():
         done = executor.next_done()
         job, attempt = done.job, done.attempt
@@ -345,7 +367,7 @@ def _run_jobs(
             runs.append(tracker.log_failed_attempt(parent, job, attempt, done.error, done.details))
             if attempt <= max_retries:
                 log.warning("%s failed (attempt %d): %s; retrying", name, attempt, done.error)
-                executor.submit(job, attempt + 1)
+                submit(job, attempt + 1)
             else:
                 log.error("%s failed after %d attempts: %s", name, attempt, done.error)
                 failures.append(JobFailure(job, attempt, done.error))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.glue_data import DataFormatError
-from eval.tasks import SQUAD_TRAIN_FILES, TaskSpec
+from eval.tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -181,9 +181,7 @@ def load_squad(
     max_samples: int | None = None,
 ) -> list[SquadExample]:
     """Examples of ``split`` ("train" or "" for dev) from ``squad_dir`` or, if ``hub``, from the hub."""
-    file_name, hub_split = (
-        (SQUAD_TRAIN_FILES[task.name], "train") if split == "train" else task.dev_splits[split]
-    )
+    file_name, hub_split = task.train_split if split == "train" else task.dev_splits[split]
     if hub:
         import datasets
 

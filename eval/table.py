@@ -1,10 +1,9 @@
 """Model selection (best learning rate per task on dev, median over seeds) and the paper's results table.
 
-The layout is DESIGN.md's GLUE table: mask, sparsity, MNLI m/mm, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE, avg,
-with SQuAD v1.1/v2.0 EM/F1 beside it, one row per checkpoint. One number per GLUE task as in BERT
-(Devlin et al., 2019), which the paper's numbers match: F1 for QQP and MRPC, Spearman for STS-B, Matthews
-correlation for CoLA, accuracy elsewhere; avg is the mean of those nine numbers (MNLI m and mm counted
-apart), which reproduces the paper's avg column.
+The layout is the paper's GLUE table: mask, sparsity, MNLI m/mm, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE,
+avg, one row per checkpoint, with SQuAD v1.1/v2.0 EM/F1 (and any registered task with a table entry) beside
+it. A task's columns and metrics are its ``TaskSpec.table``. avg is the mean of the GLUE columns (nine
+numbers, MNLI m and mm counted apart), which reproduces the paper's avg column.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from eval.tasks import GLUE_TASKS, TASKS, selection_score
+from eval.tasks import GLUE_TASKS, TASKS, TableColumns, selection_score, table_order
 
 
 @dataclass(frozen=True)
@@ -63,24 +62,6 @@ def select(records: list[JobRecord]) -> dict[str, TaskSummary]:
     return best
 
 
-# (CSV column, task, metric); GLUE metrics are fractions, shown in percent
-GLUE_COLUMNS = [
-    ("MNLI-m", "mnli", "accuracy_m"),
-    ("MNLI-mm", "mnli", "accuracy_mm"),
-    ("QQP", "qqp", "f1"),
-    ("QNLI", "qnli", "accuracy"),
-    ("SST-2", "sst2", "accuracy"),
-    ("CoLA", "cola", "matthews_corr"),
-    ("STS-B", "stsb", "spearman"),
-    ("MRPC", "mrpc", "f1"),
-    ("RTE", "rte", "accuracy"),
-]
-SQUAD_COLUMNS = [
-    ("SQuAD1.1-EM", "squad", "exact_match"),
-    ("SQuAD1.1-F1", "squad", "f1"),
-    ("SQuAD2.0-EM", "squad_v2", "exact"),
-    ("SQuAD2.0-F1", "squad_v2", "f1"),
-]
 FOOTNOTE = (
     "Dev sets; median over seeds at the best learning rate per task. QQP, MRPC: F1; STS-B: Spearman; "
     "CoLA: Matthews corr.; SQuAD: EM/F1 (official scorers; v2.0 overall); others: accuracy. "
@@ -88,17 +69,31 @@ FOOTNOTE = (
 )
 
 
+# (task name, its table entry), in table order
+Section = list[tuple[str, TableColumns]]
+
+
+def _sections() -> tuple[Section, Section]:
+    """What the table shows: the paper's GLUE tasks (always, and averaged), then every other task with a
+    ``table`` entry (SQuAD, registered tasks)."""
+    shown: Section = [(t, table) for t in table_order() if (table := TASKS[t].table) is not None]
+    return [s for s in shown if s[0] in GLUE_TASKS], [s for s in shown if s[0] not in GLUE_TASKS]
+
+
+def _columns(section: Section) -> list[str]:
+    return [col for _, table in section for col, _ in table.columns]
+
+
 def row_values(row: TableRow) -> dict[str, float | None]:
     """The row's numbers in percent, keyed by CSV column; None where a task was not (successfully) run."""
+    glue, others = _sections()
     values: dict[str, float | None] = {"sparsity": None if row.sparsity is None else 100.0 * row.sparsity}
-    for col, task, metric in GLUE_COLUMNS:
+    for task, table in (*glue, *others):
         s = row.summaries.get(task)
-        values[col] = 100.0 * s.metrics[metric] if s and metric in s.metrics else None
-    glue = [values[c] for c, _, _ in GLUE_COLUMNS if values[c] is not None]
-    values["avg"] = sum(glue) / len(glue) if glue else None  # type: ignore[arg-type]
-    for col, task, metric in SQUAD_COLUMNS:
-        s = row.summaries.get(task)
-        values[col] = s.metrics[metric] if s and metric in s.metrics else None  # already percent
+        for col, metric in table.columns:
+            values[col] = table.scale * s.metrics[metric] if s and metric in s.metrics else None
+    run = [v for c in _columns(glue) if (v := values[c]) is not None]
+    values["avg"] = sum(run) / len(run) if run else None
     return values
 
 
@@ -107,30 +102,31 @@ def _fmt(v: float | None) -> str:
 
 
 def render_markdown(rows: list[TableRow]) -> str:
-    with_squad = any(t in r.summaries for r in rows for t in ("squad", "squad_v2"))
-    header = ["mask", "sparsity", "MNLI m/mm", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE", "avg"]
-    if with_squad:
-        header += ["SQuAD v1.1 EM/F1", "SQuAD v2.0 EM/F1"]
+    glue, others = _sections()
+    # The other tasks' columns only when a row has a task of their kind (SQuAD v1.1 and v2.0 come as a pair):
+    # the paper's table is GLUE alone.
+    kinds = {TASKS[t].kind for t, _ in others if any(t in r.summaries for r in rows)}
+    extra = [(t, table) for t, table in others if TASKS[t].kind in kinds]
+    header = ["mask", "sparsity", *(table.header for _, table in glue), "avg"]
+    header += [table.header for _, table in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     partial = False
     for row in rows:
         v = row_values(row)
-        missing = sum(v[c] is None for c, _, _ in GLUE_COLUMNS)
         avg = _fmt(v["avg"])
-        if v["avg"] is not None and missing:
+        if v["avg"] is not None and any(v[c] is None for c in _columns(glue)):
             avg, partial = avg + "*", True
-        cells = [row.label, _fmt(v["sparsity"]), f"{_fmt(v['MNLI-m'])}/{_fmt(v['MNLI-mm'])}"]
-        cells += [_fmt(v[c]) for c, _, _ in GLUE_COLUMNS[2:]] + [avg]
-        if with_squad:
-            cells += [f"{_fmt(v['SQuAD1.1-EM'])}/{_fmt(v['SQuAD1.1-F1'])}"]
-            cells += [f"{_fmt(v['SQuAD2.0-EM'])}/{_fmt(v['SQuAD2.0-F1'])}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        # several columns of one task share a cell: "81.9/81.9"
+        cells = {t: "/".join(_fmt(v[col]) for col, _ in table.columns) for t, table in (*glue, *extra)}
+        row_cells = [row.label, _fmt(v["sparsity"]), *(cells[t] for t, _ in glue), avg]
+        lines.append("| " + " | ".join(row_cells + [cells[t] for t, _ in extra]) + " |")
     notes = [FOOTNOTE] + (["\\* avg over the GLUE columns that were run."] if partial else [])
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def render_csv(rows: list[TableRow]) -> str:
-    cols = ["sparsity", *(c for c, _, _ in GLUE_COLUMNS), "avg", *(c for c, _, _ in SQUAD_COLUMNS)]
+    glue, others = _sections()
+    cols = ["sparsity", *_columns(glue), "avg", *_columns(others)]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["mask", *cols, "checkpoint"])
@@ -145,7 +141,7 @@ def render_selection_csv(rows: list[TableRow]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["mask", "checkpoint", "task", "lr", "seeds", "metric", "median"])
-    order = [*GLUE_TASKS, *(t for t in TASKS if t not in GLUE_TASKS)]
+    order = table_order()
     for row in rows:
         for task in sorted(row.summaries, key=order.index):
             s = row.summaries[task]

@@ -1,13 +1,16 @@
-"""``--no-ray``: the jobs run one after another in this process, with the Ray path's records and table; and the
-device rule (a job asked for CUDA never trains on the CPU). Real MLflow store, real tiny jobs, nothing mocked."""
+"""``--no-ray``: the jobs run one after another in this process, with the Ray path's records and table; the
+device rule (a job asked for CUDA never trains on the CPU); a task registered from outside the package. Real
+MLflow store, real tiny jobs, nothing mocked."""
 
 from __future__ import annotations
 
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,11 @@ from mlflow import MlflowClient
 
 from eval.finetune import resolve_device, run_job
 from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key
+from eval.metrics import accuracy, f1_binary
 from eval.run import main
-from eval.runner import device_for_ray
+from eval.runner import device_for_ray, run_evaluation
 from eval.smoke import write_glue, write_squad, write_tiny_checkpoint
+from eval.tasks import TASKS, TableColumns, parse_tasks, register_task
 
 REPO = Path(__file__).resolve().parents[1]
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
@@ -51,9 +56,8 @@ def _runs(client: MlflowClient):
 
 def test_no_ray_records_retries_table_and_resume(mlflow_uri, inputs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # MLflow's artifact store defaults to ./mlruns
-    monkeypatch.setenv(
-        "SPARSEBERT_EVAL_FAIL", "rte:1"
-    )  # RTE's first attempt fails: the retry must recover it
+    # RTE's first attempt fails: the retry must recover it
+    monkeypatch.setenv("SPARSEBERT_FAULTS", "eval_fail=rte:1")
     argv = _argv(inputs, tmp_path / "out")
     assert main(argv) == 0
     assert "3 jobs run, 0 already recorded" in capsys.readouterr().out
@@ -85,7 +89,7 @@ def test_no_ray_records_retries_table_and_resume(mlflow_uri, inputs, tmp_path, m
     assert not (tmp_path / "out" / "failed_jobs.txt").exists()
 
     # Resume, even on another device: the same parent, nothing rerun.
-    monkeypatch.delenv("SPARSEBERT_EVAL_FAIL")
+    monkeypatch.delenv("SPARSEBERT_FAULTS")
     assert main([*argv, "--resume", "--device", "cpu"]) == 0
     assert "0 jobs run, 3 already recorded" in capsys.readouterr().out
     parents, again = _runs(client)
@@ -158,3 +162,54 @@ def test_device_setting():
     auto, cpu = Job("c", "rte", 1e-3, 1), Job("c", "rte", 1e-3, 1, FinetuneConfig(device="cpu"))
     assert device_for_ray(auto, 1).config.device == "cuda" and device_for_ray(auto, 0.5).key == auto.key
     assert device_for_ray(auto, 0).config.device == "auto" and device_for_ray(cpu, 1).config.device == "cpu"
+
+
+@pytest.fixture
+def reviews_task():
+    """SST-2's format under a new name, scored on F1: registered as user code would, removed afterwards."""
+    spec = register_task(
+        replace(
+            TASKS["sst2"], name="reviews", dir_name="Reviews", hub_path="", hub_config=None,
+            metrics={"f1": f1_binary, "accuracy": accuracy}, headline=("f1",),
+            table=TableColumns("Reviews F1", (("Reviews-F1", "f1"),)),
+        )
+    )  # fmt: skip
+    yield spec
+    del TASKS[spec.name]  # the registry is global: leave it as the other tests expect it
+
+
+def test_registered_task_runs_end_to_end(mlflow_uri, inputs, reviews_task, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "tasks"
+    shutil.copytree(inputs[1] / "SST-2", data / "Reviews")
+    assert parse_tasks("Reviews") == ["reviews"]  # --tasks knows it too
+    outcome = run_evaluation(
+        [str(inputs[0])], ["reviews"], [1e-3], [1], FinetuneConfig(max_steps=2, batch_size=4, max_seq_len=32),
+        DataSource(glue_dir=str(data)), output_dir=tmp_path / "out", use_ray=False,
+    )  # fmt: skip
+    assert not outcome.failures and outcome.ran == 1
+
+    client = MlflowClient(mlflow_uri)
+    ((run_id,),) = outcome.job_runs.values()
+    job = client.get_run(run_id)
+    assert job.info.status == "FINISHED" and job.data.params["task"] == "reviews"
+    assert {"f1", "accuracy"} <= set(job.data.metrics) and job.data.metrics["train_steps"] == 2
+    f1 = job.data.metrics["f1"]
+    parent = client.get_run(outcome.parent_run_ids[str(inputs[0])])
+    assert parent.data.metrics["reviews/f1"] == pytest.approx(f1)
+    assert parent.data.metrics["reviews/best_lr"] == pytest.approx(1e-3)
+
+    (row,) = csv.DictReader((tmp_path / "out" / "results.csv").open())
+    assert float(row["Reviews-F1"]) == pytest.approx(100 * f1, abs=1e-3) and row["SST-2"] == ""
+    header, _, cells = (tmp_path / "out" / "results.md").read_text().splitlines()[:3]
+    assert header.endswith("| avg | Reviews F1 |") and cells.endswith(f"| {100 * f1:.1f} |")
+    assert "reviews,0.001,1,f1," in (tmp_path / "out" / "selection.csv").read_text()
+
+
+def test_register_task_checks_the_spec(reviews_task):
+    with pytest.raises(ValueError, match="'reviews' is taken"):
+        register_task(reviews_task)
+    with pytest.raises(ValueError, match="use lower case"):
+        register_task(replace(reviews_task, name="Reviews2"))
+    with pytest.raises(ValueError, match=r"must be among the metrics it computes"):
+        replace(reviews_task, name="reviews2", headline=("spearman",))

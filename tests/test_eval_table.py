@@ -53,7 +53,7 @@ def _summary(task: str, **metrics: float) -> TaskSummary:
 
 
 def _strided_row() -> TableRow:
-    """DESIGN.md's Strided row, as the metrics our jobs record (fractions)."""
+    """The paper's Strided row, as the metrics our jobs record (fractions)."""
     s = {
         "mnli": _summary("mnli", accuracy_m=0.819, accuracy_mm=0.819),
         "qqp": _summary("qqp", f1=0.871, accuracy=0.9),
