@@ -271,7 +271,7 @@ def run_evaluation(
                 executor.close()
     except BaseException:
         for parent in parents.values():  # interrupted: say so; --resume picks the parents up again
-            tracker.client.set_terminated(parent, "KILLED")
+            tracker.end(parent, "KILLED")
         raise
 
     # The table is built from what MLflow holds, so resumed and fresh jobs are summarised alike.

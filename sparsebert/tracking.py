@@ -117,6 +117,13 @@ class MlflowStore:
     def end(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         self.client.set_terminated(run_id, status, end_time=None if end_time is None else _ms(end_time))
 
+    def latest(self, query: str, experiments: list[str] | None = None) -> str | None:
+        """The id of the newest run matching ``query`` in this experiment (or in ``experiments``), or None."""
+        found = self.client.search_runs(
+            experiments or [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        return found[0].info.run_id if found else None
+
     def search(self, query: str, order_by: list[str] | None = None, experiments: list[str] | None = None):
         """Every run of this experiment (or of ``experiments``) matching ``query``, page after page."""
         token = None
