@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the checkpoint's mask: a name or a JSON spec (default: the checkpoint's own)",
     )
     hp.add_argument(
-        "--attention-backend", default="auto", choices=["auto", "eager", "sdpa", "flex", "block_sparse"]
+        "--attention-backend",
+        default="auto",
+        metavar="NAME",
+        help="auto (default) or any name in sparsebert.choices.ATTENTION_BACKENDS (eager, sdpa, flex, ...)",
     )
     hp.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPU")
     hp.add_argument(
@@ -125,9 +128,17 @@ _RAY_ONLY = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from eval.runner import run_evaluation  # ray itself is imported only on the Ray path
+def check_backend(name: str) -> str:
+    """``name`` if it is an attention backend the model knows (registered ones too), else a ValueError.
 
+    Checked here rather than by argparse: the names live in the sparsebert package, whose import (torch,
+    transformers) ``--help`` should not wait for."""
+    from sparsebert import choices
+
+    return choices.check("--attention-backend", name, choices.ATTENTION_BACKENDS)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.use_ray and (
         given := [flag for a, flag in _RAY_ONLY.items() if getattr(args, a) is not None]
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"{', '.join(given)} only apply to Ray: not allowed with --no-ray")
     try:
         tasks = parse_tasks(args.tasks)
+        check_backend(args.attention_backend)
     except ValueError as e:
         build_parser().error(str(e))
     needs_glue = any(TASKS[t].kind == "glue" for t in tasks)
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(ckpt).exists() and (ckpt.startswith((".", "/", "~")) or ckpt.count("/") > 1):
             build_parser().error(f"checkpoint {ckpt} not found")  # (an id like org/name means the hub)
     labels = args.labels.split(",") if args.labels else None
+    from eval.runner import run_evaluation  # after the checks: --help and bad arguments answer at once
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = FinetuneConfig(
         epochs=args.epochs,
