@@ -177,7 +177,9 @@ def run_job(
         raise InjectedFailure(f"{job.key}: failure injected for attempt {attempt} (fault eval_fail)")
 
     seed_everything(job.seed)
-    model = load_for_task(job.checkpoint, task, cfg.attention_pattern, cfg.attention_backend).to(device)
+    model = load_for_task(
+        job.checkpoint, task, cfg.attention_pattern, cfg.attention_backend, cfg.trust_remote_code
+    ).to(device)
     metrics: dict[str, float] = {}
     predictions: dict[str, Any] = {}
     if task.kind == "glue":

@@ -14,7 +14,7 @@ from typing import Any
 DEVICES = ("auto", "cuda", "cpu")
 # Where a job runs, not what it computes: left out of the evaluation key (so --resume can finish an evaluation
 # on another kind of machine) and of the parent run's params (which MLflow never lets change on resume).
-RUNTIME_FIELDS = ("device",)
+RUNTIME_FIELDS = ("device", "trust_remote_code")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class FinetuneConfig:
     attention_backend: str = "auto"
     bf16: bool = False  # autocast to bfloat16 on GPU
     device: str = "auto"  # "auto": CUDA if torch sees a GPU, else CPU; "cuda": a GPU is required; "cpu"
+    trust_remote_code: bool = False  # a checkpoint whose mask pattern is "pkg.module:fn" may import it
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -11,12 +11,19 @@ from eval.tasks import TASKS, TaskSpec
 _RUN_ID_FILE = "mlflow_run_id"
 
 
-def load_for_task(checkpoint: str, task: TaskSpec, attention_pattern=None, attention_backend: str = "auto"):
+def load_for_task(
+    checkpoint: str,
+    task: TaskSpec,
+    attention_pattern=None,
+    attention_backend: str = "auto",
+    trust_remote_code: bool = False,
+):
     """``SparseBertForSequenceClassification`` / ``ForQuestionAnswering`` from any HF BERT or SparseBERT dir.
 
     ``attention_pattern=None`` keeps the checkpoint's own mask (a DAM mask is frozen by the fine-tuning classes);
     a name or dict replaces it. The task head is always fresh: ``ignore_mismatched_sizes`` lets a checkpoint
-    that already carries a head of another size (e.g. fine-tuned on MNLI) be used.
+    that already carries a head of another size (e.g. fine-tuned on MNLI) be used. ``trust_remote_code`` lets a
+    checkpoint whose mask pattern is a ``"package.module:function"`` path import that code.
     """
     import transformers
 
@@ -24,7 +31,7 @@ def load_for_task(checkpoint: str, task: TaskSpec, attention_pattern=None, atten
 
     # The load report lists the new head as "missing": expected here, so only errors are shown.
     transformers.logging.set_verbosity_error()
-    kwargs: dict = {"attention_backend": attention_backend}
+    kwargs: dict = {"attention_backend": attention_backend, "trust_remote_code": trust_remote_code}
     if attention_pattern is not None:
         kwargs["attention_pattern"] = attention_pattern
     if task.kind == "squad":
@@ -35,13 +42,17 @@ def load_for_task(checkpoint: str, task: TaskSpec, attention_pattern=None, atten
 
 
 def mask_sparsity(
-    checkpoint: str, seq_len: int, attention_pattern=None, attention_backend: str = "auto"
+    checkpoint: str,
+    seq_len: int,
+    attention_pattern=None,
+    attention_backend: str = "auto",
+    trust_remote_code: bool = False,
 ) -> float:
     """Fraction of masked positions of the mask fine-tuning will use, at ``seq_len`` (all layers and heads)."""
     from sparsebert import sparsity
 
     # Any sequence-classification task will do: the mask does not depend on the head.
-    model = load_for_task(checkpoint, TASKS["sst2"], attention_pattern, attention_backend)
+    model = load_for_task(checkpoint, TASKS["sst2"], attention_pattern, attention_backend, trust_remote_code)
     return sparsity(model.current_mask(seq_len))
 
 

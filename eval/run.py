@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hp.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPU")
     hp.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a checkpoint whose mask pattern is a 'package.module:function' path import that code",
+    )
+    hp.add_argument(
         "--device",
         default="auto",
         choices=DEVICES,
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_backend=args.attention_backend,
         bf16=args.bf16,
         device=args.device,
+        trust_remote_code=args.trust_remote_code,
     )
     outcome = run_evaluation(
         args.checkpoint,

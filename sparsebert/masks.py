@@ -123,6 +123,23 @@ def build_mask(spec: str | Mapping[str, Any] | MaskSpec, seq_len: int, num_heads
     return mask
 
 
+def code_reference(spec: str | Mapping[str, Any] | MaskSpec) -> str | None:
+    """The ``"package.module:function"`` a spec names when resolving it would import that module, else None.
+
+    Imports nothing: callers use it to refuse a pattern that arrives as data (a saved config) before any of
+    its code runs. Built-in, registered and learned patterns return None.
+    """
+    if isinstance(spec, MaskSpec):
+        name = spec.name
+    elif isinstance(spec, Mapping):
+        name = spec.get("name")
+    else:
+        name = spec
+    if not isinstance(name, str) or name in _PATTERNS or name in LEARNED_PATTERNS or ":" not in name:
+        return None
+    return name
+
+
 def sparsity(mask: torch.Tensor) -> float:
     """Fraction of masked (False) positions."""
     return 1.0 - mask.float().mean().item()

@@ -6,10 +6,16 @@ mask); once per forward pass it produces the pass's masks, which travel to every
 ``sparse_masks`` keyword and are applied by :mod:`sparsebert.attention`. Any HF BERT checkpoint loads
 (``from_pretrained(dir, attention_pattern=..., attention_backend=...)``), and with the dense pattern the
 output equals transformers' own ``BertModel``.
+
+A saved config whose pattern is a ``"package.module:function"`` path names code: loading it imports that module
+only with ``from_pretrained(dir, trust_remote_code=True)``, transformers' opt-in for a checkpoint's own code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,9 +41,41 @@ from sparsebert import attention, choices
 from sparsebert.dam import DamMask
 from sparsebert.layer_masks import LayerMasks
 from sparsebert.mask_source import build_mask_source
-from sparsebert.masks import MaskSpec, expand_alpha, parse_spec
+from sparsebert.masks import MaskSpec, code_reference, expand_alpha, parse_spec
 
 attention.register()
+
+# Whether the config being loaded may import the pattern code it names. transformers pops
+# ``trust_remote_code`` before it loads a model's config, so the model's ``from_pretrained`` sets this for the
+# duration of its load and the config's loader reads it.
+_TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("sparsebert_trust_remote_code", default=False)
+
+
+@contextmanager
+def _trusting(trust_remote_code: bool | None) -> Iterator[None]:
+    """Within the block, loaded configs may (True) or may not (False) import pattern code; None inherits."""
+    if trust_remote_code is None:
+        yield
+        return
+    token = _TRUST_REMOTE_CODE.set(bool(trust_remote_code))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def _check_trusted(spec, trust_remote_code: bool) -> None:
+    """Refuse a saved pattern that would import a module, unless the caller trusts the checkpoint."""
+    name = code_reference(spec)
+    if name is None or trust_remote_code:
+        return
+    module = name.partition(":")[0]
+    raise ValueError(
+        f"the saved config's attention_pattern {name!r} is code: using it imports module {module!r} and runs "
+        "it. If you trust this checkpoint, load it with trust_remote_code=True (SparseBert*.from_pretrained or "
+        "SparseBertConfig.from_pretrained; Auto classes: pass config=SparseBertConfig.from_pretrained(dir, "
+        "trust_remote_code=True)), or replace the pattern with attention_pattern=..."
+    )
 
 
 class SparseBertConfig(BertConfig):
@@ -46,7 +84,9 @@ class SparseBertConfig(BertConfig):
     Args:
         attention_pattern: a pattern spec — a name (``"star"``), a dict with parameter overrides
             (``{"name": "longformer", "window": 4}``, ``{"name": "dam_s", "lambda": 1e-4}``) or a
-            ``"package.module:function"`` user pattern. See :mod:`sparsebert.masks`.
+            ``"package.module:function"`` user pattern. See :mod:`sparsebert.masks`. A config built in code may
+            name any of them; a *loaded* one (``from_pretrained``, ``from_dict``, ``from_json_file``) imports a
+            ``"package.module:function"`` pattern only with ``trust_remote_code=True``.
         attention_backend: ``"auto"``, ``"eager"``, ``"sdpa"``, ``"flex"`` or ``"block_sparse"`` (see :mod:`sparsebert.attention`).
         mlm_logits: ``"all"`` (default: transformers' outputs) or ``"masked_only"``: when ``labels`` are given,
             the MLM head (transform + vocabulary projection, most of a small BERT's compute) runs only at
@@ -74,6 +114,32 @@ class SparseBertConfig(BertConfig):
             value = parse_spec(value).to_config()
         super().__setattr__(key, value)
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, trust_remote_code: bool | None = None, **kwargs
+    ):
+        """transformers' ``from_pretrained``; ``trust_remote_code=True`` lets the saved pattern import its module."""
+        with _trusting(trust_remote_code):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """A config from saved values: every loader (``from_pretrained``, ``AutoConfig``) comes through here, so
+        this is where a saved ``"package.module:function"`` pattern is refused unless trusted."""
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
+        if "attention_pattern" in kwargs:
+            # The caller's own pattern replaces the saved one, which is then never resolved (nor imported).
+            config_dict = {**config_dict, "attention_pattern": kwargs["attention_pattern"]}
+        else:
+            trusted = _TRUST_REMOTE_CODE.get() if trust_remote_code is None else bool(trust_remote_code)
+            _check_trusted(config_dict.get("attention_pattern"), trusted)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, json_file, trust_remote_code: bool | None = None):
+        """A config from a JSON file, gated like :meth:`from_dict` (transformers' version bypasses it)."""
+        return cls.from_dict(cls._dict_from_json_file(json_file), trust_remote_code=trust_remote_code)
+
     @property
     def mask_spec(self) -> MaskSpec:
         """``attention_pattern`` as a :class:`~sparsebert.masks.MaskSpec` (it is stored validated and complete)."""
@@ -86,6 +152,17 @@ class _SparseBertMixin:
     """What every SparseBert class shares: config class, weight init for α, mask access."""
 
     config_class = SparseBertConfig
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, trust_remote_code: bool | None = None, **kwargs
+    ):
+        """transformers' ``from_pretrained``; ``trust_remote_code=True`` lets the checkpoint's config import the
+        ``"package.module:function"`` pattern it names (refused otherwise, before any of its code runs)."""
+        with _trusting(trust_remote_code):
+            return super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, trust_remote_code=trust_remote_code, **kwargs
+            )
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -8,7 +8,14 @@ import textwrap
 import pytest
 import torch
 
-from sparsebert.masks import available_patterns, build_mask, parse_spec, register_pattern, sparsity
+from sparsebert.masks import (
+    available_patterns,
+    build_mask,
+    code_reference,
+    parse_spec,
+    register_pattern,
+    sparsity,
+)
 
 # The paper's baseline table: sparsity at L=128 with the defaults (ours).
 SPARSITY_AT_128 = {
@@ -140,6 +147,15 @@ def test_user_pattern_registered_outside_the_package(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'offst'"):
         build_mask({"name": "even_keys", "offst": 1}, 6, 2)
     sys.modules.pop("my_user_masks", None)
+
+
+def test_code_reference_names_dotted_paths_without_importing_them():
+    name = "not_imported_masks_xyz:fn"
+    assert code_reference(name) == name
+    assert code_reference({"name": name, "window": 3}) == name
+    assert "not_imported_masks_xyz" not in sys.modules
+    for spec in ("star", {"name": "longformer"}, "dam_s", parse_spec("bigbird"), ["star"], {"window": 3}):
+        assert code_reference(spec) is None
 
 
 def test_register_pattern_decorator_in_process():
