@@ -10,10 +10,9 @@ reference step (see ``common.py``): tokens/s come from the median step time, ``�
 the paired ratios. Rows: the reference, our model with several masks (``auto`` backend unless named), the
 DAM_s search step next to the frozen DAM_s step, and the opt-in ``mlm_logits="masked_only"``.
 
-On CUDA, MFU = model FLOPs / time / peak: FLOPs per step = 6·N·T + 12·layers·hidden·L·T (N = all parameters,
-the tied word embedding counted once as the MLM decoder's matmul; T = tokens; the second term is dense
-attention's QKᵀ and PV, forward + backward), minus 6·(T − T_mlm)·N_mlm-head when the MLM head runs on the
-T_mlm masked tokens only. Sparse rows are credited with the dense model's FLOPs (so MFU compares times).
+On CUDA, MFU = model FLOPs / time / peak, FLOPs by ``sparsebert.flops`` (the formula the trainer reports MFU
+with): 6·N·T + 12·layers·hidden·L·T, less the MLM head's share on unmasked tokens with masked-only logits.
+Sparse rows are credited with the dense model's FLOPs (so MFU compares times).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from common import (
 )
 from transformers import BertConfig, BertForPreTraining
 
-from sparsebert import SparseBertConfig, SparseBertForPreTraining
+from sparsebert import SparseBertConfig, SparseBertForPreTraining, flops
 
 # (row name, attention_pattern, attention_backend, mlm_logits, DAM searching)
 CANDIDATES = [
@@ -57,7 +56,6 @@ CANDIDATES = [
     ("dam_s frozen, masked_only", "dam_s", "auto", "masked_only", False),
     ("dam_s search, masked_only", "dam_s", "auto", "masked_only", True),
 ]
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}  # dense bf16 tensor-core peaks
 
 
 def batch_for(vocab: int, batch: int, seq_len: int, device: torch.device, seed: int = 0) -> dict:
@@ -78,16 +76,9 @@ def batch_for(vocab: int, batch: int, seq_len: int, device: torch.device, seed: 
 
 
 def model_flops(model: torch.nn.Module, cfg, batch: dict, masked_only: bool) -> float:
-    """FLOPs of one step by the module doc's formula."""
-    tokens = batch["input_ids"].numel()
-    seq_len = batch["input_ids"].shape[1]
-    n = sum(p.numel() for name, p in model.named_parameters() if "sparse_mask" not in name)
-    flops = 6 * n * tokens + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len * tokens
-    if masked_only:
-        head = sum(p.numel() for p in model.cls.predictions.transform.parameters())
-        head += cfg.vocab_size * cfg.hidden_size + cfg.vocab_size
-        flops -= 6 * (tokens - int((batch["labels"] != -100).sum())) * head
-    return flops
+    """FLOPs of one step (sparsebert.flops' formula, shared with the trainer)."""
+    masked = int((batch["labels"] != -100).sum()) if masked_only else None
+    return flops.model_flops(model, batch["input_ids"].numel(), batch["input_ids"].shape[1], masked)
 
 
 def make_step(model, optimizer, batch: dict, autocast) -> Callable[[], None]:
@@ -150,7 +141,7 @@ def run(args, size: str, seq_len: int, device: torch.device) -> tuple[list[list[
     speed[reference] = [1.0]
 
     tokens = batch_size * seq_len
-    peak = _peak_flops(device, args.peak_tflops)
+    peak = flops.peak_flops(device, args.peak_tflops)
     ref_cfg = ref.config
     rows = []
     for name, (model, masked_only) in models.items():
@@ -166,15 +157,6 @@ def run(args, size: str, seq_len: int, device: torch.device) -> tuple[list[list[
         if search and frozen:  # (t_ref / t_frozen) / (t_ref / t_search), each from paired calls
             ratios.append([size, seq_len, suffix.lstrip(", ") or "all", median(frozen) / median(search)])
     return rows, ratios
-
-
-def _peak_flops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
 HEADER = ["size", "L", "batch", "model", "step ms", "tokens/s", "× ref", "MFU"]

@@ -1,11 +1,24 @@
-"""Resumable DeepSpeed checkpoints (atomic ``latest``, keep the last K) and the final HF-format export."""
+"""Resumable DeepSpeed checkpoints and the final HF-format export, made safe for long runs.
+
+* ``latest`` moves (atomically) only once every rank has written its part, so resuming finds whole checkpoints.
+* A checkpoint records the training config; resuming with different values in keys that change the run is an
+  error naming them (``checkpoint.allow_config_change`` overrides).
+* Pruning deletes only checkpoints older than the one just written; checkpoints newer than a resumed tag stay
+  unless ``checkpoint.discard_newer`` says otherwise; only a crashed save's incomplete remains are cleaned up.
+* One run at a time per ``output_dir`` (:func:`lock_output_dir`); ``final/`` is swapped into place atomically.
+* RNG states are stored as plain tensors and numbers, so they load with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +27,12 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from sparsebert import deepspeed_setup as ds_setup
+from sparsebert.train_config import ConfigError, PretrainConfig, run_changes
 
 LATEST = "latest"
-TRAIN_STATE = "train_state.json"
+TRAIN_STATE = "train_state.json"  # written last, by rank 0, once every rank's part is on disk: a complete tag
+TRAIN_CONFIG = "train_config.json"
+LOCK = ".lock"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -29,7 +45,14 @@ def latest_tag(output_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def save(engine, output_dir: str | Path, step: int, train_state: dict[str, Any], keep_last: int) -> str:
+def save(
+    engine,
+    output_dir: str | Path,
+    step: int,
+    train_state: dict[str, Any],
+    keep_last: int,
+    train_config: dict[str, Any] | None = None,
+) -> str:
     """Every rank writes its part through DeepSpeed; ``latest`` moves only once all parts are on disk.
 
     A crash mid-save leaves a partial tag directory that ``latest`` never points to (it is cleaned up
@@ -41,6 +64,8 @@ def save(engine, output_dir: str | Path, step: int, train_state: dict[str, Any],
     torch.save(_rng_state(), root / tag / f"rng_rank{ds_setup.rank()}.pt")
     ds_setup.barrier()
     if ds_setup.rank() == 0:
+        if train_config is not None:
+            (root / tag / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=1))
         (root / tag / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
         tmp = root / f".{LATEST}.tmp"
         tmp.write_text(tag)
@@ -48,6 +73,57 @@ def save(engine, output_dir: str | Path, step: int, train_state: dict[str, Any],
         _prune(root, keep=keep_last, current=tag)
     ds_setup.barrier()
     return tag
+
+
+def saved_config(output_dir: str | Path, tag: str) -> dict[str, Any] | None:
+    """The training config a checkpoint was written with (None for checkpoints from before it was recorded)."""
+    path = checkpoint_dir(output_dir) / tag / TRAIN_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def newer_tags(output_dir: str | Path, tag: str) -> list[str]:
+    """Complete checkpoints newer than ``tag`` (a rollback to ``tag`` would overwrite them)."""
+    root = checkpoint_dir(output_dir)
+    return [t for t in _complete_tags(root) if t > tag] if root.is_dir() else []
+
+
+def discard_newer(output_dir: str | Path, tag: str) -> None:
+    """Delete the checkpoints newer than ``tag`` (rank 0; asked for with ``checkpoint.discard_newer``)."""
+    if ds_setup.rank() == 0:
+        for newer in newer_tags(output_dir, tag):
+            shutil.rmtree(checkpoint_dir(output_dir) / newer)
+    ds_setup.barrier()
+
+
+def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> None:
+    """Refuse to resume ``tag`` with a config that changes the run, or over newer checkpoints (unless the
+    config's ``checkpoint.allow_config_change`` / ``checkpoint.discard_newer`` say so; the latter deletes them)."""
+    saved = saved_config(output_dir, tag)
+    if saved is not None and not config.checkpoint.allow_config_change:
+        changed = run_changes(saved, config)
+        if changed:
+            raise ConfigError(
+                f"checkpoint {tag} in {output_dir} was written with other values of {', '.join(changed)}; "
+                "resuming would mix two runs. Use another output_dir, restore those values, or set "
+                "checkpoint.allow_config_change=true to resume anyway"
+            )
+    newer = newer_tags(output_dir, tag)
+    if newer and not config.checkpoint.discard_newer:
+        raise ConfigError(
+            f"checkpoint.resume={tag} is older than {', '.join(newer)} in {output_dir}; continuing from it would "
+            "overwrite them. Resume the newest, or set checkpoint.discard_newer=true to delete the newer ones"
+        )
+    if newer:
+        discard_newer(output_dir, tag)
+
+
+def weights_finite(model) -> bool:
+    """True when this rank's share of the weights is finite (ZeRO-3: its partitions)."""
+    for param in model.parameters():
+        data = getattr(param, "ds_tensor", param)  # ZeRO-3 keeps this rank's partition there
+        if data.numel() and not bool(data.isfinite().all()):
+            return False
+    return True
 
 
 def train_state(output_dir: str | Path, tag: str) -> dict[str, Any]:
@@ -69,7 +145,7 @@ def load(engine, output_dir: str | Path, tag: str) -> None:
         raise FileNotFoundError(
             f"{rng_file} is missing: the checkpoint was written by a different world size"
         )
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    _set_rng_state(torch.load(rng_file, weights_only=True))
 
 
 def export_final(
@@ -92,25 +168,89 @@ def export_final(
                 AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
             if mlflow_run_id:
                 (tmp / "mlflow_run_id").write_text(mlflow_run_id)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
+            _swap_into_place(tmp, out_dir)
     ds_setup.barrier()
 
 
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Make ``new`` the directory at ``target`` without a moment in which ``target`` is missing or half-written:
+    an atomic exchange where the kernel offers one (Linux ``renameat2``), else two renames."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if not _exchange(new, target):
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        new = old
+    shutil.rmtree(new)  # after the exchange, the previous directory
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False  # a filesystem or kernel without the exchange
+    raise OSError(ctypes.get_errno(), f"cannot swap {a} into place at {b}")
+
+
+def lock_output_dir(output_dir: str | Path):
+    """Hold ``output_dir``'s lock for this process's lifetime (call on rank 0), or raise naming its holder.
+
+    An ``flock``: the kernel drops it when the process ends however it ends, so a crashed or killed run never
+    leaves it stuck. Returns the open lock file (keep a reference: closing it releases the lock)."""
+    path = Path(output_dir) / LOCK
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the life of the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(
+            f"{output_dir} is in use by a running training run ({holder}); two runs on one output_dir would "
+            "delete each other's checkpoints. Wait for it to end, or choose another output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 def _prune(root: Path, keep: int, current: str) -> None:
+    """Keep the ``keep`` newest complete checkpoints up to ``current`` (the one just written); delete older
+    ones, and incomplete remains of a crashed save. Complete checkpoints newer than ``current`` (a run resumed
+    from an older tag) are never touched here."""
     tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
-    complete = [t for t in tags if t <= current]
-    for tag in complete[:-keep]:
+    complete = set(_complete_tags(root))
+    older = [t for t in tags if t <= current and t in complete]
+    for tag in older[:-keep]:
         shutil.rmtree(root / tag, ignore_errors=True)
-    for tag in tags:  # a tag newer than `latest` is the remains of a crashed save
-        if tag > current:
+    for tag in tags:
+        if tag not in complete and tag != current:
             shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def _complete_tags(root: Path) -> list[str]:
+    return sorted(p.parent.name for p in root.glob(f"step*/{TRAIN_STATE}"))
 
 
 def _rng_state() -> dict[str, Any]:
     """Every random stream a rank draws from: Python, NumPy, torch's CPU generator and, on an accelerator, the
-    generator of every device it sees (dropout and DAM's Gumbel noise draw from the device's generator)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    generator of every device it sees (dropout and DAM's Gumbel noise draw from the device's generator).
+    Tensors, numbers and tuples only, so it loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         state["accelerator"] = [accelerator.get_rng_state(i) for i in range(accelerator.device_count())]
@@ -119,7 +259,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     accelerator = get_accelerator()
     saved = state.get("accelerator", [])

@@ -60,7 +60,9 @@ def deepspeed_config(config: PretrainConfig) -> dict[str, Any]:
         )
     ds["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
     ds["gradient_accumulation_steps"] = config.train.grad_accum_steps
-    ds["gradient_clipping"] = config.train.grad_clip
+    # Where the trainer guards the optimizer steps itself (see guards_steps), it clips too: DeepSpeed's stage-0
+    # clipping would discard the gradient norm the run reports.
+    ds["gradient_clipping"] = 0.0 if guards_steps(ds) else config.train.grad_clip
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     # Our optimizers (LAMB from pytorch-optimizer, torch AdamW) are plain torch optimizers that ZeRO runs on
     # its flat partitions; DeepSpeed flags any optimizer it does not ship as "untested". The ZeRO-stage
@@ -79,6 +81,12 @@ def precision(ds: dict[str, Any]) -> str:
     if ds.get("bf16", {}).get("enabled"):
         return "bf16 weights and gradient accumulation"
     return "fp32"
+
+
+def guards_steps(ds: dict[str, Any]) -> bool:
+    """True where DeepSpeed's optimizer would neither skip a step with non-finite gradients nor report the
+    gradient norm: ZeRO stage 0 without fp16. There the trainer wraps its optimizer in ``optim.GuardedSteps``."""
+    return zero_stage(ds) == 0 and not ds.get("fp16", {}).get("enabled")
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -172,6 +180,22 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
     reduced = values.clone()
     dist.all_reduce(reduced)
     return reduced / world_size()
+
+
+_CONTROL_GROUP = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank: a host-side agreement (a stop request, an error on
+    one rank) through a gloo group, so it never waits on the device's queue of work."""
+    global _CONTROL_GROUP
+    if not dist.is_initialized():
+        return flag
+    if _CONTROL_GROUP is None:  # created by every rank at its first agreement, as new_group requires
+        _CONTROL_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    vote = torch.tensor([int(flag)])
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return bool(vote.item())
 
 
 def same_on_all_ranks(tensor: torch.Tensor) -> bool:

@@ -5,6 +5,8 @@ nothing mocked. Unset, no fault exists. The value is ``name=value`` pairs separa
 
 * ``crash_after_step=N`` — pre-training: rank 0 kills itself (SIGKILL) right after step N (and its checkpoint);
 * ``nonfinite_at_step=N`` — pre-training: rank 0's loss is made infinite once, in the first attempt at step N;
+* ``nonfinite_from_step=N`` — pre-training: rank 0's loss is infinite in every attempt from step N on;
+* ``sigterm_at_step=N`` — pre-training: the last rank sends itself SIGTERM after step N (preemption);
 * ``eval_fail=TASK[:N],...`` — evaluation: attempts of TASK's jobs fail (all of them, or the first N).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 
 ENV = "SPARSEBERT_FAULTS"
-KNOWN = ("crash_after_step", "nonfinite_at_step", "eval_fail")
+KNOWN = ("crash_after_step", "nonfinite_at_step", "nonfinite_from_step", "sigterm_at_step", "eval_fail")
 
 
 def fault(name: str) -> str | None:

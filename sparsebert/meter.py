@@ -36,6 +36,7 @@ class Meter:
             "mlm_loss": outputs.mlm_loss,
             "mlm_accuracy": hits / selected.sum().clamp_min(1),
             "tokens": batch["attention_mask"].sum(),
+            "masked_tokens": selected.sum(),
         }
         if outputs.nsp_loss is not None:
             values["nsp_loss"] = outputs.nsp_loss
@@ -73,8 +74,8 @@ class Meter:
         values = torch.stack(list(reduced.values())).tolist() if reduced else []
         metrics = dict(zip(reduced, values, strict=True))
         world = ds_setup.world_size()
-        tokens = metrics.pop("tokens", 0.0) * self.count  # this rank's mean → all ranks' total / world
-        metrics["tokens_per_s"] = tokens * world / elapsed
+        for key in ("tokens", "masked_tokens"):  # this rank's mean per micro-batch → all ranks' rate
+            metrics[f"{key}_per_s"] = metrics.pop(key, 0.0) * self.count * world / elapsed
         metrics["samples_per_s"] = self.samples * world / elapsed
         self._reset()
         return metrics

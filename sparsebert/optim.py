@@ -48,11 +48,46 @@ def _adamw(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
 OPTIMIZERS = {"lamb": _lamb, "adamw": _adamw}
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """``train.optimizer`` over :func:`param_groups`."""
-    return OPTIMIZERS[choices.check("train.optimizer", train.optimizer, list(OPTIMIZERS))](
+def build_optimizer(model: nn.Module, train: TrainConfig, guarded: bool = False) -> torch.optim.Optimizer:
+    """``train.optimizer`` over :func:`param_groups`; ``guarded``: wrapped in :class:`GuardedSteps`."""
+    optimizer = OPTIMIZERS[choices.check("train.optimizer", train.optimizer, list(OPTIMIZERS))](
         param_groups(model, train), train
     )
+    return GuardedSteps(optimizer, train.grad_clip) if guarded else optimizer
+
+
+class GuardedSteps(torch.optim.Optimizer):
+    """What DeepSpeed's ZeRO and fp16 optimizers do and a plain torch optimizer under ZeRO stage 0 does not:
+    clip the gradients (keeping their norm before clipping, which the engine reports), and skip a step whose
+    gradients hold inf or NaN, saying so as DeepSpeed's own optimizers do (``overflow``) — DeepSpeed then
+    leaves the LR schedule where it is and counts the step as skipped. Without it, one bad batch writes NaN
+    into every weight. The gradients are already averaged over ranks when ``step`` runs, so all ranks agree."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float):  # the wrapped one owns all state
+        self.optimizer = optimizer
+        self.max_norm = max_norm if max_norm > 0 else float("inf")
+        self.overflow = False
+        self._global_grad_norm: torch.Tensor | None = None  # read by the DeepSpeed engine after each step
+
+    param_groups = property(lambda self: self.optimizer.param_groups)
+    state = property(lambda self: self.optimizer.state)
+    defaults = property(lambda self: self.optimizer.defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        self.overflow = not bool(self._global_grad_norm.isfinite())
+        return None if self.overflow else self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None = None):

@@ -18,7 +18,7 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +32,18 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from sparsebert import checkpoint, optim
+from sparsebert import build, checkpoint, run_report
 from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.corpus import open_reader, prepare_default_corpus
 from sparsebert.faults import step_fault
 from sparsebert.masks import sparsity
 from sparsebert.meter import Meter
-from sparsebert.modeling import SparseBertConfig, SparseBertForPreTraining
+from sparsebert.modeling import SparseBertForPreTraining
+from sparsebert.preemption import StopRequest
+from sparsebert.run_report import report
 from sparsebert.tracking import RunTracker, flatten, git_commit
 from sparsebert.train_config import (
     DEFAULT_PRESET,
-    MODEL_SIZES,
     DamConfig,
     PretrainConfig,
     describe,
@@ -77,6 +78,8 @@ class Run:
     scheduler: Any
     tracker: RunTracker
     state: TrainState
+    stop: StopRequest = field(default_factory=StopRequest)
+    lock: Any = None  # rank 0's hold on output_dir (released when the process ends)
 
     @property
     def seq_len(self) -> int:
@@ -93,8 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         print(describe())
         return 0
     run = setup(load_config(args.config or DEFAULT_PRESET, args.overrides))
-    train(run)
-    finish(run)
+    try:
+        completed = train(run)
+    except BaseException:
+        run.tracker.end("FAILED")  # the MLflow run says so; a resume marks it running again
+        raise
+    if completed:
+        finish(run)
+    else:
+        run.tracker.end("KILLED")  # stopped by a signal, checkpointed: the same command resumes it
     return 0
 
 
@@ -107,15 +117,18 @@ def setup(config: PretrainConfig) -> Run:
     ds = ds_setup.deepspeed_config(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
     data_dir = Path(config.data.path) if config.data.path else prepare_default_corpus(rank0)
     reader = open_reader(data_dir, config)  # batches arrive on this rank's device
 
     resume_tag = _resume_tag(config, out)
+    if resume_tag:
+        checkpoint.check_resume(out, resume_tag, config)
     resumed = TrainState(**checkpoint.train_state(out, resume_tag)) if resume_tag else None
     restarted = resumed is not None and resumed.restarted
     tokenizer = reader.tokenizer
-    model = build_model(config, len(tokenizer), tokenizer.pad_token_id, ds, frozen=restarted)
-    engine, scheduler = build_engine(model, config, ds, restarted=restarted)
+    model = build.build_model(config, len(tokenizer), tokenizer.pad_token_id, ds, frozen=restarted)
+    engine, scheduler = build.build_engine(model, config, ds, restarted=restarted)
     engine.train()  # from_pretrained returns models in eval mode: no dropout, and a DAM mask would not search
     # Training randomness (dropout, Gumbel noise) starts from the seed whatever the ZeRO stage consumed
     # while building the model; ranks get distinct streams.
@@ -125,7 +138,7 @@ def setup(config: PretrainConfig) -> Run:
         checkpoint.load(engine, out, resume_tag)
         reader.load_state_dict(state.reader)
         if state.stage == 2 and not model.mask_frozen:  # the search ended before the checkpoint
-            _freeze_in_place(model, engine, scheduler)
+            build.freeze_in_place(model, engine, scheduler)
 
     tracker = RunTracker(enabled=rank0 and config.mlflow.enabled)
     tracker.start(
@@ -135,20 +148,20 @@ def setup(config: PretrainConfig) -> Run:
     state.mlflow_run_id = tracker.run_id
     if not resumed:
         tracker.log_configs(config.to_dict(), ds)
-    _report(rank0, f"output: {out.resolve()}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
-    _report(
-        rank0,
+    report(f"output: {out.resolve()}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
+    report(
         f"device: {ds_setup.device()}  |  ZeRO stage {ds_setup.zero_stage(ds)}  |  {ds_setup.precision(ds)}",
     )
     if resumed:
-        _report(rank0, f"resumed from {resume_tag} at step {state.step} (stage {state.stage})")
-    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state)
-    report_attention(run)
+        report(f"resumed from {resume_tag} at step {state.step} (stage {state.stage})")
+    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, lock=lock)
+    run_report.report_attention(run)
     return run
 
 
-def train(run: Run) -> None:
-    """Train to ``train.max_steps``: the DAM search first (stage 1), then the fixed mask (stage 2)."""
+def train(run: Run) -> bool:
+    """Train to ``train.max_steps``: the DAM search first (stage 1), then the fixed mask (stage 2). False when a
+    stop signal ended it early (checkpointed: the same command resumes)."""
     config, state = run.config, run.state
     progress = tqdm(
         total=config.train.max_steps, initial=state.step, disable=not run.rank0, dynamic_ncols=True
@@ -156,27 +169,54 @@ def train(run: Run) -> None:
     meter = Meter()
     batches = iter(run.reader)
     poison_step = step_fault("nonfinite_at_step") if run.rank0 else 0  # tests: the skipped-step path
+    poison_from = step_fault("nonfinite_from_step") if run.rank0 else 0
+    sigterm_at = step_fault("sigterm_at_step") if ds_setup.rank() == ds_setup.world_size() - 1 else 0
+    bad_streak = 0
     while state.step < config.train.max_steps:
         if state.stage == 1 and state.step >= config.dam.search_steps:
             end_search(run)
         if state.stage == 1:
             _anneal_temperature(run.model, config.dam, state.step)
-        poison = poison_step == state.step + 1
-        poison_step = 0 if poison else poison_step
-        if not train_step(run, batches, meter, poison):
-            continue
-        progress.update(1)
-        if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
-            metrics = {**meter.flush(), **_state_metrics(run)}
-            run.tracker.log_metrics(metrics, state.step)
-            progress.set_postfix(
-                stage=state.stage, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+        poison = poison_step == state.step + 1 or 0 < poison_from <= state.step + 1
+        poison_step = 0 if poison_step == state.step + 1 else poison_step
+        applied = train_step(run, batches, meter, poison)
+        bad_streak = 0 if applied else bad_streak + 1
+        if bad_streak >= config.train.max_bad_steps:
+            _stop_on_bad_steps(run, bad_streak)
+        saved = False
+        if applied:
+            progress.update(1)
+            if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
+                _log(run, meter, progress)
+            if config.checkpoint.every and state.step % config.checkpoint.every == 0:
+                _save(run)
+                saved = True
+            if run.rank0 and state.step == step_fault("crash_after_step"):  # tests: the resume path
+                os.kill(os.getpid(), signal.SIGKILL)
+            if sigterm_at and state.step == sigterm_at:  # tests: preemption, a real signal to the last rank
+                os.kill(os.getpid(), signal.SIGTERM)
+        if run.stop.agreed():  # every rank, at this same step boundary
+            if meter.count:
+                _log(run, meter, progress)  # the interval so far: its steps are not replayed on resume
+            if not saved:
+                _save(run)
+            progress.close()
+            report(
+                f"stopped by {run.stop.reason} at step {state.step}: checkpoint written to {run.out}; "
+                "run the same command to resume",
             )
-        if config.checkpoint.every and state.step % config.checkpoint.every == 0:
-            _save(run)
-        if run.rank0 and state.step == step_fault("crash_after_step"):  # tests: the resume path
-            os.kill(os.getpid(), signal.SIGKILL)
+            return False
     progress.close()
+    return True
+
+
+def _log(run: Run, meter: Meter, progress) -> None:
+    metrics = run_report.with_mfu(run, meter.flush())
+    metrics.update(run_report.state_metrics(run))
+    run.tracker.log_metrics(metrics, run.state.step)
+    progress.set_postfix(
+        stage=run.state.stage, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+    )
 
 
 def train_step(run: Run, batches, meter: Meter, poison: bool = False) -> bool:
@@ -218,14 +258,14 @@ def end_search(run: Run) -> None:
         learned = {k: v.detach().clone() for k, v in model.mask_source.state_dict().items()}
     if config.dam.restart_weights:
         run.engine.destroy()
-        model = build_model(config, model.config.vocab_size, model.config.pad_token_id, ds, frozen=True)
+        model = build.build_model(config, model.config.vocab_size, model.config.pad_token_id, ds, frozen=True)
         with ds_setup.gathered(model.mask_source.parameters(), ds, modifier_rank=0), torch.no_grad():
             model.mask_source.load_state_dict(learned)
-        run.engine, run.scheduler = build_engine(model, config, ds, restarted=True)
+        run.engine, run.scheduler = build.build_engine(model, config, ds, restarted=True)
         run.engine.train()
         run.model = model
     else:
-        _freeze_in_place(model, run.engine, run.scheduler)
+        build.freeze_in_place(model, run.engine, run.scheduler)
     run.state.stage, run.state.restarted = 2, config.dam.restart_weights
     mask = model.current_mask(run.seq_len)
     _save_rank_mask(run.out, "stage1_frozen", mask)
@@ -233,8 +273,8 @@ def end_search(run: Run) -> None:
         raise RuntimeError("the frozen DAM mask differs between ranks; refusing to continue")
     run.tracker.log_mask("stage1_frozen", mask, importance=importance)
     run.tracker.log_metrics({"frozen_sparsity": sparsity(mask)}, step=config.dam.search_steps)
-    _report(run.rank0, f"\nDAM search done: mask frozen at sparsity {sparsity(mask):.1%}")
-    report_attention(run)
+    report(f"\nDAM search done: mask frozen at sparsity {sparsity(mask):.1%}")
+    run_report.report_attention(run)
 
 
 def finish(run: Run) -> None:
@@ -250,70 +290,14 @@ def finish(run: Run) -> None:
     checkpoint.export_final(run.model, run.ds, final, run.reader.tokenizer_dir, tracker.run_id)
     tracker.set_tags({"final_model_dir": str(final.resolve()), "final_sparsity": sparsity(final_mask)})
     tracker.end()
-    _report(run.rank0, f"done: model in {final.resolve()}")
+    report(f"done: model in {final.resolve()}")
     if tracker.run_id:
-        _report(
-            run.rank0,
+        report(
             f"MLflow run {tracker.run_id} (experiment {config.mlflow.experiment!r}); view it with `mlflow ui`",
         )
 
 
 # --- building blocks ---------------------------------------------------------------------------------------
-
-
-def build_model(
-    config: PretrainConfig, vocab_size: int, pad_token_id: int, ds: dict, frozen: bool = False
-) -> SparseBertForPreTraining:
-    """The model of ``config.model`` (random init, or continued from ``model.init_from``)."""
-    m = config.model
-    pattern = m.mask_spec.to_config()
-    if frozen:
-        pattern["frozen"] = True
-    layers, hidden, heads = MODEL_SIZES[m.size]
-    hidden = m.hidden_size or hidden
-    arch = dict(
-        num_hidden_layers=m.num_layers or layers,
-        hidden_size=hidden,
-        num_attention_heads=m.num_heads or heads,
-        intermediate_size=m.intermediate_size or 4 * hidden,
-        max_position_embeddings=m.max_position_embeddings,
-        hidden_dropout_prob=m.hidden_dropout,
-        attention_probs_dropout_prob=m.attention_dropout,
-    )
-    torch.manual_seed(config.train.seed)  # the same initial weights on every rank and in every stage
-    ds_setup.enable_zero3_init(ds)
-    if m.init_from:
-        return SparseBertForPreTraining.from_pretrained(
-            m.init_from,
-            attention_pattern=pattern,
-            attention_backend=m.attention_backend,
-            mlm_logits=m.mlm_logits,
-        )
-    model_config = SparseBertConfig(
-        vocab_size=vocab_size,
-        pad_token_id=pad_token_id,
-        attention_pattern=pattern,
-        attention_backend=m.attention_backend,
-        mlm_logits=m.mlm_logits,
-        **arch,
-    )
-    return SparseBertForPreTraining._from_config(model_config)
-
-
-def build_engine(model, config: PretrainConfig, ds: dict, restarted: bool = False):
-    """DeepSpeed engine + schedule. After a weight restart, the schedule spans stage 2 only."""
-    optimizer = optim.build_optimizer(model, config.train)
-    offset = config.dam.search_steps if restarted else 0
-    total = config.train.max_steps - offset
-
-    return ds_setup.initialize(
-        model, optimizer, lambda opt: optim.build_scheduler(opt, config.train, total), ds
-    )
-
-
-def _freeze_in_place(model, engine, scheduler) -> None:
-    model.freeze_mask()
-    optim.stop_dam_updates(engine.optimizer, scheduler)
 
 
 def _anneal_temperature(model, dam: DamConfig, step: int) -> None:
@@ -324,41 +308,44 @@ def _anneal_temperature(model, dam: DamConfig, step: int) -> None:
 
 
 def _save(run: Run) -> None:
+    """A checkpoint of the run, never of non-finite weights (the newest good one stays the newest)."""
+    if ds_setup.any_rank(not checkpoint.weights_finite(run.engine.module)):
+        raise FloatingPointError(
+            f"the weights are not finite at step {run.state.step}; no checkpoint written. "
+            f"{_last_good(run)}: lower train.lr (or check the data) and resume from it"
+        )
     state = replace(run.state, reader=run.reader.state_dict())
-    checkpoint.save(run.engine, run.out, state.step, vars(state), run.config.checkpoint.keep_last)
-
-
-def _state_metrics(run: Run) -> dict[str, float]:
-    """What the log reports besides the meter: schedule, DAM state, skipped steps and the fp16 loss scale."""
-    metrics = {
-        "lr": run.scheduler.get_last_lr()[0],
-        "stage": float(run.state.stage),
-        "mask_density": float(run.model.current_mask(run.seq_len).float().mean()),
-        "skipped_steps": float(run.state.skipped_steps),
-    }
-    if (tau := run.model.mask_temperature) is not None:
-        metrics["tau"] = tau
-    if (scale := ds_setup.loss_scale(run.engine)) is not None:
-        metrics["loss_scale"] = scale
-    return metrics
-
-
-def report_attention(run: Run) -> None:
-    """Print and log the attention backend a training pass of this stage runs and the dropout it applies."""
-    model, stage = run.model, run.state.stage
-    backend, dropout = model.attention_in_force(run.seq_len, training=True)
-    configured = model.config.attention_probs_dropout_prob
-    note = (
-        f" (model.attention_dropout={configured:g}: {backend} applies none)" if dropout != configured else ""
+    checkpoint.save(
+        run.engine, run.out, state.step, vars(state), run.config.checkpoint.keep_last, run.config.to_dict()
     )
-    _report(
-        ds_setup.rank() == 0,
-        f"stage {stage}: attention backend {backend} (model.attention_backend="
-        f"{model.config.attention_backend}), attention dropout {dropout:g}{note}",
+
+
+def _last_good(run: Run) -> str:
+    tag = checkpoint.latest_tag(run.out)
+    where = checkpoint.checkpoint_dir(run.out)
+    return f"the last good checkpoint is {tag} in {where}" if tag else "no checkpoint was written yet"
+
+
+def _stop_on_bad_steps(run: Run, streak: int) -> None:
+    raise FloatingPointError(
+        f"{streak} consecutive steps were skipped (non-finite loss or gradients"
+        f"{', or fp16 overflow' if run.engine.fp16_enabled() else ''}), the last one aiming at step "
+        f"{run.state.step + 1} (train.max_bad_steps={run.config.train.max_bad_steps}); {_last_good(run)}: lower "
+        "train.lr (or check the data) and resume from it"
     )
-    run.tracker.log_params(
-        {f"attention.stage{stage}.backend": backend, f"attention.stage{stage}.dropout": dropout}
-    )
+
+
+def _lock(out: Path):
+    """Rank 0 holds ``out``'s lock; every rank fails alike when another run holds it."""
+    lock, error = None, None
+    if ds_setup.rank() == 0:
+        try:
+            lock = checkpoint.lock_output_dir(out)
+        except RuntimeError as err:
+            error = err
+    if ds_setup.any_rank(error is not None):
+        raise error or RuntimeError(f"{out} is in use by another training run (rank 0 could not lock it)")
+    return lock
 
 
 def _model_inputs(batch: dict, nsp: bool) -> dict:
@@ -396,11 +383,6 @@ def _params(config: PretrainConfig, ds: dict) -> dict:
         device_type=ds_setup.device().type,
     )  # fmt: skip
     return params
-
-
-def _report(rank0: bool, message: str) -> None:
-    if rank0:
-        print(message, flush=True)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

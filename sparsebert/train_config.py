@@ -37,9 +37,11 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def _f(default: Any, help: str, one_of: Any = None) -> Any:
-    """A documented config field; ``one_of`` (a list of names, read when a config is loaded) restricts it."""
-    metadata = {"help": help, "choices": one_of}
+def _f(default: Any, help: str, one_of: Any = None, neutral: bool = False) -> Any:
+    """A documented config field; ``one_of`` (a list of names, read when a config is loaded) restricts it;
+    ``neutral`` fields (where output goes, how often to log or save, how long to train) may change when a run
+    resumes, every other field changes what the run computes (:func:`run_changes`)."""
+    metadata = {"help": help, "choices": one_of, "neutral": neutral}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -84,15 +86,15 @@ class DataConfig:
     mlm_probability: float = _f(0.15, "fraction of tokens predicted by the MLM objective")
     whole_word_masking: bool = _f(False, "mask whole words rather than word pieces")
     nsp: bool = _f(True, "train next-sentence prediction (needs shards prepared with NSP pairs)")
-    prefetch: int = _f(2, "batches each rank prepares ahead")
+    prefetch: int = _f(2, "batches each rank prepares ahead", neutral=True)
     log_sample_ids: bool = _f(
-        False, "append each step's sample ids to output_dir/samples.rank{r}.jsonl (audits)"
+        False, "append each step's sample ids to output_dir/samples.rank{r}.jsonl (audits)", neutral=True
     )
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(300, "optimizer steps in total, both DAM stages included")
+    max_steps: int = _f(300, "optimizer steps in total, both DAM stages included", neutral=True)
     micro_batch_size: int = _f(16, "sequences per rank per forward pass")
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
     optimizer: str = _f("lamb", "lamb (the paper's) or adamw", choices.OPTIMIZERS)
@@ -106,7 +108,15 @@ class TrainConfig:
     poly_power: float = _f(0.5, "power of the polynomial decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = _f(42, "seed for weights, data order, masking and Gumbel noise")
-    log_every: int = _f(10, "steps between metric logs")
+    log_every: int = _f(10, "steps between metric logs", neutral=True)
+    peak_tflops: float | None = _f(
+        None, "one device's peak TFLOP/s for MFU; null = the GPU's known dense bf16 peak", neutral=True
+    )
+    max_bad_steps: int = _f(
+        20,
+        "stop after this many consecutive skipped steps (non-finite loss or gradients, fp16 overflow)",
+        neutral=True,
+    )
 
 
 @dataclass
@@ -123,24 +133,32 @@ class DamConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(100, "steps between DeepSpeed checkpoints (0 = only at the end)")
-    keep_last: int = _f(2, "checkpoints kept; older ones are deleted")
-    resume: str = _f("auto", "auto (resume when output_dir has a checkpoint), never, or a checkpoint tag")
+    every: int = _f(100, "steps between DeepSpeed checkpoints (0 = only at the end)", neutral=True)
+    keep_last: int = _f(2, "checkpoints kept; older ones are deleted", neutral=True)
+    resume: str = _f(
+        "auto", "auto (resume when output_dir has a checkpoint), never, or a checkpoint tag", neutral=True
+    )
+    allow_config_change: bool = _f(
+        False, "resume although keys that change the run (model, data, optimizer, ...) differ", neutral=True
+    )
+    discard_newer: bool = _f(
+        False, "resuming an older tag: delete the checkpoints newer than it (kept otherwise)", neutral=True
+    )
 
 
 @dataclass
 class MlflowConfig:
-    enabled: bool = _f(True, "log the run to MLflow (rank 0 only)")
-    experiment: str = _f("sparsebert-pretrain", "MLflow experiment name")
-    run_name: str | None = _f(None, "MLflow run name; null = the output directory's name")
+    enabled: bool = _f(True, "log the run to MLflow (rank 0 only)", neutral=True)
+    experiment: str = _f("sparsebert-pretrain", "MLflow experiment name", neutral=True)
+    run_name: str | None = _f(None, "MLflow run name; null = the output directory's name", neutral=True)
     tracking_uri: str | None = _f(
-        None, "null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir"
+        None, "null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir", neutral=True
     )
 
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = _f("runs/demo", "checkpoints, the final model and logs go here")
+    output_dir: str = _f("runs/demo", "checkpoints, the final model and logs go here", neutral=True)
     deepspeed_config: str = _f("ds_configs/cpu.json", "DeepSpeed JSON (ZeRO stage, precision, offload)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +192,28 @@ def load_config(
     return config
 
 
+def run_changes(saved: dict[str, Any], config: PretrainConfig) -> list[str]:
+    """The dotted keys whose values differ between a checkpoint's config (``saved``, as ``to_dict()`` gave it)
+    and ``config``, leaving out the neutral ones (where output goes, logging and checkpoint cadence, length)."""
+    changed = []
+
+    def walk(cls, old: dict[str, Any], new: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, value = f"{prefix}{f.name}", getattr(new, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], old.get(f.name, {}), value, f"{key}.")
+            elif not f.metadata.get("neutral") and old.get(f.name, _default(f)) != value:
+                changed.append(key)
+
+    walk(PretrainConfig, saved, config, "")
+    return changed
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def describe() -> str:
     """Every key with its type, default and help, for ``--help-config``."""
     lines = []
@@ -184,7 +224,7 @@ def describe() -> str:
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = _default(f)
             allowed = f.metadata.get("choices")
             names = f" (one of: {', '.join(allowed)})" if allowed is not None else ""
             lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}{names}")

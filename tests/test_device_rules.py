@@ -19,8 +19,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsebert import deepspeed_setup as ds_setup
+from sparsebert.build import build_model
 from sparsebert.corpus import open_reader
-from sparsebert.pretrain import Meter, _model_inputs, build_model
+from sparsebert.meter import Meter
+from sparsebert.pretrain import _model_inputs
 from sparsebert.train_config import load_config
 
 ACCELERATOR = torch.device("meta")

@@ -1,7 +1,8 @@
 """Pre-training end to end through the real `deepspeed` launcher (2 CPU ranks), read back through MLflow.
 
 The launches are shared between tests (each costs ~40 s): one two-stage DAM_s run per ZeRO stage (0, 2, 3),
-a ZeRO-2 run killed after a checkpoint, then resumed, and a bf16-autocast ZeRO-2 run with one skipped step.
+a ZeRO-2 run killed after a checkpoint, then resumed, one stopped by SIGTERM, then resumed, a bf16-autocast ZeRO-2
+run with one skipped step, and a ZeRO-0 run that diverges.
 """
 
 from __future__ import annotations
@@ -294,6 +295,40 @@ def test_skipped_step_moves_neither_schedule_in_a_bf16_autocast_run(launcher):
         assert len(records) == MAX_STEPS + 1
     state = json.loads((out / "checkpoints" / f"step{MAX_STEPS:08d}" / "train_state.json").read_text())
     assert state["skipped_steps"] == 1
+
+
+def test_sigterm_on_one_rank_checkpoints_every_rank_exits_0_and_resumes_exactly(launcher):
+    """A real SIGTERM to the last rank after step 3 (as a preemption sends): every rank stops at that step
+    boundary with a checkpoint and exit 0; the same command then resumes to the uninterrupted run's losses."""
+    stopped = launcher.run("preempted", "cpu_zero2.json", env={"SPARSEBERT_FAULTS": "sigterm_at_step=3"})
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert "stopped by a stop signal on another rank at step 3" in stopped.stdout
+    out = launcher.root / "preempted"
+    assert (out / "checkpoints" / "latest").read_text() == "step00000003" and not (out / "final").exists()
+    resumed = launcher.run("preempted", "cpu_zero2.json")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step00000003 at step 3" in resumed.stdout
+    reference = launcher.losses(launcher.completed("cpu_zero2", "cpu_zero2.json").name)
+    losses = launcher.losses("preempted")
+    for step in range(1, MAX_STEPS + 1):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_consecutive_non_finite_steps_stop_the_run_naming_the_last_good_checkpoint(launcher):
+    """ZeRO-0 (where the trainer guards the optimizer itself): rank 0's loss is infinite from step 5 on; the
+    steps are skipped, never applied, and after train.max_bad_steps the run stops naming step 4's checkpoint."""
+    result = launcher.run(
+        "diverged", "cpu.json", "train.max_bad_steps=3", env={"SPARSEBERT_FAULTS": "nonfinite_from_step=5"}
+    )
+    assert result.returncode != 0
+    assert "3 consecutive steps were skipped" in result.stderr + result.stdout
+    assert "the last good checkpoint is step00000004" in result.stderr + result.stdout
+    root = launcher.root / "diverged" / "checkpoints"
+    assert (root / "latest").read_text() == "step00000004" and (
+        root / "step00000004" / "train_state.json"
+    ).is_file()
+    losses = launcher.losses("diverged")
+    assert sorted(losses) == [1, 2, 3, 4] and all(abs(v) < 1e6 for v in losses.values())
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
