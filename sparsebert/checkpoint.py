@@ -134,18 +134,37 @@ def train_state(output_dir: str | Path, tag: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load(engine, output_dir: str | Path, tag: str) -> None:
-    """Restore model, optimizer, scheduler (through DeepSpeed) and this rank's RNG."""
-    root = checkpoint_dir(output_dir)
-    path, _ = engine.load_checkpoint(str(root), tag=tag)
+def load(
+    engine, output_dir: str | Path, tag: str, saved_world_size: int | None, reshard: bool = False
+) -> bool:
+    """Restore model, optimizer, scheduler (through DeepSpeed) and this rank's RNG; True for an exact resume.
+
+    On another world size than the checkpoint's (``saved_world_size``), ``reshard`` restores the weights and the
+    LR schedule's position but starts a fresh optimizer state (the moments build up again) and fresh random
+    streams: ZeRO partitions the optimizer state by rank, so it does not carry over. Without ``reshard`` that is
+    an error naming both sizes."""
+    root, world = checkpoint_dir(output_dir), ds_setup.world_size()
+    other_world = saved_world_size is not None and saved_world_size != world
+    if other_world and not reshard:
+        raise ConfigError(
+            f"checkpoint {tag} was written by {saved_world_size} ranks, this run has {world}: set "
+            "checkpoint.reshard=true to continue with its weights and schedule and a fresh optimizer state"
+        )
+    if other_world and engine.zero_optimization_stage() == 3:
+        raise ConfigError(
+            f"checkpoint.reshard supports ZeRO stages 0-2; for ZeRO-3, consolidate {root / tag} with DeepSpeed's "
+            "zero_to_fp32.py and start a run from it with model.init_from"
+        )
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=not other_world)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rng_file = root / tag / f"rng_rank{ds_setup.rank()}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(
-            f"{rng_file} is missing: the checkpoint was written by a different world size"
-        )
-    _set_rng_state(torch.load(rng_file, weights_only=True))
+    if other_world:
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:  # ZeRO's fp32 master copy must follow the loaded weights
+            refresh()
+        return False
+    _set_rng_state(torch.load(root / tag / f"rng_rank{ds_setup.rank()}.pt", weights_only=True))
+    return True
 
 
 def export_final(

@@ -63,6 +63,7 @@ class TrainState:
     mlflow_run_id: str | None = None
     restarted: bool = False  # stage 2 started from fresh weights (dam.restart_weights)
     skipped_steps: int = 0  # optimizer steps DeepSpeed skipped (fp16 overflow, non-finite gradients)
+    world_size: int | None = None  # of the run that wrote the checkpoint
 
 
 @dataclass
@@ -133,10 +134,13 @@ def setup(config: PretrainConfig) -> Run:
     # Training randomness (dropout, Gumbel noise) starts from the seed whatever the ZeRO stage consumed
     # while building the model; ranks get distinct streams.
     seed_everything(config.train.seed + ds_setup.rank())
-    state = resumed or TrainState(stage=2 if model.mask_frozen else 1)
+    state = resumed or TrainState(stage=2 if model.mask_frozen else 1, world_size=ds_setup.world_size())
     if resumed:
-        checkpoint.load(engine, out, resume_tag)
-        reader.load_state_dict(state.reader)
+        exact = checkpoint.load(engine, out, resume_tag, state.world_size, config.checkpoint.reshard)
+        if not exact:  # another world size: new random streams, distinct per rank and from the run's start
+            seed_everything(config.train.seed + ds_setup.rank() + 1_000_003 * state.step)
+        state.world_size = ds_setup.world_size()
+        reader.load_state_dict(state.reader)  # a global position: any world size continues from it
         if state.stage == 2 and not model.mask_frozen:  # the search ended before the checkpoint
             build.freeze_in_place(model, engine, scheduler)
 

@@ -141,6 +141,12 @@ class CheckpointConfig:
     allow_config_change: bool = _f(
         False, "resume although keys that change the run (model, data, optimizer, ...) differ", neutral=True
     )
+    reshard: bool = _f(
+        False,
+        "resume on another number of ranks: weights, schedule and data position carry over, the optimizer "
+        "state starts fresh",
+        neutral=True,
+    )
     discard_newer: bool = _f(
         False, "resuming an older tag: delete the checkpoints newer than it (kept otherwise)", neutral=True
     )

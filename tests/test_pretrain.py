@@ -110,10 +110,10 @@ class Launcher:
         self.results: dict[str, subprocess.CompletedProcess] = {}
 
     def run(
-        self, name: str, ds_config: str, *extra: str, env: dict | None = None
+        self, name: str, ds_config: str, *extra: str, env: dict | None = None, ranks: int = 2
     ) -> subprocess.CompletedProcess:
         cmd = [
-            "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(PRETRAIN), *COMMON,
+            "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(PRETRAIN), *COMMON,
             f"output_dir={self.root / name}", f"deepspeed_config=ds_configs/{ds_config}",
             f"data.path={self.corpus}", f"model.init_from={self.init_dir}", *extra,
         ]  # fmt: skip
@@ -329,6 +329,35 @@ def test_consecutive_non_finite_steps_stop_the_run_naming_the_last_good_checkpoi
     ).is_file()
     losses = launcher.losses("diverged")
     assert sorted(losses) == [1, 2, 3, 4] and all(abs(v) < 1e6 for v in losses.values())
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resuming_on_another_world_size_continues_the_data_without_repeats_or_gaps(
+    launcher, corpus, before, after
+):
+    """Killed after step 4 on `before` ranks, resumed on `after` with checkpoint.reshard: the run completes, and
+    the samples all ranks consumed are exactly the first ones of the epoch's global order, each once."""
+    name = f"reshard{before}to{after}"
+    crashed = launcher.run(
+        name, "cpu_zero2.json", env={"SPARSEBERT_FAULTS": "crash_after_step=4"}, ranks=before
+    )
+    assert crashed.returncode != 0
+    refused = launcher.run(name, "cpu_zero2.json", ranks=after)
+    assert refused.returncode != 0 and "checkpoint.reshard=true" in refused.stdout + refused.stderr
+    resumed = launcher.run(name, "cpu_zero2.json", "checkpoint.reshard=true", ranks=after)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step00000004 at step 4" in resumed.stdout
+    out = launcher.root / name
+    consumed = []  # every rank's applied steps, before the kill (steps 1-4) and after the resume (5-8)
+    for log in out.glob("samples.rank*.jsonl"):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        consumed += [i for record in records if record["applied"] for i in record["ids"]]
+    from sparsebert.data import ShardReader
+
+    total = 4 * before * 4 + (MAX_STEPS - 4) * after * 4  # micro-batches of 4 per rank and step
+    order = next(iter(ShardReader(corpus, rank=0, world_size=1, batch_size=total, seed=42, prefetch=0)))
+    assert sorted(consumed) == sorted(order["sample_index"].tolist())
+    assert len(launcher.losses(name)) == MAX_STEPS
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
