@@ -134,10 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     summary = {k: manifest[k] for k in ("counts", "skipped", "repaired")}
     summary["tokenizer"] = {k: manifest["tokenizer"][k] for k in ("source", "vocab_size", "hash")}
+    held = manifest.get("validation")
+    wrote = f"{manifest['counts']['samples']} samples, {manifest['counts']['shards']} shards"
+    if held:
+        summary["validation"] = held["counts"]
+        wrote += f"; validation: {held['counts']['samples']} samples, {held['counts']['shards']} shards"
     print(json.dumps(summary, indent=2))
-    print(
-        f"wrote {args.output} ({manifest['counts']['samples']} samples, {manifest['counts']['shards']} shards)"
-    )
+    print(f"wrote {args.output} ({wrote})")
     return 0
 
 

@@ -7,6 +7,9 @@ A prepared corpus is a directory::
     shard-00000.parquet    ``shard_size`` samples each; only the last shard may hold fewer
     shard-00001.parquet
     ...
+    validation/            only when asked for (``--validation-fraction``, ``--validation-input``): the
+      shard-00000.parquet  held-out split, shards of the same columns, listed in the manifest's
+      ...                  ``validation`` section (absent from manifests of corpora without one)
 
 Shard columns (one row per training sample, unpadded; the reader pads to ``seq_len``):
 
@@ -36,6 +39,8 @@ MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 PACKINGS = ("nsp", "full_sentences")
+SPLITS = ("train", "validation")
+VALIDATION_DIR = "validation"
 
 
 def shard_name(index: int) -> str:
@@ -112,7 +117,28 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
             raise ValueError(f"{path}: missing key {key!r}")
     if manifest["packing"] not in PACKINGS:
         raise ValueError(f"{path}: unknown packing {manifest['packing']!r}")
+    validation = manifest.get("validation")
+    if validation is not None and (
+        not isinstance(validation, dict)
+        or any(key not in validation for key in ("dir", "shards", "counts"))
+        or validation["dir"] != VALIDATION_DIR
+    ):
+        raise ValueError(
+            f"{path}: malformed 'validation' section (needs dir {VALIDATION_DIR!r}, shards, counts)"
+        )
     return manifest
+
+
+def split_section(manifest: dict[str, Any], split: str) -> dict[str, Any] | None:
+    """What the manifest says about ``split``: ``dir`` (its shard directory, relative to the corpus; ``""``
+    for train), ``shards`` and ``counts``; None when the corpus has no such split (every corpus has
+    ``train``; ``validation`` only when it was asked for, so manifests written before it existed read on).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "train":
+        return {"dir": "", "shards": manifest["shards"], "counts": manifest["counts"]}
+    return manifest.get(split)
 
 
 def check_tokenizer(tokenizer_dir: str | Path, manifest: dict[str, Any], data_dir: str | Path) -> None:
@@ -126,23 +152,30 @@ def check_tokenizer(tokenizer_dir: str | Path, manifest: dict[str, Any], data_di
         )
 
 
-def check_shards(data_dir: str | Path, manifest: dict[str, Any], *, verify_checksums: bool = False) -> None:
-    """Raise if a shard is missing, truncated, corrupt, of another schema, or not from this manifest.
+def check_shards(
+    data_dir: str | Path, manifest: dict[str, Any], *, verify_checksums: bool = False, split: str = "train"
+) -> None:
+    """Raise if a shard of ``split`` is missing, truncated, corrupt, of another schema, or not from this
+    manifest (or if the corpus has no such split).
 
     Cheap by default (file sizes and Parquet footers); ``verify_checksums`` also hashes every byte.
     """
     data_dir = Path(data_dir)
     manifest_path = data_dir / MANIFEST_NAME
-    listed = {shard["file"] for shard in manifest["shards"]}
-    for path in sorted(data_dir.glob("*.parquet")):
+    section = split_section(manifest, split)
+    if section is None:
+        raise ValueError(f"{manifest_path} has no {split} split")
+    shard_dir = data_dir / section["dir"]
+    listed = {shard["file"] for shard in section["shards"]}
+    for path in sorted(shard_dir.glob("*.parquet")):
         if path.name not in listed:
             raise ValueError(
                 f"{path}: Parquet file not listed in {manifest_path}; a foreign file in the shard "
                 "directory (remove it, or prepare the corpus again)"
             )
     expected_schema = shard_schema(manifest["tokenizer"]["vocab_size"], manifest["packing"])
-    for shard in manifest["shards"]:
-        path = data_dir / shard["file"]
+    for shard in section["shards"]:
+        path = shard_dir / shard["file"]
         if not path.is_file():
             raise FileNotFoundError(f"shard listed in {manifest_path} is missing: {path}")
         size = path.stat().st_size

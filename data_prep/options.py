@@ -19,9 +19,10 @@ from data_prep.tokenizer import TOKENIZER_KINDS
 
 MB = 1 << 20
 # Where the manifest records a setting: "top" (a key of the manifest itself), "config", "run" (the part
-# that differs between identical runs) or None (the tokenizer section records what the tokenizer turned
-# out to be; the rest does not shape the output).
-SECTIONS = ("top", "config", "run")
+# that differs between identical runs), "validation" (the validation section's "config", present only when
+# a validation split is written, so manifests without one are what they were before it existed) or None
+# (the tokenizer section records what the tokenizer turned out to be; the rest does not shape the output).
+SECTIONS = ("top", "config", "run", "validation")
 
 
 def _opt(
@@ -186,6 +187,27 @@ class PrepOptions:
         bounds=(1, None),
         metavar="N",
     )
+    # validation
+    validation_fraction: float = _opt(
+        0.0,
+        "hold out about this fraction of the documents as a validation split (validation/): whole "
+        "documents, picked by a hash of the seed and the text, the same whatever the workers",
+        group="validation",
+        manifest="validation",
+        bounds=(0, 1),
+        metavar="F",
+        exclusive=True,
+    )
+    validation_inputs: tuple[str, ...] = _opt(
+        (),
+        "files, directories or globs (as --input) whose documents make the validation split, instead of "
+        "holding out a fraction of the input",
+        group="validation",
+        manifest="validation",
+        flag="--validation-input",
+        exclusive=True,
+        cli={"nargs": "+", "default": [], "type": str, "metavar": "PATH"},
+    )
     # execution
     num_workers: int | None = _opt(
         None,
@@ -224,10 +246,32 @@ class PrepOptions:
             raise TypeError(f"hf_datasets must be a list of datasets, got {sources!r}")
         parsed = tuple(s if isinstance(s, HfSource) else HfSource.parse(s) for s in sources)
         object.__setattr__(self, "hf_datasets", parsed)
+        paths = self.validation_inputs
+        if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)):
+            raise TypeError(f"validation_inputs must be a list of paths, got {paths!r}")
+        if not all(isinstance(path, (str, os.PathLike)) for path in paths):
+            raise TypeError(f"validation_inputs must be a list of paths, got {paths!r}")
+        object.__setattr__(self, "validation_inputs", tuple(os.fspath(path) for path in paths))
         hints = get_type_hints(type(self))
         for f in fields(self):
-            if f.name != "hf_datasets":
+            if f.name not in ("hf_datasets", "validation_inputs"):
                 _check(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+        object.__setattr__(self, "validation_fraction", float(self.validation_fraction))
+        if self.validation_fraction >= 1:
+            raise ValueError(
+                f"validation_fraction must be < 1 (some documents must stay for training), "
+                f"got {self.validation_fraction!r}"
+            )
+        if self.validation_fraction > 0 and self.validation_inputs:
+            raise ValueError(
+                "validation_fraction and validation_inputs are alternatives: hold out a fraction of the "
+                "input, or read the validation split from its own input, not both"
+            )
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether these options ask for a validation split."""
+        return self.validation_fraction > 0 or bool(self.validation_inputs)
 
     def recorded(self, section: str) -> dict[str, Any]:
         """The settings the manifest records in ``section`` (one of ``SECTIONS``), as JSON values."""

@@ -2,11 +2,16 @@
 
 Flow (driver → Ray Data → driver)::
 
-    plan units (driver: file sizes, Parquet footers, hub shard lists)
-    tokenizer: copy the given one, or train on a seeded sample of the units (driver)
-    stage 1  Ray Data, one task per unit: read → sentences → token ids → samples → unit file
+    plan units (driver: file sizes, Parquet footers, hub shard lists; validation inputs too)
+    tokenizer: copy the given one, or train on a seeded sample of the training documents (driver)
+    stage 1  Ray Data, one task per unit: read → sentences → token ids → samples → unit file per split
     stage 2  Ray Data, one task per shard: row ranges of unit files → shard-NNNNN.parquet
+             (validation/shard-NNNNN.parquet for the validation split)
     manifest.json, then rename the staging directory into place
+
+A validation split (``validation_fraction`` or ``validation_inputs``) is made of whole documents that no
+training sample (nor the trained tokenizer) saw; the manifest's ``validation`` section describes it. A
+run without one writes exactly what it wrote before the option existed.
 
 Everything is written to a hidden staging directory next to the output and renamed into place only
 when complete, so a failed or interrupted run never leaves a half-written corpus behind.
@@ -35,6 +40,7 @@ from data_prep import tokenizer as tokenization
 from data_prep.format import (
     FORMAT_VERSION,
     TOKENIZER_DIR,
+    VALIDATION_DIR,
     shard_schema,
     tokenizer_hash,
     write_manifest,
@@ -42,7 +48,7 @@ from data_prep.format import (
 from data_prep.options import PrepOptions
 from data_prep.shards import plan_shards, write_shard
 from data_prep.sources import Plan, ReadCounters, plan_units, read_documents
-from data_prep.units import BuildConfig, build_unit, unit_file
+from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, held_out, unit_file
 
 logger = logging.getLogger("data_prep")
 _TOTALS = ("documents", "sentences", "tokens", "samples", "sample_tokens", "nsp_random_next")
@@ -104,8 +110,11 @@ def _ray_map(
     return results
 
 
-def _training_texts(plan: Plan, *, seed: int, budget: int, max_line_length: int) -> list[str]:
-    """Documents for tokenizer training: whole units in a seeded random order, up to ``budget`` chars."""
+def _training_texts(
+    plan: Plan, *, seed: int, budget: int, max_line_length: int, validation_fraction: float = 0.0
+) -> list[str]:
+    """Documents for tokenizer training: whole units in a seeded random order, up to ``budget`` chars;
+    documents held out for validation are left out."""
     order = list(range(len(plan.units)))
     random.Random(seed).shuffle(order)
     texts, used = [], 0
@@ -113,6 +122,8 @@ def _training_texts(plan: Plan, *, seed: int, budget: int, max_line_length: int)
         unit = plan.units[index]
         try:
             for document in read_documents(unit, max_line_length=max_line_length, counters=ReadCounters()):
+                if held_out(document, seed, validation_fraction):
+                    continue
                 texts.append(document)
                 used += len(document)
                 if used >= budget:
@@ -170,6 +181,7 @@ def prepare_corpus(
     if not plan.units:
         raise ValueError(f"empty corpus: nothing readable in {names}; skipped: {plan.skipped_files}")
     logger.info("%d units of work from %d sources", len(plan.units), len(plan.sources))
+    validation = _plan_validation(plan, options)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -177,10 +189,16 @@ def prepare_corpus(
     try:
         tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
         with ray_session(options.ray_address, progress=options.progress):
-            unit_stats, shards = _run_stages(plan, staging, tok_info, names, options)
+            unit_stats, shards, validation_shards = _run_stages(
+                plan, validation, staging, tok_info, names, options
+            )
         manifest = _manifest(
-            plan, unit_stats, shards, tok_info, tokenizer_hash(staging / TOKENIZER_DIR), options
+            plan, unit_stats, shards, tok_info, tokenizer_hash(staging / TOKENIZER_DIR), options, validation
         )
+        if options.has_validation:
+            manifest["validation"] = _validation_section(
+                plan, validation, unit_stats, validation_shards, manifest, options
+            )
         manifest["run"] = {
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - started, 2),
@@ -202,7 +220,42 @@ def prepare_corpus(
         manifest["skipped"],
         manifest["repaired"],
     )
+    if "validation" in manifest:
+        logger.info(
+            "validation split: %d samples in %d shards from %d documents",
+            manifest["validation"]["counts"]["samples"],
+            manifest["validation"]["counts"]["shards"],
+            manifest["validation"]["counts"]["documents"],
+        )
     return manifest
+
+
+def _plan_validation(plan: Plan, options: PrepOptions) -> Plan | None:
+    """The units of ``validation_inputs`` (None without them), numbered after the training units so unit
+    files and random seeds stay apart; an input that is also a training input is refused (it would leak)."""
+    if not options.validation_inputs:
+        return None
+    validation = plan_units(
+        options.validation_inputs,
+        text_column=options.text_column,
+        doc_per_file=options.doc_per_file,
+        rows_per_document=options.rows_per_document,
+        unit_bytes=options.unit_bytes,
+        max_line_length=options.max_line_length,
+    )
+    if not validation.units:
+        raise ValueError(
+            f"empty validation input: nothing readable in {list(options.validation_inputs)}; "
+            f"skipped: {validation.skipped_files}"
+        )
+    shared = {s["path"] for s in plan.sources if "path" in s} & {s["path"] for s in validation.sources}
+    if shared:
+        raise ValueError(
+            f"{sorted(shared)[0]} is both a training and a validation input: its text would be in both splits"
+        )
+    offset = len(plan.units)
+    validation.units = [replace(u, index=offset + u.index, split="validation") for u in validation.units]
+    return validation
 
 
 def _prepare_tokenizer(plan: Plan, out_dir: Path, names: list[str], options: PrepOptions) -> dict[str, Any]:
@@ -216,6 +269,7 @@ def _prepare_tokenizer(plan: Plan, out_dir: Path, names: list[str], options: Pre
         seed=options.seed,
         budget=options.tokenizer_sample_bytes,
         max_line_length=options.max_line_length,
+        validation_fraction=options.validation_fraction,
     )
     if not any(text.strip() for text in texts):
         raise ValueError(f"empty corpus: no text in {names}")
@@ -231,9 +285,17 @@ def _prepare_tokenizer(plan: Plan, out_dir: Path, names: list[str], options: Pre
 
 
 def _run_stages(
-    plan: Plan, staging: Path, tok_info: dict[str, Any], names: list[str], options: PrepOptions
-) -> tuple[list[dict], list[dict]]:
-    """Stage 1 (units → samples) and stage 2 (samples → shards) on Ray; the unit files are removed after."""
+    plan: Plan,
+    validation: Plan | None,
+    staging: Path,
+    tok_info: dict[str, Any],
+    names: list[str],
+    options: PrepOptions,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Stage 1 (units → samples) and stage 2 (samples → shards) on Ray; the unit files are removed after.
+
+    Returns the units' counts (training units, then validation-input units) and both splits' shard entries.
+    """
     units_dir = staging / "_units"
     units_dir.mkdir()
     config = BuildConfig(
@@ -245,20 +307,66 @@ def _run_stages(
         options=options,
     )
     workers = options.num_workers
-    unit_stats = sorted(
-        _ray_map(plan.units, build_samples, {"config": config}, workers), key=lambda s: s["unit"]
-    )
-    done = [(str(unit_file(units_dir, s["unit"])), s["samples"]) for s in unit_stats if "failed" not in s]
+    units = plan.units + (validation.units if validation else [])
+    unit_stats = sorted(_ray_map(units, build_samples, {"config": config}, workers), key=lambda s: s["unit"])
+    train_stats = unit_stats[: len(plan.units)]
+    done = [(str(unit_file(units_dir, s["unit"])), s["samples"]) for s in train_stats if "failed" not in s]
     specs = plan_shards(done, options.shard_size)
     if not specs:
         issues = ReadCounters()
-        for s in unit_stats:
+        for s in train_stats:
             issues.add(ReadCounters(**s["counters"]))
         raise ValueError(f"empty corpus: no training sample from {names} (input issues: {issues.as_dict()})")
+    if options.has_validation:
+        held = [
+            (str(unit_file(units_dir, s["unit"], "validation")), s["validation"]["samples"])
+            for s in unit_stats
+            if "validation" in s
+        ]
+        validation_specs = plan_shards(held, options.shard_size, VALIDATION_DIR)
+        if not validation_specs:
+            source = (
+                f"validation inputs {list(options.validation_inputs)}"
+                if validation
+                else f"validation_fraction {options.validation_fraction:g} of {names}"
+            )
+            raise ValueError(f"empty validation split: no sample from the {source}")
+        (staging / VALIDATION_DIR).mkdir()
+        specs += validation_specs
     schema = pickle.dumps(shard_schema(tok_info["vocab_size"], options.packing))
-    shards = _ray_map(specs, write_shards, {"out_dir": str(staging), "schema_blob": schema}, workers)
+    written = _ray_map(specs, write_shards, {"out_dir": str(staging), "schema_blob": schema}, workers)
     shutil.rmtree(units_dir)
-    return unit_stats, sorted(shards, key=lambda entry: entry["file"])
+    shards = sorted((e for e in written if "dir" not in e), key=lambda entry: entry["file"])
+    held_shards = sorted(
+        ({k: v for k, v in e.items() if k != "dir"} for e in written if "dir" in e), key=lambda e: e["file"]
+    )
+    return unit_stats, shards, held_shards
+
+
+def _validation_section(
+    plan: Plan,
+    validation: Plan | None,
+    unit_stats: list[dict],
+    shards: list[dict],
+    manifest: dict[str, Any],
+    options: PrepOptions,
+) -> dict[str, Any]:
+    """The manifest's ``validation`` section: how its documents were chosen, from what, counts and shards."""
+    totals = dict.fromkeys(_TOTALS, 0)
+    for s in unit_stats:
+        for key in totals:
+            totals[key] += s.get("validation", {}).get(key, 0)
+    if options.packing != "nsp":
+        totals.pop("nsp_random_next")
+    units = len(validation.units) if validation else len(plan.units)
+    return {
+        "dir": VALIDATION_DIR,
+        "config": options.recorded("validation"),
+        "selection": "every document of validation_inputs" if validation else HELD_OUT_RULE,
+        "sources": validation.sources if validation else manifest["sources"],
+        "counts": {"units": units, "shards": len(shards), **totals},
+        "shards": shards,
+    }
 
 
 def _manifest(
@@ -268,11 +376,12 @@ def _manifest(
     tok_info: dict[str, Any],
     tok_hash: str,
     options: PrepOptions,
+    validation: Plan | None = None,
 ) -> dict[str, Any]:
     counters = ReadCounters()
     totals = dict.fromkeys(_TOTALS, 0)
     failed = []
-    for s in unit_stats:
+    for s in unit_stats:  # the training units' counts; every unit's input issues (validation inputs too)
         counters.add(ReadCounters(**s["counters"]))
         if "failed" in s:
             failed.append(s["failed"])
@@ -289,7 +398,7 @@ def _manifest(
         "config": options.recorded("config") | {"lowercase": tok_info["lowercase"]},
         "tokenizer": {"dir": TOKENIZER_DIR, "hash": tok_hash, **tok_info},
         "counts": {"units": len(plan.units), "shards": len(shards), **totals},
-        "skipped": {"files": plan.skipped_files + failed}
+        "skipped": {"files": plan.skipped_files + (validation.skipped_files if validation else []) + failed}
         | {k: v for k, v in issues.items() if k != "invalid_utf8_lines"},
         "repaired": {"invalid_utf8_lines": issues["invalid_utf8_lines"]},
         "shards": shards,

@@ -23,13 +23,17 @@ SHARD_ROW_GROUP = 16384
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Shard ``index`` = the concatenation of ``pieces``: (unit file, first row, end row)."""
+    """Shard ``index`` = the concatenation of ``pieces``: (unit file, first row, end row), written to
+    ``directory`` (relative to the output; ``""`` for the training shards)."""
 
     index: int
     pieces: tuple[tuple[str, int, int], ...]
+    directory: str = ""
 
 
-def plan_shards(unit_files: Sequence[tuple[str, int]], shard_size: int) -> list[ShardSpec]:
+def plan_shards(
+    unit_files: Sequence[tuple[str, int]], shard_size: int, directory: str = ""
+) -> list[ShardSpec]:
     """``unit_files`` lists (path, samples) in corpus order; returns the shards' row ranges."""
     files = [(path, n) for path, n in unit_files if n > 0]
     starts = [0]
@@ -47,7 +51,7 @@ def plan_shards(unit_files: Sequence[tuple[str, int]], shard_size: int) -> list[
             pieces.append((path, lo - starts[f], take_hi - starts[f]))
             lo = take_hi
             f += 1
-        specs.append(ShardSpec(index, tuple(pieces)))
+        specs.append(ShardSpec(index, tuple(pieces), directory))
     return specs
 
 
@@ -66,7 +70,8 @@ def _read_rows(path: str, lo: int, hi: int) -> pa.Table:
 
 
 def write_shard(spec: ShardSpec, out_dir: str | Path, schema: pa.Schema) -> dict[str, Any]:
-    """Write one shard; return its manifest entry."""
+    """Write one shard; return its manifest entry (with ``dir``, for the driver to pop, when the shard is
+    not a training one)."""
     try:
         table = pa.concat_tables([_read_rows(path, lo, hi) for path, lo, hi in spec.pieces]).cast(schema)
     except FileNotFoundError as exc:
@@ -74,11 +79,12 @@ def write_shard(spec: ShardSpec, out_dir: str | Path, schema: pa.Schema) -> dict
             f"{exc}: a worker cannot see a file another worker wrote; on a multi-node cluster the output "
             "directory must be on storage every node shares (NFS, EFS, a mounted bucket)"
         ) from exc
-    path = Path(out_dir) / shard_name(spec.index)
+    path = Path(out_dir) / spec.directory / shard_name(spec.index)
     pq.write_table(table, path, compression="zstd", row_group_size=SHARD_ROW_GROUP)
-    return {
+    entry = {
         "file": path.name,
         "samples": table.num_rows,
         "bytes": path.stat().st_size,
         "sha256": file_sha256(path),
     }
+    return entry | {"dir": spec.directory} if spec.directory else entry

@@ -61,6 +61,7 @@ class Unit:
     column: str = "text"
     rows_per_document: int = 1
     hf_shard: bytes = b""  # the pickled, already sharded IterableDataset
+    split: str = "train"  # "validation": a unit of a validation input, every document held out
 
 
 @dataclass

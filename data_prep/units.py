@@ -1,13 +1,20 @@
-"""Stage 1, run by Ray workers: one unit of input → one Parquet file of samples + its counts.
+"""Stage 1, run by Ray workers: one unit of input → one Parquet file of samples per split + its counts.
 
 Documents are taken in groups of ``docs_per_group`` consecutive documents of the unit. A group is
 the pool NSP draws its random segments from, and its random generator is seeded by
 ``(seed, unit index, group index)`` alone, so a unit's output does not depend on which worker runs it,
 on what else that worker ran, or on how many workers there are.
+
+With a validation split, each document goes whole to one split: all of a validation input's unit, or,
+with ``validation_fraction``, those ``held_out`` picks (a hash of the seed and the text, nothing else).
+The two splits are grouped apart (a training sample's random next segment never comes from a validation
+document), each group seeded by ``(seed, unit, split, group)``; the training groups of a run without a
+validation split are exactly those of before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -57,8 +64,25 @@ def _tokenizer(tokenizer_dir: str) -> Any:
     return _TOKENIZERS[tokenizer_dir]
 
 
-def unit_file(units_dir: str | Path, index: int) -> Path:
-    return Path(units_dir) / f"unit-{index:08d}.parquet"
+HELD_OUT_RULE = (
+    "sha256(f'{seed}\\n' + document text, UTF-8): its first 8 bytes as a big-endian integer / 2**64 "
+    "< validation_fraction"
+)
+
+
+def held_out(document: str, seed: int, fraction: float) -> bool:
+    """Whether ``document`` belongs to the validation split (``HELD_OUT_RULE``): a function of the seed and
+    the text alone, so the choice does not depend on the workers, the units or the document's position;
+    identical documents land in the same split."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}\n".encode() + document.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * (1 << 64)
+
+
+def unit_file(units_dir: str | Path, index: int, split: str = "train") -> Path:
+    suffix = "" if split == "train" else f".{split}"
+    return Path(units_dir) / f"unit-{index:08d}{suffix}.parquet"
 
 
 def _tokenize_group(
@@ -110,73 +134,97 @@ def _to_table(samples: list[Sample], schema: pa.Schema, vocab_size: int) -> pa.T
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
-    """Read, split, tokenise and sample one unit; write its samples to ``units_dir``; return counts."""
-    tokenizer = _tokenizer(config.tokenizer_dir)
-    opts = config.options
-    counters = ReadCounters()
-    schema = shard_schema(config.vocab_size, opts.packing)
-    room = opts.seq_len - (3 if opts.packing == "nsp" else 2)
-    stats = {
-        "documents": 0,
-        "sentences": 0,
-        "tokens": 0,
-        "samples": 0,
-        "sample_tokens": 0,
-        "nsp_random_next": 0,
-    }
-    path = unit_file(config.units_dir, unit.index)
-    writer: pq.ParquetWriter | None = None
+class _Split:
+    """One split's share of a unit: its groups, counts and unit file (opened on the first sample)."""
 
-    def flush(group_index: int, documents: list[str]) -> None:
-        nonlocal writer
-        docs, doc_stats = _tokenize_group(documents, tokenizer, room, config, counters)
+    def __init__(self, name: str, unit: Unit, config: BuildConfig, schema: pa.Schema) -> None:
+        self.name, self.unit, self.config, self.schema = name, unit, config, schema
+        self.path = unit_file(config.units_dir, unit.index, name)
+        self.writer: pq.ParquetWriter | None = None
+        self.group: list[str] = []
+        self.group_index = 0
+        self.stats = dict.fromkeys(
+            ("documents", "sentences", "tokens", "samples", "sample_tokens", "nsp_random_next"), 0
+        )
+
+    def add(self, document: str, tokenizer: Any, counters: ReadCounters) -> None:
+        self.group.append(document)
+        if len(self.group) == self.config.options.docs_per_group:
+            self.flush(tokenizer, counters)
+
+    def flush(self, tokenizer: Any, counters: ReadCounters) -> None:
+        if not self.group:
+            return
+        documents, group_index = self.group, self.group_index
+        self.group, self.group_index = [], group_index + 1
+        opts = self.config.options
+        room = opts.seq_len - (3 if opts.packing == "nsp" else 2)
+        docs, doc_stats = _tokenize_group(documents, tokenizer, room, self.config, counters)
         for key, value in doc_stats.items():
-            stats[key] += value
+            self.stats[key] += value
         if not docs:
             return
-        rng = random.Random(f"{opts.seed}/{unit.index}/{group_index}")  # str seeds hash the same everywhere
+        # str seeds hash the same everywhere; the training split's are those of a run without validation
+        tag = "" if self.name == "train" else f"{self.name}/"
+        rng = random.Random(f"{opts.seed}/{self.unit.index}/{tag}{group_index}")
         if opts.packing == "nsp":
             samples = nsp_samples(
                 docs,
                 rng,
                 seq_len=opts.seq_len,
-                cls_id=config.cls_id,
-                sep_id=config.sep_id,
+                cls_id=self.config.cls_id,
+                sep_id=self.config.sep_id,
                 short_seq_prob=opts.short_seq_prob,
                 random_next_prob=opts.random_next_prob,
             )
         else:
             samples = packed_samples(
-                docs, rng, seq_len=opts.seq_len, cls_id=config.cls_id, sep_id=config.sep_id
+                docs, rng, seq_len=opts.seq_len, cls_id=self.config.cls_id, sep_id=self.config.sep_id
             )
         if not samples:
             return
-        stats["samples"] += len(samples)
-        stats["sample_tokens"] += sum(len(s.input_ids) for s in samples)
-        stats["nsp_random_next"] += sum(1 for s in samples if s.next_sentence_label == 1)
-        if writer is None:
-            writer = pq.ParquetWriter(path, schema, compression="zstd")
-        writer.write_table(_to_table(samples, schema, config.vocab_size), row_group_size=UNIT_ROW_GROUP)
+        self.stats["samples"] += len(samples)
+        self.stats["sample_tokens"] += sum(len(s.input_ids) for s in samples)
+        self.stats["nsp_random_next"] += sum(1 for s in samples if s.next_sentence_label == 1)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        self.writer.write_table(
+            _to_table(samples, self.schema, self.config.vocab_size), row_group_size=UNIT_ROW_GROUP
+        )
 
-    group: list[str] = []
-    group_index = 0
+    def close(self, *, discard: bool = False) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if discard:
+            self.path.unlink(missing_ok=True)
+
+
+def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
+    """Read, split, tokenise and sample one unit; write its samples to ``units_dir`` (one file per split);
+    return counts: the training split's at the top, the validation split's under ``validation`` (only when
+    the run has a validation split)."""
+    tokenizer = _tokenizer(config.tokenizer_dir)
+    opts = config.options
+    counters = ReadCounters()
+    schema = shard_schema(config.vocab_size, opts.packing)
+    train = _Split("train", unit, config, schema)
+    validation = _Split("validation", unit, config, schema)
+    fraction = opts.validation_fraction
     try:
         for document in read_documents(unit, max_line_length=opts.max_line_length, counters=counters):
-            group.append(document)
-            if len(group) == opts.docs_per_group:
-                flush(group_index, group)
-                group, group_index = [], group_index + 1
-        if group:
-            flush(group_index, group)
+            if unit.split == "validation" or held_out(document, opts.seed, fraction):
+                validation.add(document, tokenizer, counters)
+            else:
+                train.add(document, tokenizer, counters)
+        train.flush(tokenizer, counters)
+        validation.flush(tokenizer, counters)
     except (OSError, pa.ArrowException) as exc:
         if unit.kind == "hf":
             raise  # a network or hub failure must stop the run, not thin the corpus out
         # A local file that is corrupt beyond its footer: skip the whole unit, and say so in the manifest.
-        if writer is not None:
-            writer.close()
-            writer = None
-        path.unlink(missing_ok=True)
+        train.close(discard=True)
+        validation.close(discard=True)
         return {
             "unit": unit.index,
             "failed": {
@@ -186,6 +234,9 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
             "counters": ReadCounters().as_dict(),
         }
     finally:
-        if writer is not None:
-            writer.close()
-    return {"unit": unit.index, **stats, "counters": counters.as_dict()}
+        train.close()
+        validation.close()
+    result = {"unit": unit.index, **train.stats, "counters": counters.as_dict()}
+    if opts.has_validation:
+        result["validation"] = validation.stats
+    return result

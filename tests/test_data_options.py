@@ -54,6 +54,13 @@ def test_every_setting_is_documented_and_the_defaults_are_valid():
         ({"num_workers": 1.5}, TypeError, "num_workers"),
         ({"hf_datasets": "wikimedia/wikipedia"}, TypeError, "hf_datasets"),
         ({"hf_datasets": [["wikimedia/wikipedia", "20231101.en", "colum=x"]]}, ValueError, "wikipedia"),
+        ({"validation_fraction": 1.0}, ValueError, "validation_fraction"),
+        ({"validation_fraction": -0.1}, ValueError, "validation_fraction"),
+        ({"validation_fraction": "0.1"}, TypeError, "validation_fraction"),
+        ({"validation_fraction": True}, TypeError, "validation_fraction"),
+        ({"validation_inputs": "held_out.txt"}, TypeError, "validation_inputs"),
+        ({"validation_inputs": [1]}, TypeError, "validation_inputs"),
+        ({"validation_fraction": 0.1, "validation_inputs": ["v.txt"]}, ValueError, "alternatives"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_field(changes, error, names):
@@ -95,6 +102,12 @@ def test_manifest_sections_are_the_fields_asdict():
     }
     with pytest.raises(ValueError, match="section"):
         options.recorded("tokenizer")
+    # Recorded only when a validation split is written (a section of its own: "config" stays as it was).
+    assert options.recorded("validation") == {"validation_fraction": 0.0, "validation_inputs": []}
+    assert not options.has_validation
+    held = PrepOptions(validation_inputs=[Path("v.txt"), "w/"])
+    assert held.validation_inputs == ("v.txt", "w/") and held.has_validation
+    assert PrepOptions(validation_fraction=0).validation_fraction == 0.0  # a float, as the manifest records
 
 
 def test_command_line_defaults_are_the_options_defaults():
@@ -125,6 +138,10 @@ def test_command_line_flags_become_options():
         overwrite=True,
     )
     assert not _cli("--quiet").progress and not _cli("--no-progress").progress and _cli().progress
+    assert _cli("--validation-fraction", "0.05") == PrepOptions(validation_fraction=0.05)
+    assert _cli("--validation-input", "v.txt", "more/").validation_inputs == ("v.txt", "more/")
+    with pytest.raises(SystemExit):
+        _cli("--validation-fraction", "0.05", "--validation-input", "v.txt")  # one or the other
     with pytest.raises(SystemExit):
         _cli("--tokenizer", "tok", "--train-tokenizer", "sentencepiece")  # one or the other
 

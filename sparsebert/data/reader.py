@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from data_prep.format import check_shards, check_tokenizer, load_manifest
+from data_prep.format import SPLITS, check_shards, check_tokenizer, load_manifest, split_section
 
 Batch = dict[str, torch.Tensor]
+IGNORE_INDEX = -100  # labels of positions (and NSP labels of rows) that no loss or metric counts
 _ORDER_TAG, _WINDOW_TAG = 0x5EED0, 0x5EED1  # keep the shard-order and window streams of the RNG apart
 
 
@@ -52,8 +53,20 @@ class ShardReader:
     the producing thread pins them and queues the copy without blocking, so neither thread waits for it.
     ``sample_index`` and ``epoch`` stay on the host (they are bookkeeping, read by the host).
 
-    **Validation** on construction: a missing manifest, a missing, truncated, corrupt or foreign
+    **Checks** on construction: a missing manifest, a missing, truncated, corrupt or foreign
     Parquet file, or a tokenizer whose hash differs from the manifest's raises an error naming the file.
+
+    **The validation split** (``split="validation"``, or ``ShardReader.validation(...)``, which returns None
+    for a corpus without one) reads the held-out shards that ``python -m data_prep --validation-fraction`` /
+    ``--validation-input`` wrote. Every ``iter()`` is one pass over the whole split, from its start, in
+    corpus order (``shuffle`` and ``epochs`` do not apply): global batch ``g`` is positions ``[g*G,
+    (g+1)*G)``, rank ``r`` takes the ``r``-th slice, so ranks are disjoint and together read every sample
+    exactly once. Nothing is dropped: every rank gets ``steps_per_epoch = ceil(n / G)`` batches of
+    ``batch_size`` rows, the positions past the end of the split being **padding rows** (copies of the
+    split's first samples with ``sample_index`` -1, ``next_sentence_label`` -100 and, once collated,
+    ``labels`` all -100), which the model's losses and ``sparsebert.validation.evaluate`` ignore. Batches
+    have the training batches' keys and shapes; ``epoch`` is always 0, so a collator with a fixed seed masks
+    every pass identically, whatever the world size.
     """
 
     def __init__(
@@ -72,35 +85,49 @@ class ShardReader:
         window_shards: int = 4,
         verify_checksums: bool = False,
         device: torch.device | str | None = None,
+        split: str = "train",
     ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batch_size < 1 or window_shards < 1 or prefetch < 0 or seed < 0:
             raise ValueError("batch_size and window_shards must be >= 1, prefetch and seed >= 0")
         self.data_dir = Path(data_dir)
         self.manifest: dict[str, Any] = load_manifest(self.data_dir)
-        check_shards(self.data_dir, self.manifest, verify_checksums=verify_checksums)
+        section = split_section(self.manifest, split)
+        if section is None:
+            raise ValueError(
+                f"{self.data_dir} has no {split} split: prepare the corpus with `python -m data_prep "
+                "--validation-fraction F` (or --validation-input PATH...) to hold out one"
+            )
+        check_shards(self.data_dir, self.manifest, verify_checksums=verify_checksums, split=split)
         self.tokenizer_dir = (
             Path(tokenizer_dir) if tokenizer_dir else self.data_dir / self.manifest["tokenizer"]["dir"]
         )
         check_tokenizer(self.tokenizer_dir, self.manifest, self.data_dir)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.split = split
+        if split == "validation":  # one pass per iter(), in corpus order
+            shuffle, epochs = False, None
         self.seed, self.shuffle, self.prefetch, self.epochs = seed, shuffle, prefetch, epochs
         self.collator, self.window_shards = collator, window_shards
         self.device = torch.device(device) if device is not None else None
         self.seq_len: int = self.manifest["seq_len"]
         self.nsp: bool = self.manifest["packing"] == "nsp"
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
-        self._paths = [self.data_dir / s["file"] for s in self.manifest["shards"]]
-        self._sizes = [int(s["samples"]) for s in self.manifest["shards"]]
+        self._paths = [self.data_dir / section["dir"] / s["file"] for s in section["shards"]]
+        self._sizes = [int(s["samples"]) for s in section["shards"]]
         self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
         self.num_samples = int(self._offsets[-1])
-        if self.num_samples < self.global_batch_size:
+        if self.num_samples == 0:
+            raise ValueError(f"{self.data_dir}: the {split} split holds no sample")
+        if split == "train" and self.num_samples < self.global_batch_size:
             raise ValueError(
                 f"{self.data_dir} holds {self.num_samples} samples, fewer than one global batch "
                 f"(world_size {world_size} x batch_size {batch_size})"
             )
-        digest = hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode())
+        digest = hashlib.sha256("".join(s["sha256"] for s in section["shards"]).encode())
         self._dataset_id = "sha256:" + digest.hexdigest()
         self._epoch, self._position = 0, 0
 
@@ -110,8 +137,19 @@ class ShardReader:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Steps of a whole epoch (the same on every rank)."""
+        """Steps of a whole epoch (the same on every rank); of the validation split: batches of one pass,
+        the last global batch completed with padding rows."""
+        if self.split == "validation":
+            return -(-self.num_samples // self.global_batch_size)
         return self.num_samples // self.global_batch_size
+
+    @classmethod
+    def validation(cls, data_dir: str | Path, **kwargs: Any) -> ShardReader | None:
+        """A reader of ``data_dir``'s validation split (keywords as for the constructor), or None when the
+        corpus has none (corpora prepared without ``--validation-fraction`` / ``--validation-input``)."""
+        if split_section(load_manifest(data_dir), "validation") is None:
+            return None
+        return cls(data_dir, split="validation", **kwargs)
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -135,6 +173,8 @@ class ShardReader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (see the class docstring); the next ``iter()`` starts there."""
+        if self.split == "validation":
+            raise ValueError("a validation reader has no position to restore: every iter() is a whole pass")
         for key in ("seed", "shuffle", "window_shards", "dataset"):
             if state.get(key) != getattr(self, "_dataset_id" if key == "dataset" else key):
                 raise ValueError(
@@ -149,7 +189,10 @@ class ShardReader:
     # --- iteration --------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
-        produced = self._batches(self._epoch, self._position)
+        if self.split == "validation":
+            produced = self._validation_batches()
+        else:
+            produced = self._batches(self._epoch, self._position)
         if self.prefetch == 0:
             for batch, (self._epoch, self._position) in produced:
                 yield batch
@@ -213,6 +256,32 @@ class ShardReader:
                 batch = self.collator(batch) if self.collator else batch
                 yield (to_device(batch, self.device) if self.device is not None else batch), after
             epoch, position = epoch + 1, 0
+
+    def _validation_batches(self) -> Iterator[tuple[Batch, tuple[int, int]]]:
+        """One pass over the validation split (see the class docstring); runs in the prefetch thread."""
+        G, B, n = self.global_batch_size, self.batch_size, self.num_samples
+        steps = self.steps_per_epoch
+        stream = _EpochStream(self, 0)
+        # Padding rows copy the split's first samples, read before the stream moves past them.
+        filler = stream.take(0, min(B, n)) if steps * G > n else None
+        for g in range(steps):
+            lo = g * G + self.rank * B
+            real = min(max(n - lo, 0), B)
+            rows = stream.take(lo, lo + real) if real else None
+            if real < B:
+                assert filler is not None
+                pick = np.arange(B - real) % len(filler["length"])
+                padding = {key: value[pick] for key, value in filler.items()}
+                padding["sample_index"] = np.full(B - real, -1, dtype=np.int64)
+                rows = padding if rows is None else {k: np.concatenate([rows[k], padding[k]]) for k in rows}
+            batch = self._to_batch(rows, 0)
+            pad = batch["sample_index"] < 0
+            if self.nsp:
+                batch["next_sentence_label"] = batch["next_sentence_label"].masked_fill(pad, IGNORE_INDEX)
+            batch = self.collator(batch) if self.collator else batch
+            if "labels" in batch and bool(pad.any()):
+                batch["labels"] = batch["labels"].masked_fill(pad[:, None], IGNORE_INDEX)
+            yield (to_device(batch, self.device) if self.device is not None else batch), (0, 0)
 
     def _to_batch(self, rows: dict[str, np.ndarray], epoch: int) -> Batch:
         positions = torch.arange(self.seq_len)
