@@ -4,10 +4,12 @@ the paper's table.
 Two executors run the jobs; the recording, retries and table are the same for both. On Ray (the default) each
 job is a Ray task asking for one GPU when the cluster has GPUs (none on CPU), so Ray runs as many side by side
 as the cluster holds. In process (``use_ray=False``, ``--no-ray``) the jobs run one after another in the
-driver, on its GPU if it has one; ``ray`` is not even imported. Results are recorded as they come, so a crash
-of the driver loses nothing already finished and ``resume`` skips it. A failed attempt is recorded (FAILED
-nested run with the traceback) and run again up to ``max_retries`` times; jobs that still fail are reported
-and the table is built from the others.
+driver, on its GPU if it has one; ``ray`` is not even imported. Results are recorded as they come, first in
+the output directory (``jobs/``), then in MLflow, so a crash of the driver loses nothing already finished and
+``resume`` skips it. MLflow failing (down from the start, or mid-run) stops neither: the evaluation goes on,
+the table is built from the results on disk (and what MLflow holds), and a ``resume`` with MLflow back records
+what it missed. A failed attempt is recorded (FAILED nested run with the traceback) and run again up to
+``max_retries`` times; jobs that still fail are reported and the table is built from the others.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key, expand_jobs, recipe
-from eval.table import TableRow, render_csv, render_markdown, render_selection_csv, select
+from eval.table import JobRecord, TableRow, render_csv, render_markdown, render_selection_csv, select
 from eval.tasks import TASKS, TaskSpec
-from eval.tracking import CHECKPOINT, Tracker
+from eval.tracking import CHECKPOINT, LocalResults, Recorder
 
 log = logging.getLogger("eval")
 
@@ -69,6 +71,8 @@ class EvalOutcome:
     ran: int = 0
     skipped: int = 0
     job_runs: dict[str, list[str]] = field(default_factory=dict)  # job key -> nested run ids, all attempts
+    # Why MLflow holds only part of the evaluation (MLflow failed; every finished job is in output_dir/jobs/)
+    tracking_error: str | None = None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -235,7 +239,8 @@ def run_evaluation(
     gpus_per_job: float | None = None,
     use_ray: bool = True,
 ) -> EvalOutcome:
-    """Fine-tune and evaluate every job, record it in MLflow, and write the results table to ``output_dir``.
+    """Fine-tune and evaluate every job, record it in ``output_dir/jobs/`` and in MLflow, and write the results
+    table to ``output_dir``. MLflow failing does not stop the evaluation (see :class:`eval.tracking.Recorder`).
 
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.db``).
     ``use_ray=False`` runs the jobs one after another in this process (``ray_address``, ``cpus_per_job`` and
@@ -254,8 +259,12 @@ def run_evaluation(
     fail = parse_fail_spec(fault("eval_fail"))
     if not jobs:
         raise ValueError("nothing to run: give at least one checkpoint, task, learning rate and seed")
-    tracker = Tracker(experiment, tracking_uri)
-    rows, parents, done = _open_parents(tracker, jobs, tasks, lrs, seeds, labels, resume)
+    tracker = Recorder(experiment, tracking_uri)
+    output_dir = Path(output_dir)
+    local = LocalResults(output_dir / "jobs")
+    rows, parents, keys, recorded, done = _open_parents(
+        tracker, local, jobs, tasks, lrs, seeds, labels, resume
+    )
     todo = [j for j in jobs if (j.checkpoint, j.key) not in done]
     log.info("%d jobs: %d to run, %d already recorded", len(jobs), len(todo), len(jobs) - len(todo))
     failures: list[JobFailure] = []
@@ -266,7 +275,9 @@ def run_evaluation(
                 _OnRay(ray_address, cpus_per_job, gpus_per_job, config.device) if use_ray else _InProcess()
             )
             try:
-                failures, job_runs = _run_jobs(tracker, todo, parents, rows, executor, max_retries, fail)
+                failures, job_runs = _run_jobs(
+                    tracker, local, keys, todo, parents, rows, executor, max_retries, fail
+                )
             finally:
                 executor.close()
     except BaseException:
@@ -274,12 +285,17 @@ def run_evaluation(
             tracker.end(parent, "KILLED")
         raise
 
-    # The table is built from what MLflow holds, so resumed and fresh jobs are summarised alike.
-    for ckpt, parent in parents.items():
-        rows[ckpt].summaries = select(list(tracker.finished_jobs(parent).values()))
-        summary = {f"{t}/{m}": v for t, s in rows[ckpt].summaries.items() for m, v in s.metrics.items()}
-        summary.update({f"{t}/best_lr": s.lr for t, s in rows[ckpt].summaries.items()})
-        tracker.log_metrics(parent, summary)
+    # The table is built from the results on disk and what MLflow holds (jobs recorded from another output
+    # directory), so resumed and fresh jobs are summarised alike.
+    for ckpt, row in rows.items():
+        parent = parents.get(ckpt)
+        in_mlflow = tracker.finished_jobs(parent) if parent else None
+        finished = {**(recorded[ckpt] if in_mlflow is None else in_mlflow), **local.records(keys[ckpt])}
+        row.summaries = select(list(finished.values()))
+        summary = {f"{t}/{m}": v for t, s in row.summaries.items() for m, v in s.metrics.items()}
+        summary.update({f"{t}/best_lr": s.lr for t, s in row.summaries.items()})
+        if parent:
+            tracker.log_metrics(parent, summary)
     table = list(rows.values())
     files = {
         "results.md": render_markdown(table),
@@ -290,7 +306,6 @@ def run_evaluation(
         files["failed_jobs.txt"] = "".join(
             f"{f.job.checkpoint}\t{f.job.key}\t{f.attempts}\t{f.error}\n" for f in failures
         )
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "failed_jobs.txt").unlink(missing_ok=True)  # a previous run's list is stale now
     for name, text in files.items():
@@ -298,48 +313,85 @@ def run_evaluation(
     for ckpt, parent in parents.items():
         tracker.log_files(parent, files)
         tracker.close_parent(parent, failed=any(f.job.checkpoint == ckpt for f in failures))
+    if tracker.error:
+        log.warning(
+            "MLflow holds only part of this evaluation (%s); every finished job is in %s. Run the same command "
+            "with --resume once MLflow is back: it records them there without running them again",
+            tracker.error,
+            local.root,
+        )
     return EvalOutcome(
-        table, failures, parents, files["results.md"], output_dir, len(todo), len(jobs) - len(todo), job_runs
-    )
+        table, failures, parents, files["results.md"], output_dir, len(todo), len(jobs) - len(todo), job_runs,
+        tracker.error,
+    )  # fmt: skip
 
 
 def _open_parents(
-    tracker: Tracker,
+    tracker: Recorder,
+    local: LocalResults,
     jobs: list[Job],
     tasks: list[str],
     lrs: list[float],
     seeds: list[int],
     labels: list[str] | None,
     resume: bool,
-) -> tuple[dict[str, TableRow], dict[str, str], set[tuple[str, str]]]:
-    """One parent run per checkpoint (a row of the table); with ``resume``, the finished jobs to skip."""
+) -> tuple[
+    dict[str, TableRow], dict[str, str], dict[str, str], dict[str, dict[str, JobRecord]], set[tuple[str, str]]
+]:
+    """One parent run per checkpoint (a row of the table), when MLflow answers. Returns the rows, the parent
+    run ids, the evaluation keys, the finished jobs MLflow holds and, with ``resume``, the finished jobs to skip
+    (on disk or in MLflow; those only on disk are recorded in MLflow now). Without ``resume``, results an
+    earlier evaluation left on disk are set aside."""
     from eval.model_loading import mask_label, mask_sparsity, pretrain_run_id
 
     config, data = jobs[0].config, jobs[0].data
     rows: dict[str, TableRow] = {}
     parents: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    recorded: dict[str, dict[str, JobRecord]] = {}
     done: set[tuple[str, str]] = set()
     for i, ckpt in enumerate(dict.fromkeys(j.checkpoint for j in jobs)):
         # Loading the model first also checks the checkpoint before anything is recorded.
-        sparsity = mask_sparsity(ckpt, config.max_seq_len, config.attention_pattern, config.attention_backend)
+        sparsity = mask_sparsity(
+            ckpt,
+            config.max_seq_len,
+            config.attention_pattern,
+            config.attention_backend,
+            config.trust_remote_code,
+        )
         label = labels[i] if labels else mask_label(ckpt, config.attention_pattern)
         tags = {CHECKPOINT: ckpt, "sparsebert.mask": label, "sparsebert.tasks": ",".join(tasks),
                 "sparsebert.lrs": ",".join(f"{x:g}" for x in lrs), "sparsebert.seeds": ",".join(map(str, seeds))}  # fmt: skip
         if run_id := pretrain_run_id(ckpt) or tracker.find_pretrain_run(ckpt):
             tags["sparsebert.pretrain_run_id"] = run_id
-        parent, resumed = tracker.open_parent(
-            evaluation_key(ckpt, config, data), f"eval {label}", tags, resume
-        )
-        tracker.log_params(parent, {**recipe(config), **{f"data.{k}": v for k, v in asdict(data).items()}})
-        tracker.log_metrics(parent, {"mask_sparsity": sparsity})
-        rows[ckpt], parents[ckpt] = TableRow(label, ckpt, sparsity), parent
-        if resumed:
-            done |= {(ckpt, k) for k in tracker.finished_jobs(parent)}
-    return rows, parents, done
+        key = keys[ckpt] = evaluation_key(ckpt, config, data)
+        rows[ckpt] = TableRow(label, ckpt, sparsity)
+        parent, resumed = tracker.open_parent(key, f"eval {label}", tags, resume) or (None, False)
+        if parent:
+            parents[ckpt] = parent
+            tracker.log_params(
+                parent, {**recipe(config), **{f"data.{k}": v for k, v in asdict(data).items()}}
+            )
+            tracker.log_metrics(parent, {"mask_sparsity": sparsity})
+        recorded[ckpt] = (tracker.finished_jobs(parent) or {}) if resumed else {}
+        if not resume:
+            local.set_aside(key)
+            continue
+        saved = local.load(key)
+        done |= {(ckpt, k) for k in (*recorded[ckpt], *saved)}
+        for job_key, entry in saved.items():
+            if parent and job_key not in recorded[ckpt]:  # finished while MLflow was down: record it now
+                job = Job(entry["checkpoint"], entry["task"], entry["lr"], entry["seed"],
+                          replace(config, device=entry["device"]), data)  # fmt: skip
+                if run_id := tracker.log_job(parent, job, entry["result"], entry["tags"]):
+                    local.mark_recorded(key, job_key, parent, run_id)
+    return rows, parents, keys, recorded, done
 
 
 def _run_jobs(
-    tracker: Tracker,
+    tracker: Recorder,
+    local: LocalResults,
+    keys: dict[str, str],
     todo: list[Job],
     parents: dict[str, str],
     rows: dict[str, TableRow],
@@ -347,7 +399,8 @@ def _run_jobs(
     max_retries: int,
     fail: dict[str, int],
 ) -> tuple[list[JobFailure], dict[str, list[str]]]:
-    """Run every job, record each attempt as it finishes, run failures again; returns those still failing.
+    """Run every job, record each attempt as it finishes (a result on disk first, then in MLflow), run failures
+    again; returns those still failing.
 
     ``fail`` is the parsed ``eval_fail`` fault: {task: attempts made to fail}."""
     failures: list[JobFailure] = []
@@ -361,10 +414,13 @@ def _run_jobs(
     while executor.pending():
         done = executor.next_done()
         job, attempt = done.job, done.attempt
-        parent, name = parents[job.checkpoint], f"[{rows[job.checkpoint].label}] {job.key}"
+        parent, name = parents.get(job.checkpoint), f"[{rows[job.checkpoint].label}] {job.key}"
         runs = job_runs.setdefault(f"{job.checkpoint}::{job.key}", [])
         if done.result is None:
-            runs.append(tracker.log_failed_attempt(parent, job, attempt, done.error, done.details))
+            if parent and (
+                run_id := tracker.log_failed_attempt(parent, job, attempt, done.error, done.details)
+            ):
+                runs.append(run_id)
             if attempt <= max_retries:
                 log.warning("%s failed (attempt %d): %s; retrying", name, attempt, done.error)
                 submit(job, attempt + 1)
@@ -372,7 +428,10 @@ def _run_jobs(
                 log.error("%s failed after %d attempts: %s", name, attempt, done.error)
                 failures.append(JobFailure(job, attempt, done.error))
             continue
-        runs.append(tracker.log_job(parent, job, done.result, executor.tags))
+        local.save(keys[job.checkpoint], job, done.result, executor.tags)
+        if parent and (run_id := tracker.log_job(parent, job, done.result, executor.tags)):
+            local.mark_recorded(keys[job.checkpoint], job.key, parent, run_id)
+            runs.append(run_id)
         log.info("%s done on %s: %s", name, done.result["device"], _brief(done.result["metrics"]))
     return failures, job_runs
 

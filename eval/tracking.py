@@ -1,19 +1,28 @@
-"""MLflow records of an evaluation: a parent run per checkpoint, a nested run per job attempt.
+"""Records of an evaluation: in MLflow, a parent run per checkpoint and a nested run per job attempt; on disk,
+every finished job's result (:class:`LocalResults`), written before MLflow hears of it.
 
 Only the driver writes to MLflow; jobs return their results. A ``sqlite:///`` or ``./mlruns`` store on the
 machine that runs the driver is unreachable from other nodes of a Ray cluster, and a single writer avoids
 sqlite lock contention, so this works with any tracking URI. Nested runs still carry the jobs' own start and
-end times.
+end times. MLflow failing never stops an evaluation (:class:`Recorder`): the results on disk are enough for
+the table and for ``--resume``, which also records them in MLflow once it is back.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from eval.jobs import Job, job_params
 from eval.table import JobRecord
-from sparsebert.tracking import MlflowStore
+from sparsebert.mlflow_store import MlflowStore, brief_error, short_http_retries
+
+log = logging.getLogger("eval")
 
 KIND, EVAL_KEY, JOB_KEY, CHECKPOINT = (
     "sparsebert.kind",
@@ -102,3 +111,107 @@ class Tracker(MlflowStore):
 
 
 _BOOKKEEPING = {"train_loss", "train_steps", "train_examples", "eval_examples", "duration_s"}
+
+
+class Recorder:
+    """A :class:`Tracker` whose failures never stop the evaluation: the first one (MLflow unreachable, or
+    failing mid-run) is logged once as a warning, and from then on every call does nothing and returns None,
+    without waiting on the server again. MLflow's HTTP retries are kept short
+    (:func:`sparsebert.mlflow_store.short_http_retries`)."""
+
+    def __init__(self, experiment: str, uri: str | None = None):
+        short_http_retries()
+        self.error: str | None = None
+        self._tracker: Tracker | None = None
+        self._tracker = self._guard("connecting", lambda: Tracker(experiment, uri))
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """Every :class:`Tracker` method, guarded."""
+        method = getattr(Tracker, name)
+        if not callable(method) or name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self._guard(
+            name, lambda: getattr(self._tracker, name)(*args, **kwargs)
+        )
+
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return call()
+        except Exception as exc:  # whatever MLflow raises: the evaluation goes on without it
+            self.error = brief_error(exc)
+            log.warning(
+                "MLflow failed (%s: %s); the evaluation continues without it. Finished jobs are kept in the "
+                "output directory (jobs/); run the same command with --resume once MLflow is back to record "
+                "them there (nothing is rerun)",
+                what,
+                self.error,
+            )
+            return None
+
+
+class LocalResults:
+    """Every finished job's result on disk, ``<output>/jobs/<evaluation key>/<job key>.json`` (the evaluation key
+    is :func:`eval.jobs.evaluation_key`: checkpoint, recipe and data), written before MLflow records it and
+    marked with the MLflow runs once it has. Enough to build the table and to ``--resume`` without MLflow."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def directory(self, eval_key: str) -> Path:
+        return self.root / eval_key
+
+    def path(self, eval_key: str, job_key: str) -> Path:
+        return self.directory(eval_key) / f"{job_key.replace('/', '__')}.json"
+
+    def save(self, eval_key: str, job: Job, result: dict[str, Any], tags: dict[str, str]) -> None:
+        entry = {
+            "job_key": job.key, "checkpoint": job.checkpoint, "task": job.task, "lr": job.lr, "seed": job.seed,
+            "device": job.config.device, "tags": tags, "result": result, "mlflow": None,
+        }  # fmt: skip
+        self._write(self.path(eval_key, job.key), entry)
+
+    def mark_recorded(self, eval_key: str, job_key: str, parent_id: str, run_id: str) -> None:
+        path = self.path(eval_key, job_key)
+        entry = json.loads(path.read_text())
+        entry["mlflow"] = {"parent_run_id": parent_id, "run_id": run_id}
+        self._write(path, entry)
+
+    def load(self, eval_key: str) -> dict[str, dict[str, Any]]:
+        """Job key → its saved entry."""
+        directory = self.directory(eval_key)
+        entries = (
+            [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+            if directory.is_dir()
+            else []
+        )
+        return {e["job_key"]: e for e in entries}
+
+    def records(self, eval_key: str) -> dict[str, JobRecord]:
+        return {
+            key: JobRecord(e["task"], float(e["lr"]), int(e["seed"]), e["result"]["metrics"])
+            for key, e in self.load(eval_key).items()
+        }
+
+    def set_aside(self, eval_key: str) -> None:
+        """A fresh (not resumed) evaluation: an earlier one's results move to ``<key>.<time>``, out of its table."""
+        directory = self.directory(eval_key)
+        if directory.is_dir() and any(directory.iterdir()):
+            directory.rename(
+                directory.with_name(f"{eval_key}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}")
+            )
+
+    @staticmethod
+    def _write(path: Path, entry: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(entry, indent=1, default=_plain))
+        os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what a job may return besides plain Python: numpy scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -168,7 +168,12 @@ def load(
 
 
 def export_final(
-    model, ds: dict[str, Any], out_dir: Path, tokenizer_dir: Path | None, mlflow_run_id: str | None = None
+    model,
+    ds: dict[str, Any],
+    out_dir: Path,
+    tokenizer_dir: Path | None,
+    mlflow_run_id: str | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> None:
     """Write an HF-format model directory (safetensors + config with the mask + tokenizer), atomically.
 
@@ -187,6 +192,8 @@ def export_final(
                 AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
             if mlflow_run_id:
                 (tmp / "mlflow_run_id").write_text(mlflow_run_id)
+            if metrics:  # the step and held-out numbers of the exported weights
+                (tmp / "pretraining_metrics.json").write_text(json.dumps(metrics, indent=1))
             _swap_into_place(tmp, out_dir)
     ds_setup.barrier()
 

@@ -15,7 +15,7 @@ DEFAULT_CORPUS_SEQ_LEN = 128
 def default_corpus_dir() -> Path:
     """Where the embedded corpus is prepared once and reused: ``$SPARSEBERT_CACHE`` or ~/.cache/sparsebert."""
     root = Path(os.environ.get("SPARSEBERT_CACHE", Path.home() / ".cache" / "sparsebert"))
-    return root / f"python-docs-seq{DEFAULT_CORPUS_SEQ_LEN}"
+    return root / f"python-docs-seq{DEFAULT_CORPUS_SEQ_LEN}-val"  # "-val": with a validation split
 
 
 def prepare_default_corpus(rank0: bool) -> Path:
@@ -32,6 +32,7 @@ def prepare_default_corpus(rank0: bool) -> Path:
             text = write_python_docs_corpus(Path(tmp) / "python_docs.txt")
             prepare_corpus(
                 [text], out, train_tokenizer="wordpiece", vocab_size=8192, seq_len=DEFAULT_CORPUS_SEQ_LEN,
+                validation_fraction=0.05,
                 seed=0, shard_size=4096, progress=False,
             )  # fmt: skip
     ds_setup.barrier()
@@ -63,4 +64,21 @@ def open_reader(data_dir: Path, config: PretrainConfig):
             f"data.nsp is true but {data_dir} was prepared with packing {reader.manifest.get('packing')!r}; "
             "set data.nsp=false or prepare the corpus with --packing nsp"
         )
+    return reader
+
+
+def open_validation_reader(data_dir: Path, config: PretrainConfig, train_reader):
+    """This rank's share of the corpus's validation split, one pass per ``iter()``, on its device; None when the
+    corpus has none. Masking has a fixed seed, so every evaluation of the same model gives the same numbers."""
+    from sparsebert.data import MlmCollator, ShardReader
+
+    reader = ShardReader.validation(
+        data_dir, rank=ds_setup.rank(), world_size=ds_setup.world_size(),
+        batch_size=config.train.micro_batch_size, prefetch=config.data.prefetch, device=ds_setup.device(),
+    )  # fmt: skip
+    if reader is not None:
+        reader.collator = MlmCollator(
+            train_reader.collator.info, mlm_probability=config.data.mlm_probability,
+            whole_word=config.data.whole_word_masking, seed=config.train.seed,
+        )  # fmt: skip
     return reader

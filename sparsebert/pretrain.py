@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from sparsebert import build, checkpoint, run_report
 from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.corpus import open_reader, prepare_default_corpus
+from sparsebert.corpus import open_reader, open_validation_reader, prepare_default_corpus
 from sparsebert.faults import step_fault
 from sparsebert.masks import sparsity
 from sparsebert.meter import Meter
@@ -51,6 +51,7 @@ from sparsebert.train_config import (
     presets,
 )
 from sparsebert.training import seed_everything
+from sparsebert.validation import evaluate
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Run:
     scheduler: Any
     tracker: RunTracker
     state: TrainState
+    val_reader: Any = None  # this rank's share of the held-out split (None: the corpus has none)
+    validation: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
     stop: StopRequest = field(default_factory=StopRequest)
     lock: Any = None  # rank 0's hold on output_dir (released when the process ends)
 
@@ -144,7 +147,7 @@ def setup(config: PretrainConfig) -> Run:
         if state.stage == 2 and not model.mask_frozen:  # the search ended before the checkpoint
             build.freeze_in_place(model, engine, scheduler)
 
-    tracker = RunTracker(enabled=rank0 and config.mlflow.enabled)
+    tracker = RunTracker(enabled=rank0 and config.mlflow.enabled, output_dir=out)
     tracker.start(
         config.mlflow.tracking_uri, config.mlflow.experiment, config.mlflow.run_name or out.name,
         state.mlflow_run_id, _params(config, ds),
@@ -159,6 +162,11 @@ def setup(config: PretrainConfig) -> Run:
     if resumed:
         report(f"resumed from {resume_tag} at step {state.step} (stage {state.stage})")
     run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, lock=lock)
+    run.val_reader = open_validation_reader(data_dir, config, reader)
+    if run.val_reader is None:
+        report(
+            f"no held-out evaluation: {data_dir} has no validation split (data_prep --validation-fraction)"
+        )
     run_report.report_attention(run)
     return run
 
@@ -192,6 +200,8 @@ def train(run: Run) -> bool:
             progress.update(1)
             if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 _log(run, meter, progress)
+            if config.eval.every and state.step % config.eval.every == 0:
+                validate(run)
             if config.checkpoint.every and state.step % config.checkpoint.every == 0:
                 _save(run)
                 saved = True
@@ -221,6 +231,18 @@ def _log(run: Run, meter: Meter, progress) -> None:
     progress.set_postfix(
         stage=run.state.stage, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
     )
+
+
+def validate(run: Run) -> None:
+    """Held-out MLM (and NSP) loss and accuracy of the current weights, on every rank; rank 0 logs them."""
+    if run.val_reader is None:
+        return
+    run.validation = evaluate(
+        run.engine, run.val_reader, nsp=run.config.data.nsp, max_batches=run.config.eval.max_batches
+    )
+    run.tracker.log_metrics(run.validation, run.state.step)
+    shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in run.validation.items())
+    report(f"\nstep {run.state.step}, held-out: {shown}")
 
 
 def train_step(run: Run, batches, meter: Meter, poison: bool = False) -> bool:
@@ -286,18 +308,30 @@ def finish(run: Run) -> None:
     config, state, tracker = run.config, run.state, run.tracker
     if not (config.checkpoint.every and state.step % config.checkpoint.every == 0):
         _save(run)
+    if not (config.eval.every and state.step % config.eval.every == 0):
+        validate(run)  # the final model's held-out numbers, which final/ records
     final_mask = run.model.current_mask(run.seq_len)
     _save_rank_mask(run.out, "final", final_mask)
     tracker.log_mask("final", final_mask)
     run.model.config.mlm_logits = "all"  # the exported model keeps transformers' output semantics
     final = run.out / "final"
-    checkpoint.export_final(run.model, run.ds, final, run.reader.tokenizer_dir, tracker.run_id)
+    checkpoint.export_final(
+        run.model,
+        run.ds,
+        final,
+        run.reader.tokenizer_dir,
+        tracker.run_id,
+        {"step": state.step, **run.validation},
+    )
     tracker.set_tags({"final_model_dir": str(final.resolve()), "final_sparsity": sparsity(final_mask)})
     tracker.end()
     report(f"done: model in {final.resolve()}")
-    if tracker.run_id:
+    if tracker.run_id and tracker.run_id.startswith("local-"):  # MLflow never answered
+        report(f"MLflow was unreachable: the run's records are in {run.out / 'tracking'}; send them with "
+               f"`python -m sparsebert.resync {run.out}`")  # fmt: skip
+    elif tracker.run_id:
         report(
-            f"MLflow run {tracker.run_id} (experiment {config.mlflow.experiment!r}); view it with `mlflow ui`",
+            f"MLflow run {tracker.run_id} (experiment {config.mlflow.experiment!r}); view it with `mlflow ui`"
         )
 
 

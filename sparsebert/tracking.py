@@ -1,12 +1,19 @@
-"""MLflow: the project's one layer over it (:class:`MlflowStore`), and pre-training's run on rank 0 (:class:`RunTracker`)."""
+"""Pre-training's MLflow run on rank 0 (:class:`RunTracker`), over the project's MLflow layer
+(:mod:`sparsebert.mlflow_store`).
+
+Tracking never stops training: :class:`RunTracker` writes every record to the run's ``output_dir/tracking/``
+first (:class:`~sparsebert.run_log.RunLog`) and a background thread sends it to MLflow; when MLflow cannot be
+reached the run goes on, and ``python -m sparsebert.resync OUTPUT_DIR`` sends the records later.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
-import os
 import subprocess
+import sys
 import tempfile
-import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +22,8 @@ import yaml
 from safetensors.torch import save_file
 
 from sparsebert import mask_plots
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def tracking_uri(configured: str | None) -> str:
-    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working dir."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+from sparsebert.mlflow_store import brief_error, short_http_retries, tracking_uri
+from sparsebert.run_log import LOCAL_DIR, RunLog, RunSync, _Sender
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,110 +50,44 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-class MlflowStore:
-    """The project's one layer over MLflow: an experiment of a tracking store, written through
-    :class:`mlflow.MlflowClient` with explicit run ids (no global active run, so nothing leaks between runs or
-    evaluations in one process). Pre-training (:class:`RunTracker`) and the evaluation driver
-    (``eval.tracking``) both write through it."""
-
-    def __init__(self, experiment: str, uri: str | None = None):
-        from mlflow import MlflowClient  # mlflow is imported only where something is recorded
-
-        self.client = MlflowClient(tracking_uri(uri))
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-
-    def create_run(
-        self, run_name: str, tags: dict[str, Any] | None = None, start_time: float | None = None
-    ) -> str:
-        run = self.client.create_run(
-            self.experiment_id,
-            start_time=None if start_time is None else _ms(start_time),
-            tags={k: str(v) for k, v in (tags or {}).items()},
-            run_name=run_name,
-        )
-        return run.info.run_id
-
-    def reopen(self, run_id: str) -> None:
-        """Mark a run running again (a resumed training run, a resumed evaluation)."""
-        self.client.update_run(run_id, status="RUNNING")
-
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
-        items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # log_batch takes at most 100 params
-            self.client.log_batch(run_id, params=items[start : start + 100])
-
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_metrics(
-        self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp: float | None = None
-    ) -> None:
-        self.log_metric_series(run_id, [(k, float(v), step) for k, v in metrics.items()], timestamp)
-
-    def log_metric_series(
-        self, run_id: str, values: list[tuple[str, float, int]], timestamp: float | None = None
-    ) -> None:
-        """``(key, value, step)`` triples in batches (log_batch takes at most 1000 metrics)."""
-        from mlflow.entities import Metric
-
-        now = _ms(time.time() if timestamp is None else timestamp)
-        metrics = [Metric(key, float(value), now, int(step)) for key, value, step in values]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
-
-    def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
-
-    def log_dict(self, run_id: str, payload: Any, path: str) -> None:
-        self.client.log_dict(run_id, payload, path)
-
-    def log_artifacts(self, run_id: str, local_dir: str | Path, path: str) -> None:
-        self.client.log_artifacts(run_id, str(local_dir), path)
-
-    def end(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
-        self.client.set_terminated(run_id, status, end_time=None if end_time is None else _ms(end_time))
-
-    def latest(self, query: str, experiments: list[str] | None = None) -> str | None:
-        """The id of the newest run matching ``query`` in this experiment (or in ``experiments``), or None."""
-        found = self.client.search_runs(
-            experiments or [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
-        )
-        return found[0].info.run_id if found else None
-
-    def search(self, query: str, order_by: list[str] | None = None, experiments: list[str] | None = None):
-        """Every run of this experiment (or of ``experiments``) matching ``query``, page after page."""
-        token = None
-        while True:
-            page = self.client.search_runs(
-                experiments or [self.experiment_id], query, order_by=order_by, page_token=token
-            )
-            yield from page
-            token = page.token
-            if not token:
-                return
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
-
-
 class RunTracker:
     """One MLflow run per training run; a resumed training run continues the same MLflow run.
 
-    On ranks other than 0 (or with ``mlflow.enabled: false``) every method does nothing, so the train
-    loop needs no ``if rank == 0``.
+    Tracking never stops training: every record (params, metrics with their step, tags, artifact files) is first
+    written to ``output_dir/tracking/`` (:class:`RunLog`), then sent to MLflow by a background thread, so the
+    training loop never waits on the tracking server. When MLflow cannot be reached, at start or later, training
+    goes on, one warning says so, and ``python -m sparsebert.resync OUTPUT_DIR`` sends the records afterwards.
+    :meth:`start` waits up to ``start_wait`` seconds for the MLflow run to exist (so :attr:`run_id` is its id);
+    :meth:`end` waits up to ``end_wait`` seconds for the thread to send what is queued.
+
+    ``output_dir`` (the constructor's or :meth:`start`'s) defaults to the ``output_dir`` entry of the params
+    given to :meth:`start`, which the flattened training config has. On ranks other than 0 (or with
+    ``mlflow.enabled: false``) every method does nothing, so the train loop needs no ``if rank == 0``.
     """
 
-    def __init__(self, enabled: bool):
+    def __init__(
+        self,
+        enabled: bool,
+        output_dir: str | Path | None = None,
+        *,
+        start_wait: float = 10.0,
+        end_wait: float = 60.0,
+    ):
         self.enabled = enabled
-        self.run_id: str | None = None
-        self.store: MlflowStore | None = None
+        self.output_dir = output_dir
+        self.start_wait, self.end_wait = start_wait, end_wait
+        self.local_id: str | None = None
+        self.log: RunLog | None = None
+        self._sync: RunSync | None = None
+        self._sender: _Sender | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run's id; until MLflow has created the run (or if it could not), the run's local id
+        (``local-…``), by which ``sparsebert.resync`` and the MLflow tag ``sparsebert.local_run_id`` know it."""
+        if self._sync is None:
+            return None
+        return self._sync.run_id or self.local_id
 
     def start(
         self,
@@ -160,41 +96,66 @@ class RunTracker:
         run_name: str,
         resume_run_id: str | None,
         params: dict[str, Any],
+        output_dir: str | Path | None = None,
     ) -> None:
         if not self.enabled:
             return
-        self.store = MlflowStore(experiment, uri)
-        if resume_run_id:
-            self.store.reopen(resume_run_id)
-            self.run_id = resume_run_id
-        else:
-            self.run_id = self.store.create_run(run_name)
-            self.store.log_params(self.run_id, params)
+        out = output_dir or self.output_dir or params.get("output_dir")
+        if not out:
+            raise ValueError("RunTracker needs the run's output_dir (a constructor or start() argument)")
+        short_http_retries()
+        uri = tracking_uri(uri)
+        log = RunLog(Path(out) / LOCAL_DIR)
+        records = log.read()
+        if records and not (resume_run_id and resume_run_id in log.run_ids()):
+            log.archive()  # the records of an earlier run in this output_dir: this is another one
+            records = []
+        starts = [r["local_id"] for r in records if r["kind"] == "start"]
+        self.local_id = starts[0] if starts else f"local-{uuid.uuid4().hex}"
+        log.open()
+        sync = RunSync(log, uri, experiment)
+        if resume_run_id and not records and not resume_run_id.startswith("local-"):
+            sync.state = {"run_id": resume_run_id, "synced": -1}  # a run begun before runs kept local records
+            log.save_sync_state(uri, sync.state)
+        self.log, self._sync = log, sync
+        self._sender = _Sender(sync, self._offline)
+        for record in sync.pending(records):  # what an earlier process of this run could not send
+            self._sender.put(record)
+        resumed = bool(records or resume_run_id)
+        self._record("start", local_id=self.local_id, experiment=experiment, run_name=run_name, uri=uri)
+        if not resumed:
+            self._record("params", params={k: str(v) for k, v in params.items()})
+        atexit.register(self._at_exit)
+        sender = self._sender
+        sender.wait(lambda: sync.run_id is not None or sender.error is not None, self.start_wait)
 
     def log_configs(self, config: dict[str, Any], ds: dict[str, Any]) -> None:
-        if self.enabled:
-            self.store.log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), "config/train.yaml")
-            self.store.log_text(self.run_id, json.dumps(ds, indent=2), "config/deepspeed.json")
+        if self._sender is None:
+            return
+        with tempfile.TemporaryDirectory(dir=self.log.root) as tmp:
+            (Path(tmp) / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (Path(tmp) / "deepspeed.json").write_text(json.dumps(ds, indent=2))
+            self._artifacts("config", Path(tmp))
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if self.enabled:
-            self.store.log_params(self.run_id, params)
+        if self._sender is not None:
+            self._record("params", params={k: str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            self.store.log_metrics(self.run_id, metrics, step)
+        if self._sender is not None:
+            self._record("metrics", step=int(step), metrics={k: float(v) for k, v in metrics.items()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.enabled:
-            self.store.set_tags(self.run_id, tags)
+        if self._sender is not None:
+            self._record("tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_mask(self, name: str, mask: torch.Tensor, importance: torch.Tensor | None = None) -> None:
         """The mask ``[layers, heads, L, L]`` as a safetensors file and heatmaps; DAM importance plots too."""
-        if not self.enabled:
+        if self._sender is None:
             return
         mask = mask.cpu()  # files and plots are made on the host, whatever device the model runs on
         importance = importance.cpu() if importance is not None else None
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=self.log.root) as tmp:
             out = Path(tmp)
             tensors = {"mask": mask.to(torch.uint8).contiguous()}
             if importance is not None:
@@ -211,11 +172,54 @@ class RunTracker:
                 mask_plots.importance_by_distance(
                     importance[0], out / "importance_by_distance.png", f"{name}: importance by distance"
                 )
-            self.store.log_artifacts(self.run_id, out, f"masks/{name}")
+            self._artifacts(f"masks/{name}", out)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            self.store.end(self.run_id, status)
+        """Record the end and wait (at most ``end_wait`` seconds) for the records to reach MLflow."""
+        if self._sender is not None:
+            self._record("end", status=status)
+            self._close(self.end_wait)
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        self._sender.put(self.log.append(kind, **fields))
+
+    def _artifacts(self, path: str, source: Path) -> None:
+        self._record("artifacts", path=path, files=self.log.store_files(path, source))
+
+    def _resync_command(self) -> str:
+        return f"python -m sparsebert.resync {self.log.root.parent}"
+
+    def _offline(self, exc: BaseException) -> None:
+        """The one warning (from the sending thread, at the first failure)."""
+        error = brief_error(exc)
+        print(
+            f"WARNING: MLflow tracking failed ({self._sync.uri}: {error}). Training continues; every record of "
+            f"this run is kept in {self.log.root}. Send them to MLflow afterwards: {self._resync_command()}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _close(self, wait: float) -> None:
+        sender = self._sender
+        caught_up = sender.wait(sender.idle, wait)
+        atexit.unregister(self._at_exit)
+        sender.close()
+        self.log.close()
+        self._sender = None
+        if not caught_up and sender.error is None:  # (a failure was reported when it happened)
+            print(
+                f"WARNING: MLflow did not take this run's last {sender.queued - sender.handled} tracking records "
+                f"within {wait:g} s; they are kept in {self.log.root}. Send them: {self._resync_command()}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _at_exit(self) -> None:
+        """A process ending without :meth:`end` (an error) still sends what it can, briefly."""
+        if self._sender is not None:
+            self._close(min(self.end_wait, 10.0))
 
 
 def _distinct_layers(mask: torch.Tensor) -> list[int]:

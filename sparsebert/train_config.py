@@ -132,6 +132,18 @@ class DamConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = _f(
+        100,
+        "steps between held-out evaluations (when the corpus has a validation split; 0 = off)",
+        neutral=True,
+    )
+    max_batches: int | None = _f(
+        None, "batches per rank per evaluation; null = the whole split", neutral=True
+    )
+
+
+@dataclass
 class CheckpointConfig:
     every: int = _f(100, "steps between DeepSpeed checkpoints (0 = only at the end)", neutral=True)
     keep_last: int = _f(2, "checkpoints kept; older ones are deleted", neutral=True)
@@ -170,6 +182,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dam: DamConfig = field(default_factory=DamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 

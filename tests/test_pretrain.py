@@ -36,6 +36,7 @@ COMMON = [
     "train.lr=1e-3",
     "train.warmup_steps=2",
     "train.log_every=1",
+    "eval.every=4",
     "checkpoint.every=2",
     "checkpoint.keep_last=2",
     "data.log_sample_ids=true",
@@ -79,6 +80,7 @@ def corpus(tmp_path_factory, ray_local) -> Path:
         seed=0,
         shard_size=64,
         progress=False,
+        validation_fraction=0.2,
     )
     return root / "prepared"
 
@@ -204,6 +206,11 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(launcher):
     }  # fmt: skip
     assert expected <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "mlm_loss")) == MAX_STEPS
+    held_out = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/mlm_loss")}
+    assert sorted(held_out) == [4, 8] and all(0 < v < 20 for v in held_out.values())
+    assert {"val/mlm_accuracy", "val/nsp_loss", "grad_norm"} <= set(run.data.metrics)
+    recorded = json.loads((out / "final" / "pretraining_metrics.json").read_text())
+    assert recorded["step"] == MAX_STEPS and recorded["val/mlm_loss"] == pytest.approx(held_out[8])
     penalty_steps = [m.step for m in client.get_metric_history(run.info.run_id, "mask_penalty")]
     assert max(penalty_steps) == SEARCH_STEPS  # λ·‖M‖₁ only while searching
     artifacts = _all_artifacts(client, run.info.run_id)
