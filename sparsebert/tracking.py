@@ -80,6 +80,7 @@ class RunTracker:
         self.log: RunLog | None = None
         self._sync: RunSync | None = None
         self._sender: _Sender | None = None
+        self._monitor = None  # MLflow's system metrics (CPU, memory, GPU) of this process's machine
 
     @property
     def run_id(self) -> str | None:
@@ -128,6 +129,8 @@ class RunTracker:
         atexit.register(self._at_exit)
         sender = self._sender
         sender.wait(lambda: sync.run_id is not None or sender.error is not None, self.start_wait)
+        if sync.run_id is not None and sender.error is None:
+            self._monitor = _system_metrics(sync.run_id, uri, resumed)
 
     def log_configs(self, config: dict[str, Any], ds: dict[str, Any]) -> None:
         if self._sender is None:
@@ -176,6 +179,9 @@ class RunTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """Record the end and wait (at most ``end_wait`` seconds) for the records to reach MLflow."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         if self._sender is not None:
             self._record("end", status=status)
             self._close(self.end_wait)
@@ -220,6 +226,20 @@ class RunTracker:
         """A process ending without :meth:`end` (an error) still sends what it can, briefly."""
         if self._sender is not None:
             self._close(min(self.end_wait, 10.0))
+
+
+def _system_metrics(run_id: str, uri: str, resumed: bool):
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where pynvml is installed) on the run,
+    or None where it cannot start: it is a view of the machine, never a reason to stop training."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # a missing psutil, an old MLflow, a store that refuses: training goes on
+        print(f"note: MLflow system metrics are off ({brief_error(exc)})", file=sys.stderr, flush=True)
+        return None
 
 
 def _distinct_layers(mask: torch.Tensor) -> list[int]:
