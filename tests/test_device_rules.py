@@ -9,12 +9,8 @@ model's forward and backward, the metrics meter and the collectives (metric aver
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -51,18 +47,6 @@ class NcclRule(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device == ACCELERATOR:
             return 0
         return func(*args, **kwargs)
-
-
-@pytest.fixture
-def process_group():
-    """A real process group of one (gloo), as ``deepspeed`` forms it for a single rank."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ ignored, ranks combined by one collective of device tensors."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -172,18 +170,6 @@ def test_max_batches_and_the_end_of_a_pass():
     with pytest.raises(RuntimeError, match="unreadable"):
         evaluate(model, failing(), nsp=True)
     assert model.training
-
-
-@pytest.fixture
-def process_group():
-    """A real process group of one (gloo), as ``deepspeed`` forms it for a single rank."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_one_collective_in_a_process_group(process_group, monkeypatch):
