@@ -169,15 +169,7 @@ def prepare_corpus(
     names = [str(i) for i in inputs] + [s.name for s in options.hf_datasets]
     if not names:
         raise ValueError("nothing to prepare: give input paths and/or a Hugging Face dataset")
-    plan = plan_units(
-        inputs,
-        options.hf_datasets,
-        text_column=options.text_column,
-        doc_per_file=options.doc_per_file,
-        rows_per_document=options.rows_per_document,
-        unit_bytes=options.unit_bytes,
-        max_line_length=options.max_line_length,
-    )
+    plan = _plan(inputs, options.hf_datasets, options)
     if not plan.units:
         raise ValueError(f"empty corpus: nothing readable in {names}; skipped: {plan.skipped_files}")
     logger.info("%d units of work from %d sources", len(plan.units), len(plan.sources))
@@ -235,14 +227,7 @@ def _plan_validation(plan: Plan, options: PrepOptions) -> Plan | None:
     files and random seeds stay apart; an input that is also a training input is refused (it would leak)."""
     if not options.validation_inputs:
         return None
-    validation = plan_units(
-        options.validation_inputs,
-        text_column=options.text_column,
-        doc_per_file=options.doc_per_file,
-        rows_per_document=options.rows_per_document,
-        unit_bytes=options.unit_bytes,
-        max_line_length=options.max_line_length,
-    )
+    validation = _plan(options.validation_inputs, (), options)
     if not validation.units:
         raise ValueError(
             f"empty validation input: nothing readable in {list(options.validation_inputs)}; "
@@ -403,3 +388,16 @@ def _manifest(
         "repaired": {"invalid_utf8_lines": issues["invalid_utf8_lines"]},
         "shards": shards,
     }
+
+
+def _plan(inputs, hf_datasets, options: PrepOptions):
+    """The units of work of ``inputs`` (and hub datasets) under the reading settings of ``options``."""
+    return plan_units(
+        inputs,
+        hf_datasets,
+        text_column=options.text_column,
+        doc_per_file=options.doc_per_file,
+        rows_per_document=options.rows_per_document,
+        unit_bytes=options.unit_bytes,
+        max_line_length=options.max_line_length,
+    )

@@ -9,6 +9,17 @@ import torch
 from sparsebert import deepspeed_setup as ds_setup
 
 
+def masked_hits(prediction_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many labelled (not -100) positions the MLM head's argmax gets right, on the device: no boolean
+    indexing, so no host synchronisation. ``prediction_logits`` may hold the masked positions only
+    (``mlm_logits="masked_only"``, in the order of ``labels != -100``) or every position."""
+    selected = labels != -100
+    guesses = prediction_logits.detach().argmax(-1)
+    if guesses.dim() == 1:
+        guesses = torch.full_like(labels, -1).masked_scatter_(selected, guesses)
+    return ((guesses == labels) & selected).sum()
+
+
 class Meter:
     """Training numbers between two logs, accumulated on the device the model computes them on: the host waits
     for the device once per log, not per micro-batch. Micro-batches of a step DeepSpeed skipped are dropped."""
@@ -27,10 +38,7 @@ class Meter:
         """One micro-batch (no host synchronisation)."""
         labels = batch["labels"]
         selected = labels != -100
-        guesses = outputs.prediction_logits.detach().argmax(-1)
-        if guesses.dim() == 1:  # logits at the masked positions only (model.mlm_logits=masked_only)
-            guesses = torch.full_like(labels, -1).masked_scatter_(selected, guesses)
-        hits = ((guesses == labels) & selected).sum()
+        hits = masked_hits(outputs.prediction_logits, labels)
         values = {
             "loss": outputs.loss,
             "mlm_loss": outputs.mlm_loss,

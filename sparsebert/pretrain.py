@@ -35,6 +35,7 @@ from tqdm import tqdm
 from sparsebert import build, checkpoint, run_report
 from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.corpus import open_reader, open_validation_reader, prepare_default_corpus
+from sparsebert.data import model_inputs
 from sparsebert.faults import step_fault
 from sparsebert.masks import sparsity
 from sparsebert.meter import Meter
@@ -256,7 +257,7 @@ def train_step(run: Run, batches, meter: Meter, poison: bool = False) -> bool:
     sample_ids = []
     for _ in range(run.config.train.grad_accum_steps):
         batch = next(batches)
-        outputs = engine(**_model_inputs(batch, run.config.data.nsp))
+        outputs = engine(**model_inputs(batch, run.config.data.nsp))
         loss = outputs.loss
         if poison:
             loss, poison = loss * float("inf"), False
@@ -384,13 +385,6 @@ def _lock(out: Path):
     if ds_setup.any_rank(error is not None):
         raise error or RuntimeError(f"{out} is in use by another training run (rank 0 could not lock it)")
     return lock
-
-
-def _model_inputs(batch: dict, nsp: bool) -> dict:
-    keys = ["input_ids", "token_type_ids", "attention_mask", "labels"] + (
-        ["next_sentence_label"] if nsp else []
-    )
-    return {k: batch[k] for k in keys}
 
 
 def _save_rank_mask(out: Path, name: str, mask: torch.Tensor) -> None:

@@ -23,9 +23,10 @@ from itertools import islice
 import torch
 
 from sparsebert import deepspeed_setup as ds_setup
+from sparsebert.data.reader import model_inputs
+from sparsebert.meter import masked_hits
 
 IGNORE_INDEX = -100
-_MLM_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 # The sums kept on the device, in the order of the one collective.
 _SUMS = ("mlm_loss", "mlm_tokens", "mlm_hits", "nsp_loss", "nsp_samples", "nsp_hits")
 
@@ -53,8 +54,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for batch in islice(passing, max_batches):
-                keys = _MLM_INPUTS + (("next_sentence_label",) if nsp else ())
-                outputs = model_or_engine(**{k: batch[k] for k in keys})
+                outputs = model_or_engine(**model_inputs(batch, nsp))
                 for key, value in _batch_sums(outputs, batch, nsp).items():
                     sums[key] = sums[key] + value if key in sums else value
                 count += 1
@@ -97,14 +97,11 @@ def _batch_sums(outputs, batch: dict[str, torch.Tensor], nsp: bool) -> dict[str,
     labels = batch["labels"]
     selected = labels != IGNORE_INDEX
     tokens = selected.sum()
-    guesses = outputs.prediction_logits.argmax(-1)
-    if guesses.dim() == 1:  # logits at the masked positions only (model.mlm_logits=masked_only)
-        guesses = torch.full_like(labels, -1).masked_scatter_(selected, guesses)
     sums = {
         # A batch without a masked token (padding rows only) has a NaN mean loss: it adds 0.
         "mlm_loss": torch.where(tokens > 0, outputs.mlm_loss.double() * tokens, 0.0),
         "mlm_tokens": tokens.double(),
-        "mlm_hits": ((guesses == labels) & selected).sum().double(),
+        "mlm_hits": masked_hits(outputs.prediction_logits, labels).double(),
     }
     if nsp:
         nsp_labels = batch["next_sentence_label"]

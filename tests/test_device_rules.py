@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.build import build_model
 from sparsebert.corpus import open_reader
+from sparsebert.data import model_inputs
 from sparsebert.meter import Meter
-from sparsebert.pretrain import _model_inputs
 from sparsebert.train_config import load_config
 
 ACCELERATOR = torch.device("meta")
@@ -86,7 +86,7 @@ def test_a_rank_keeps_batches_metrics_and_collectives_on_its_accelerator(
         meter = Meter()
         batch = next(iter(reader))
         assert batch["input_ids"].device == ACCELERATOR and batch["sample_index"].device.type == "cpu"
-        outputs = model(**_model_inputs(batch, config.data.nsp))
+        outputs = model(**model_inputs(batch, config.data.nsp))
         outputs.loss.backward()
         meter.add(outputs, batch)
         meter.end_step(applied=True)

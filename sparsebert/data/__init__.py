@@ -6,6 +6,6 @@ exactly resumable), or one unshuffled pass over the validation split (``split="v
 """
 
 from sparsebert.data.collator import MlmCollator, VocabInfo
-from sparsebert.data.reader import ShardReader
+from sparsebert.data.reader import ShardReader, model_inputs
 
-__all__ = ["MlmCollator", "ShardReader", "VocabInfo"]
+__all__ = ["MlmCollator", "ShardReader", "VocabInfo", "model_inputs"]

@@ -351,6 +351,14 @@ class ShardReader:
 HOST_KEYS = ("sample_index", "epoch")  # bookkeeping the host reads; never moved to the device
 
 
+def model_inputs(batch: Batch, nsp: bool) -> Batch:
+    """What a pre-training model takes from a batch (the NSP label only when NSP is trained)."""
+    keys = ("input_ids", "token_type_ids", "attention_mask", "labels") + (
+        ("next_sentence_label",) if nsp else ()
+    )
+    return {key: batch[key] for key in keys}
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """``batch`` with its model inputs on ``device``: pinned host memory, then a non-blocking copy.
 
