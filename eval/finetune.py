@@ -27,6 +27,7 @@ from eval.squad_data import load_squad
 from eval.squad_metrics import squad_v1_scores, squad_v2_scores
 from eval.squad_postprocess import SquadFeatures, postprocess, prepare_features
 from eval.tasks import TASKS, TaskSpec
+from sparsebert import console
 from sparsebert.training import parameter_groups, seed_everything, warmup_decay_schedule
 
 
@@ -165,6 +166,8 @@ def run_job(
     cfg = job.config
     device = resolve_device(cfg.device)  # first, so a job that cannot get its GPU fails before loading data
     transformers.logging.set_verbosity_error()  # load reports list the fresh task head: expected noise here
+    if not console.verbose():
+        transformers.logging.disable_progress_bar()  # one "Loading weights" bar per job and worker otherwise
     tokenizer = transformers.AutoTokenizer.from_pretrained(job.checkpoint)
     src = job.data
     if task.kind == "glue":

@@ -9,6 +9,7 @@ no quoting (texts contain bare quotes), CoLA without a header. Anything that doe
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -53,8 +54,9 @@ def _label_value(task: TaskSpec, raw: str, where: tuple[Path, int, int]) -> int 
     return task.labels.index(raw)
 
 
-def read_glue_tsv(task: TaskSpec, path: str | Path) -> list[GlueExample]:
-    """Parse one GLUE TSV file of ``task`` (train or dev; test files carry no labels and are not read)."""
+def read_glue_tsv(task: TaskSpec, path: str | Path, limit: int | None = None) -> list[GlueExample]:
+    """Parse one GLUE TSV file of ``task`` (train or dev; test files carry no labels and are not read); with
+    ``limit``, only its first ``limit`` examples (a quick check of a file's format)."""
     path = Path(path)
     layout = task.tsv
     assert layout is not None, f"{task.name} is not a GLUE task"
@@ -62,7 +64,8 @@ def read_glue_tsv(task: TaskSpec, path: str | Path) -> list[GlueExample]:
         raise FileNotFoundError(f"{task.name}: {path} not found (expected the GLUE distribution's layout)")
     # utf-8-sig: MRPC's files carry the BOM of Microsoft's original release in front of "Quality".
     with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = list(reader if limit is None else itertools.islice(reader, limit + 1))
     # A trailing blank line is common (editors); blank lines elsewhere are an error below.
     while rows and rows[-1] == []:
         rows.pop()

@@ -16,8 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
+from eval.inputs import check_inputs
 from eval.jobs import DEVICES, DataSource, FinetuneConfig
 from eval.tasks import TASKS, parse_tasks
+from sparsebert import console
 
 
 def _floats(text: str) -> list[float]:
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--output", default="eval_results", help="where results.md/.csv go (default eval_results/)"
     )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="print every library message and progress bar"
+    )
     return p  # fmt: skip
 
 
@@ -162,9 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(ckpt).exists() and (ckpt.startswith((".", "/", "~")) or ckpt.count("/") > 1):
             build_parser().error(f"checkpoint {ckpt} not found")  # (an id like org/name means the hub)
     labels = args.labels.split(",") if args.labels else None
+    source = DataSource(args.glue_dir, args.squad_dir, args.hub)
+    try:
+        check_inputs(args.checkpoint, tasks, source)  # before Ray starts and jobs fan out
+    except (OSError, ValueError) as err:
+        return console.usage_error(err, "python -m eval.run")
     from eval.runner import run_evaluation  # after the checks: --help and bad arguments answer at once
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console.quiet_libraries(args.verbose)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
     config = FinetuneConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lrs,
         args.seeds,
         config,
-        DataSource(args.glue_dir, args.squad_dir, args.hub),
+        source,
         experiment=args.experiment,
         ray_address=args.ray_address,
         max_retries=args.max_retries,

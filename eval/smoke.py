@@ -9,6 +9,7 @@ formats (random sentences, so the scores mean nothing; the point is that every s
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -245,14 +246,19 @@ def write_squad(out: str | Path, n_train: int = 12, n_dev: int = 8, seed: int = 
     return out  # fmt: skip
 
 
-def main(argv: list[str]) -> None:
-    out = Path(argv[0] if argv else "smoke")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.smoke", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
+    parser.add_argument("out", nargs="?", default="smoke", help="directory to write into (default: smoke)")
+    out = Path(parser.parse_args(argv).out)
     write_tiny_checkpoint(out / "ckpt-dense", "dense")
     write_tiny_checkpoint(out / "ckpt-star", "star")
     write_glue(out / "glue")
     write_squad(out / "squad")
     print(f"wrote {out}/ckpt-dense, {out}/ckpt-star, {out}/glue, {out}/squad")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

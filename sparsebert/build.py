@@ -52,7 +52,7 @@ def build_model(
 def build_engine(model, config: PretrainConfig, ds: dict, restarted: bool = False):
     """DeepSpeed engine + schedule. After a weight restart, the schedule spans stage 2 only."""
     optimizer = optim.build_optimizer(model, config.train, guarded=ds_setup.guards_steps(ds))
-    offset = config.dam.search_steps if restarted else 0
+    offset = config.search_steps if restarted else 0
     total = config.train.max_steps - offset
 
     return ds_setup.initialize(

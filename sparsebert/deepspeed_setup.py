@@ -98,10 +98,35 @@ def init_distributed() -> None:
     if "RANK" not in os.environ:  # plain `python sparsebert/pretrain.py`
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    _prepare_shared_memory_op(int(os.environ["WORLD_SIZE"]))
     deepspeed.init_distributed(dist_init_required=True)
     # One device per rank from the start: batches and collectives use it before the engine exists (which
     # would set it too). The CPU accelerator ignores this.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _prepare_shared_memory_op(world_size: int) -> None:
+    """On the CPU accelerator DeepSpeed compiles a C++ shared-memory all-reduce when its communication backend
+    starts (about a minute, silent, cached afterwards). A single process has nothing to share: skip it, and gloo
+    serves the group of one. Several processes: say what is being built before that silent minute."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    if world_size == 1:
+        # DeepSpeed consults this table before building the op; it offers no other switch for it.
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = Path(_get_build_directory(builder.NAME, verbose=False)) / f"{builder.NAME}.so"
+    if not built.exists() and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"DeepSpeed is compiling its shared-memory all-reduce for CPU ranks ({builder.NAME}, C++): about a "
+            f"minute, once; cached in {built.parent.parent}",
+            flush=True,
+        )
 
 
 def _free_port() -> int:

@@ -121,7 +121,12 @@ class TrainConfig:
 
 @dataclass
 class DamConfig:
-    search_steps: int = _f(0, "stage-1 steps searching a DAM mask, then frozen (fixed patterns skip stage 1)")
+    search_steps: int | None = _f(
+        None,
+        "stage-1 steps searching a DAM mask, then frozen (fixed patterns skip stage 1); "
+        "null = dam.search_fraction × train.max_steps, so train.max_steps alone shortens a run",
+    )
+    search_fraction: float = _f(0.4, "the search's share of train.max_steps when dam.search_steps is null")
     tau_start: float | None = _f(
         None, "anneal the Gumbel temperature from this ... (null = the pattern's tau)"
     )
@@ -140,6 +145,9 @@ class EvalConfig:
     )
     max_batches: int | None = _f(
         None, "batches per rank per evaluation; null = the whole split", neutral=True
+    )
+    fill_mask: list = _f(
+        [], "sentences with [MASK] that the final model fills in, printed at the end of the run", neutral=True
     )
 
 
@@ -189,6 +197,17 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def search_steps(self) -> int:
+        """Stage 1's length: ``dam.search_steps``, else ``dam.search_fraction`` of ``train.max_steps`` (at least
+        one step, and one step short of the run); 0 for a fixed pattern or a frozen DAM mask."""
+        spec = self.model.mask_spec
+        if not spec.learned or spec.params["frozen"]:
+            return 0
+        if self.dam.search_steps is not None:
+            return self.dam.search_steps
+        return min(max(1, round(self.dam.search_fraction * self.train.max_steps)), self.train.max_steps - 1)
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key."""
@@ -233,22 +252,26 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def describe() -> str:
-    """Every key with its type, default and help, for ``--help-config``."""
-    lines = []
+def describe(config: PretrainConfig | None = None, source: str | None = None) -> str:
+    """Every key with its type, meaning and value, for ``--help-config``: the value ``config`` (loaded from
+    ``source``) gives it, marked where that differs from the built-in default."""
+    config = config or PretrainConfig()
+    lines = [f"config: {source}" if source else "config: the built-in defaults"]
 
-    def walk(cls, prefix):
+    def walk(cls, values, prefix):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            value = getattr(values, f.name)
             if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
+                walk(hints[f.name], value, f"{prefix}{f.name}.")
                 continue
             default = _default(f)
+            differs = f"   (default: {default!r})" if value != default else ""
             allowed = f.metadata.get("choices")
             names = f" (one of: {', '.join(allowed)})" if allowed is not None else ""
-            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}{names}")
+            lines.append(f"{prefix}{f.name} = {value!r}{differs}\n    {f.metadata.get('help', '')}{names}")
 
-    walk(PretrainConfig, "")
+    walk(PretrainConfig, config, "")
     return "\n".join(lines)
 
 
@@ -361,13 +384,22 @@ def _check_semantics(config: PretrainConfig) -> None:
         spec = config.model.mask_spec
     except ValueError as err:
         raise ConfigError(f"config key 'model.attention_pattern': {err}") from err
-    search = config.dam.search_steps
-    if search < 0:
-        raise ConfigError(f"config key 'dam.search_steps' must be >= 0, got {search}")
-    if spec.learned and not spec.params["frozen"] and not 0 < search < t.max_steps:
+    explicit, fraction = config.dam.search_steps, config.dam.search_fraction
+    if explicit is not None and explicit < 0:
+        raise ConfigError(f"config key 'dam.search_steps' must be >= 0, got {explicit}")
+    if not 0 < fraction < 1:
+        raise ConfigError(f"config key 'dam.search_fraction' must be between 0 and 1, got {fraction}")
+    if spec.learned and not spec.params["frozen"]:
+        if t.max_steps < 2:
+            raise ConfigError(f"config key 'train.max_steps' must be >= 2 to search a {spec.name} mask")
+        if explicit is not None and not 0 < explicit < t.max_steps:
+            raise ConfigError(
+                f"config key 'dam.search_steps' must be between 1 and train.max_steps - 1 ({t.max_steps - 1}) "
+                f"to search a {spec.name} mask, got {explicit} (or null: dam.search_fraction of the run)"
+            )
+    if not all(isinstance(text, str) for text in config.eval.fill_mask):
         raise ConfigError(
-            f"config key 'dam.search_steps' must be between 1 and train.max_steps - 1 ({t.max_steps - 1}) "
-            f"to search a {spec.name} mask, got {search}"
+            f"config key 'eval.fill_mask' must be a list of sentences, got {config.eval.fill_mask!r}"
         )
     if (config.dam.tau_start is None) != (config.dam.tau_end is None):
         raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
