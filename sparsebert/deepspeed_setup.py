@@ -100,6 +100,7 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     _prepare_shared_memory_op(int(os.environ["WORLD_SIZE"]))
     deepspeed.init_distributed(dist_init_required=True)
+    _unlink_shared_memory_buffer()
     # One device per rank from the start: batches and collectives use it before the engine exists (which
     # would set it too). The CPU accelerator ignores this.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -127,6 +128,20 @@ def _prepare_shared_memory_op(world_size: int) -> None:
             f"minute, once; cached in {built.parent.parent}",
             flush=True,
         )
+
+
+def _unlink_shared_memory_buffer() -> None:
+    """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed never unlinks it: each CPU run under the launcher would leave ~70 MB per rank in /dev/shm (memory,
+    not disk) until reboot. The mappings outlive the name, so the all-reduce keeps working."""
+    path = Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_"
+        f"{os.environ['RANK']}"
+    )
+    if get_accelerator().device_name() == "cpu" and dist.get_world_size() > 1:
+        dist.barrier()  # every rank has mapped every buffer once all have returned from init_distributed
+        path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
