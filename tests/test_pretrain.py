@@ -110,12 +110,14 @@ class Launcher:
     def __init__(self, root: Path, corpus: Path, init_dir: Path, mlflow_uri: str):
         self.root, self.corpus, self.init_dir, self.mlflow_uri = root, corpus, init_dir, mlflow_uri
         self.results: dict[str, subprocess.CompletedProcess] = {}
+        self.ports: dict[str, int] = {}
 
     def run(
         self, name: str, ds_config: str, *extra: str, env: dict | None = None, ranks: int = 2
     ) -> subprocess.CompletedProcess:
+        self.ports[name] = port = _free_port()
         cmd = [
-            "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(PRETRAIN), *COMMON,
+            "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(PRETRAIN), *COMMON,
             f"output_dir={self.root / name}", f"deepspeed_config=ds_configs/{ds_config}",
             f"data.path={self.corpus}", f"model.init_from={self.init_dir}", *extra,
         ]  # fmt: skip
@@ -190,6 +192,20 @@ def test_dam_mask_frozen_identically_on_both_ranks_and_kept(launcher):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out / "final").vocab_size == model.config.vocab_size
+
+
+def test_a_config_error_under_the_launcher_is_one_line_from_rank_0(launcher):
+    result = launcher.run("typo", "cpu.json", "train.max_stepz=3")
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error: " in line]
+    assert len(errors) == 1 and "unknown config key 'train.max_stepz'" in errors[0], errors
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_cpu_ranks_leave_no_shared_memory_behind(launcher):
+    launcher.completed("cpu_zero2", "cpu_zero2.json")
+    port = launcher.ports["cpu_zero2"]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(launcher):
