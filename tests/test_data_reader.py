@@ -254,6 +254,15 @@ def test_state_from_another_run_is_refused(corpus):
         ShardReader(corpus / "nsp", rank=0, world_size=1, batch_size=4, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="dataset"):
         ShardReader(corpus / "spm", rank=0, world_size=1, batch_size=4, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="lanes"):
+        ShardReader(corpus / "nsp", rank=0, world_size=1, batch_size=4, seed=1, lanes=8).load_state_dict(
+            state
+        )
+    before_lanes = {k: v for k, v in state.items() if k != "lanes"} | {
+        "window_shards": 4
+    }  # an older reader's
+    with pytest.raises(ValueError, match=r"older reader.*window_shards=4.*start a new run"):
+        ShardReader(corpus / "nsp", rank=0, world_size=1, batch_size=4, seed=1).load_state_dict(before_lanes)
 
 
 def _copy(corpus, tmp_path):

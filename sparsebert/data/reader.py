@@ -129,7 +129,6 @@ class ShardReader:
         self.nsp: bool = self.manifest["packing"] == "nsp"
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
         self._paths = [self.data_dir / section["dir"] / s["file"] for s in section["shards"]]
-        self._sizes = [int(s["samples"]) for s in section["shards"]]
         self._metadata = [self._read_metadata(path) for path in self._paths]
         # Blocks: every row group of every shard, in corpus order, as (shard, row group).
         self._blocks = [(k, j) for k, md in enumerate(self._metadata) for j in range(md.num_row_groups)]
