@@ -204,6 +204,14 @@ def main() -> None:
         "the footer the old reader reads again per shard); the pyarrow.fs count is the bytes pyarrow requested "
         "through a counting file system, and the rows are those of the row groups whose column chunks it read.",
         "",
+        "Reading the table: *before* reads more than the corpus even on one rank because its shards are smaller "
+        "than pyarrow's 64 KiB speculative footer read, so `pq.read_table` reads each file once for the footer "
+        "and again for the column chunks; with shards of real size that doubling vanishes and *before* reads "
+        "the corpus once per rank, W times the share. *after* reads its share plus, per lane, the row groups "
+        "its lane starts and ends inside (a row group cut by a lane boundary is read by both lanes): at most "
+        "2 x lanes/W row groups more, i.e. the rows over 1.00. Smaller row groups shrink that excess, the "
+        "memory (lanes/W decoded row groups per rank) and the mixing granularity.",
+        "",
     ]
     report = "\n".join(lines)
     print(report)
