@@ -8,12 +8,14 @@ import random
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from data_prep import prepare_corpus
 from data_prep.format import MANIFEST_NAME
 from sparsebert.data import MlmCollator, ShardReader
+from sparsebert.data.read_count import CountingFileSystem
 
 SEQ_LEN = 48
 WORDS = [
@@ -115,9 +117,55 @@ def test_global_batches_do_not_depend_on_the_split_into_ranks(corpus):
             for r in range(world_size)
         ]
         steps = zip(*(itertools.islice(iter(r), 30) for r in readers), strict=True)
-        return [[i for b in step for i in b["sample_index"].tolist()] for step in steps]
+        # Rank r holds positions r, r + world_size, ... of each global batch: interleave them back.
+        return [
+            [i for row in zip(*(b["sample_index"].tolist() for b in step), strict=True) for i in row]
+            for step in steps
+        ]
 
     assert global_batches(1) == global_batches(2) == global_batches(3)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_each_rank_reads_only_the_row_groups_of_its_lanes(corpus, world_size):
+    """Bytes and row groups counted from the reads pyarrow makes (through ``filesystem``), over one epoch."""
+    lanes, B = 4, 3
+    counts = [CountingFileSystem() for _ in range(world_size)]
+    readers = [
+        ShardReader(
+            corpus / "nsp", rank=r, world_size=world_size, batch_size=B, seed=5, prefetch=r % 2,
+            lanes=lanes, filesystem=counts[r].filesystem,
+        )
+        for r in range(world_size)
+    ]  # fmt: skip
+    footers = {path: pq.read_metadata(path) for path in readers[0]._paths}
+    groups = {(path, j): md.row_group(j) for path, md in footers.items() for j in range(md.num_row_groups)}
+
+    def size(group) -> int:
+        return sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+
+    corpus_bytes = sum(size(g) for g in groups.values())
+    block_bytes, block_rows = max(size(g) for g in groups.values()), max(g.num_rows for g in groups.values())
+    assert len(groups) >= 8 and readers[0].num_samples > lanes * block_rows
+    for count in counts:
+        count.reset()  # construction read the footers; count what the epoch reads
+    seen = []
+    for reader in readers:
+        seen += [
+            i
+            for b in itertools.islice(iter(reader), reader.steps_per_epoch)
+            for i in b["sample_index"].tolist()
+        ]
+    n, G = readers[0].num_samples, world_size * B
+    assert len(seen) == len(set(seen)) == n - n % G
+    mine = lanes // world_size  # lanes per rank; each reads its share of the stream plus <= 2 partial blocks
+    for count in counts:
+        assert count.total <= corpus_bytes / world_size + 2 * mine * block_bytes
+        rows = sum(groups[path, j].num_rows for path in footers for j in count.row_groups_read(path))
+        assert rows <= n / world_size + 2 * mine * block_rows
+        # The issue's target: 1.5 / world_size of the corpus plus one window (a row group per lane).
+        assert count.total <= 1.5 * corpus_bytes / world_size + lanes * block_bytes
+    assert sum(c.total for c in counts) <= corpus_bytes + 2 * lanes * block_bytes  # about one pass in all
 
 
 def test_batches_are_padded_bert_inputs(corpus):
@@ -189,14 +237,14 @@ def test_resume_with_another_world_size_skips_and_repeats_nothing(corpus):
 
 
 def test_epochs_limit_and_unshuffled_order(corpus):
-    reader = ShardReader(corpus / "nsp", rank=1, world_size=2, batch_size=3, shuffle=False, epochs=2)
+    reader = ShardReader(corpus / "nsp", rank=1, world_size=2, batch_size=3, shuffle=False, epochs=2, lanes=4)
     batches = list(reader)
     assert len(batches) == 2 * reader.steps_per_epoch
-    assert batches[0]["sample_index"].tolist() == [3, 4, 5] and batches[1]["sample_index"].tolist() == [
-        9,
-        10,
-        11,
-    ]
+    n = reader.num_samples
+    lane = [k * (n // 4) + min(k, n % 4) for k in range(4)]  # where each lane starts in corpus order
+    # Rank 1 holds positions 1, 3, 5 (lanes 1, 3, 1), then 7, 9, 11 (lanes 3, 1, 3): lane k's j-th sample.
+    assert batches[0]["sample_index"].tolist() == [lane[1], lane[3], lane[1] + 1]
+    assert batches[1]["sample_index"].tolist() == [lane[3] + 1, lane[1] + 2, lane[3] + 2]
     assert reader.state_dict()["epoch"] == 2 and list(reader) == []
 
 
@@ -206,6 +254,15 @@ def test_state_from_another_run_is_refused(corpus):
         ShardReader(corpus / "nsp", rank=0, world_size=1, batch_size=4, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="dataset"):
         ShardReader(corpus / "spm", rank=0, world_size=1, batch_size=4, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="lanes"):
+        ShardReader(corpus / "nsp", rank=0, world_size=1, batch_size=4, seed=1, lanes=8).load_state_dict(
+            state
+        )
+    before_lanes = {k: v for k, v in state.items() if k != "lanes"} | {
+        "window_shards": 4
+    }  # an older reader's
+    with pytest.raises(ValueError, match=r"older reader.*window_shards=4.*start a new run"):
+        ShardReader(corpus / "nsp", rank=0, world_size=1, batch_size=4, seed=1).load_state_dict(before_lanes)
 
 
 def _copy(corpus, tmp_path):

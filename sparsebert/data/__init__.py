@@ -1,7 +1,7 @@
 """Training data: stream a corpus prepared by ``python -m data_prep`` and mask it for MLM.
 
 ``ShardReader`` yields fixed-shape batches for one rank (disjoint across ranks, reshuffled per epoch,
-exactly resumable), or one unshuffled pass over the validation split (``split="validation"``,
+exactly resumable, reading only the row groups of its share), or one unshuffled pass over the validation split (``split="validation"``,
 ``ShardReader.validation``); ``MlmCollator`` masks them as a pure function of (seed, epoch, sample index).
 """
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -20,21 +21,30 @@ from data_prep.format import SPLITS, check_shards, check_tokenizer, load_manifes
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100  # labels of positions (and NSP labels of rows) that no loss or metric counts
-_ORDER_TAG, _WINDOW_TAG = 0x5EED0, 0x5EED1  # keep the shard-order and window streams of the RNG apart
+_ORDER_TAG, _BLOCK_TAG = 0x5EED0, 0x5EED2  # keep the block-order and in-block streams of the RNG apart
 
 
 class ShardReader:
     """Batches of one rank: disjoint across ranks, covering each epoch, reshuffled per epoch, resumable.
 
-    **Order.** Epoch ``e`` has one global order that depends only on ``(seed, e)``: the shards are
-    permuted, taken ``window_shards`` at a time, and the samples of each window permuted (so a batch
-    mixes several corpus regions while memory holds only a window). Global batch ``g`` is positions
-    ``[p0 + g*G, p0 + (g+1)*G)`` of that order, with ``G = world_size * batch_size``; rank ``r`` takes
-    the ``r``-th slice of ``batch_size`` of it. Ranks are therefore disjoint and together cover the
-    epoch, except its last ``n mod G`` samples, **which are dropped so that every rank takes the same
-    number of steps** (DeepSpeed needs that). The global batches do not depend on how ``G`` is split
-    into ranks. Every rank reads every shard of the epoch and keeps its own rows: simple, and one
-    sequential pass over the corpus per epoch is cheap next to training on it.
+    **Order.** Epoch ``e`` has one global order that depends only on ``(seed, e)`` and ``lanes``. The
+    corpus is cut into *blocks*, one per Parquet row group; the blocks are permuted, and the rows of each
+    block permuted, giving one stream of every sample. The stream is cut into ``lanes`` contiguous lanes of
+    (almost) equal length, and the order takes the lanes in turn: position ``p`` is sample ``p // lanes``
+    of lane ``p mod lanes``. So consecutive positions come from different corpus regions while each lane
+    reads its blocks one after another (``shuffle=False``: nothing is permuted, the lanes still alternate).
+    Global batch ``g`` is positions ``[p0 + g*G, p0 + (g+1)*G)``, with
+    ``G = world_size * batch_size``; rank ``r`` takes the positions ``≡ r (mod world_size)`` of it. Ranks
+    are therefore disjoint and together cover the epoch, except its last ``n mod G`` samples, **which are
+    dropped so that every rank takes the same number of steps** (DeepSpeed needs that). The global batches
+    do not depend on how ``G`` is split into ranks (only which rank holds which of their samples does).
+
+    **Reading.** Rank ``r`` only meets lanes ``≡ r (mod gcd(world_size, lanes))``, and a lane only its
+    own blocks: when ``world_size`` divides ``lanes`` a rank reads ``1/world_size`` of the corpus per
+    epoch, plus the block it starts in of each of its lanes (a lane that starts or resumes inside a
+    block reads it whole). Only the row groups a rank needs are read, through ``filesystem`` when given
+    (any ``pyarrow.fs`` filesystem; the checks on construction read the local paths). A rank holds the
+    current block of each of its lanes: ``lanes / world_size`` row groups.
 
     **Position.** ``state_dict()`` is global and the same on every rank: the epoch and the number of
     samples all ranks together have consumed in it, counted up to the last batch handed to the
@@ -59,11 +69,12 @@ class ShardReader:
     **The validation split** (``split="validation"``, or ``ShardReader.validation(...)``, which returns None
     for a corpus without one) reads the held-out shards that ``python -m data_prep --validation-fraction`` /
     ``--validation-input`` wrote. Every ``iter()`` is one pass over the whole split, from its start, in
-    corpus order (``shuffle`` and ``epochs`` do not apply): global batch ``g`` is positions ``[g*G,
-    (g+1)*G)``, rank ``r`` takes the ``r``-th slice, so ranks are disjoint and together read every sample
-    exactly once. Nothing is dropped: every rank gets ``steps_per_epoch = ceil(n / G)`` batches of
-    ``batch_size`` rows, the positions past the end of the split being **padding rows** (copies of the
-    split's first samples with ``sample_index`` -1, ``next_sentence_label`` -100 and, once collated,
+    the unshuffled order (``shuffle`` and ``epochs`` do not apply): the lanes of the blocks in corpus
+    order, taken in turn as above. Global batch ``g`` is positions ``[g*G, (g+1)*G)``, rank ``r`` takes
+    those ``≡ r (mod world_size)``, so ranks are disjoint, together read every sample exactly once, and
+    each reads only its lanes' row groups. Nothing is dropped: every rank gets ``steps_per_epoch =
+    ceil(n / G)`` batches of ``batch_size`` rows, the positions past the end of the split being **padding
+    rows** (copies of the split's first samples with ``sample_index`` -1, ``next_sentence_label`` -100 and, once collated,
     ``labels`` all -100), which the model's losses and ``sparsebert.validation.evaluate`` ignore. Batches
     have the training batches' keys and shapes; ``epoch`` is always 0, so a collator with a fixed seed masks
     every pass identically, whatever the world size.
@@ -82,17 +93,18 @@ class ShardReader:
         epochs: int | None = None,
         collator: Callable[[Batch], Batch] | None = None,
         tokenizer_dir: str | Path | None = None,
-        window_shards: int = 4,
+        lanes: int = 64,
         verify_checksums: bool = False,
         device: torch.device | str | None = None,
         split: str = "train",
+        filesystem: pafs.FileSystem | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if batch_size < 1 or window_shards < 1 or prefetch < 0 or seed < 0:
-            raise ValueError("batch_size and window_shards must be >= 1, prefetch and seed >= 0")
+        if batch_size < 1 or lanes < 1 or prefetch < 0 or seed < 0:
+            raise ValueError("batch_size and lanes must be >= 1, prefetch and seed >= 0")
         self.data_dir = Path(data_dir)
         self.manifest: dict[str, Any] = load_manifest(self.data_dir)
         section = split_section(self.manifest, split)
@@ -111,15 +123,19 @@ class ShardReader:
         if split == "validation":  # one pass per iter(), in corpus order
             shuffle, epochs = False, None
         self.seed, self.shuffle, self.prefetch, self.epochs = seed, shuffle, prefetch, epochs
-        self.collator, self.window_shards = collator, window_shards
+        self.collator, self.lanes, self.filesystem = collator, lanes, filesystem
         self.device = torch.device(device) if device is not None else None
         self.seq_len: int = self.manifest["seq_len"]
         self.nsp: bool = self.manifest["packing"] == "nsp"
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
         self._paths = [self.data_dir / section["dir"] / s["file"] for s in section["shards"]]
-        self._sizes = [int(s["samples"]) for s in section["shards"]]
-        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
-        self.num_samples = int(self._offsets[-1])
+        self._metadata = [self._read_metadata(path) for path in self._paths]
+        # Blocks: every row group of every shard, in corpus order, as (shard, row group).
+        self._blocks = [(k, j) for k, md in enumerate(self._metadata) for j in range(md.num_row_groups)]
+        block_rows = [self._metadata[k].row_group(j).num_rows for k, j in self._blocks]
+        self._block_sizes = np.asarray(block_rows, dtype=np.int64)
+        self._block_offsets = np.concatenate([[0], np.cumsum(self._block_sizes)]).astype(np.int64)
+        self.num_samples = int(self._block_offsets[-1])
         if self.num_samples == 0:
             raise ValueError(f"{self.data_dir}: the {split} split holds no sample")
         if split == "train" and self.num_samples < self.global_batch_size:
@@ -167,7 +183,7 @@ class ShardReader:
             "position": self._position,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "window_shards": self.window_shards,
+            "lanes": self.lanes,
             "dataset": self._dataset_id,
         }
 
@@ -175,7 +191,13 @@ class ShardReader:
         """Continue from ``state`` (see the class docstring); the next ``iter()`` starts there."""
         if self.split == "validation":
             raise ValueError("a validation reader has no position to restore: every iter() is a whole pass")
-        for key in ("seed", "shuffle", "window_shards", "dataset"):
+        if "window_shards" in state:
+            raise ValueError(
+                "reader state was saved by an older reader (shard windows, window_shards="
+                f"{state['window_shards']}) whose sample order this one no longer produces; cannot resume "
+                "that position exactly: start a new run (or finish this one with the version that wrote it)"
+            )
+        for key in ("seed", "shuffle", "lanes", "dataset"):
             if state.get(key) != getattr(self, "_dataset_id" if key == "dataset" else key):
                 raise ValueError(
                     f"reader state was saved with another {key} ({state.get(key)!r}); cannot resume exactly"
@@ -241,15 +263,14 @@ class ShardReader:
 
     def _batches(self, epoch: int, position: int) -> Iterator[tuple[Batch, tuple[int, int]]]:
         """(batch, state after it) from the given position on; runs in the prefetch thread."""
-        G, B = self.global_batch_size, self.batch_size
+        G = self.global_batch_size
         while self.epochs is None or epoch < self.epochs:
             if self.num_samples - position < G:  # this epoch is used up
                 epoch, position = epoch + 1, 0
                 continue
             stream = _EpochStream(self, epoch)
             while self.num_samples - position >= G:
-                start = position + self.rank * B
-                rows = stream.take(start, start + B)
+                rows = stream.take(self._positions(position), upto=position + G)
                 position += G
                 after = (epoch, position) if self.num_samples - position >= G else (epoch + 1, 0)
                 batch = self._to_batch(rows, epoch)
@@ -257,17 +278,22 @@ class ShardReader:
                 yield (to_device(batch, self.device) if self.device is not None else batch), after
             epoch, position = epoch + 1, 0
 
+    def _positions(self, start: int) -> np.ndarray:
+        """This rank's positions of the global batch that starts at ``start``."""
+        return start + self.rank + self.world_size * np.arange(self.batch_size, dtype=np.int64)
+
     def _validation_batches(self) -> Iterator[tuple[Batch, tuple[int, int]]]:
         """One pass over the validation split (see the class docstring); runs in the prefetch thread."""
         G, B, n = self.global_batch_size, self.batch_size, self.num_samples
         steps = self.steps_per_epoch
         stream = _EpochStream(self, 0)
-        # Padding rows copy the split's first samples, read before the stream moves past them.
-        filler = stream.take(0, min(B, n)) if steps * G > n else None
+        # Padding rows copy the split's first samples (its first row group): real rows, ignored by every loss.
+        filler = self._read_block(0) if steps * G > n else None
         for g in range(steps):
-            lo = g * G + self.rank * B
-            real = min(max(n - lo, 0), B)
-            rows = stream.take(lo, lo + real) if real else None
+            positions = self._positions(g * G)
+            positions = positions[positions < n]
+            real = len(positions)
+            rows = stream.take(positions, upto=(g + 1) * G) if real else None
             if real < B:
                 assert filler is not None
                 pick = np.arange(B - real) % len(filler["length"])
@@ -302,38 +328,37 @@ class ShardReader:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _epoch_windows(self, epoch: int) -> list[list[int]]:
-        order = np.arange(len(self._paths))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, _ORDER_TAG]).permutation(len(self._paths))
-        k = self.window_shards
-        return [order[i : i + k].tolist() for i in range(0, len(order), k)]
+    def _read_metadata(self, path: Path) -> pq.FileMetaData:
+        try:
+            with self._open(path) as source:
+                return pq.read_metadata(source)
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{path}: cannot read the Parquet footer ({exc})") from exc
 
-    def _load_window(self, epoch: int, index: int, shards: list[int]) -> dict[str, np.ndarray]:
-        parts = [self._read_shard(k) for k in shards]
-        window = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch, _WINDOW_TAG, index]).permutation(
-                len(window["length"])
-            )
-            window = {key: value[perm] for key, value in window.items()}
-        return window
+    def _open(self, path: Path) -> Any:
+        return self.filesystem.open_input_file(str(path)) if self.filesystem else pa.OSFile(str(path))
 
-    def _read_shard(self, k: int) -> dict[str, np.ndarray]:
-        """Shard ``k`` as dense arrays (ids padded to ``seq_len``)."""
+    def _read_block(self, b: int) -> dict[str, np.ndarray]:
+        """Block ``b`` (one row group, in corpus order) as dense arrays (ids padded to ``seq_len``)."""
+        k, group = self._blocks[b]
         path = self._paths[k]
         columns = ["input_ids", "a_length"] + (["next_sentence_label"] if self.nsp else [])
         try:
-            table = pq.read_table(path, columns=columns)
+            with self._open(path) as source:
+                # The footer read at construction is reused: only the row group's column chunks are read.
+                table = pq.ParquetFile(source, metadata=self._metadata[k]).read_row_group(
+                    group, columns=columns
+                )
             ids = table.column("input_ids").combine_chunks()
         except (OSError, pa.ArrowException) as exc:
-            raise ValueError(f"{path}: cannot read shard ({exc})") from exc
+            raise ValueError(f"{path}: cannot read row group {group} ({exc})") from exc
         offsets = np.asarray(ids.offsets)
         values = np.asarray(ids.flatten())
         lengths = np.diff(offsets)
-        if len(lengths) != self._sizes[k] or lengths.max(initial=0) > self.seq_len:
+        if len(lengths) != self._block_sizes[b] or lengths.max(initial=0) > self.seq_len:
             raise ValueError(
-                f"{path}: rows do not match the manifest (count or length over seq_len {self.seq_len})"
+                f"{path}: row group {group} does not match its footer or the manifest "
+                f"(row count, or a length over seq_len {self.seq_len})"
             )
         dense = np.full((len(lengths), self.seq_len), self._pad_id, dtype=values.dtype)
         dense[np.arange(self.seq_len) < lengths[:, None]] = values  # row-major fill = concatenated rows
@@ -341,7 +366,7 @@ class ShardReader:
             "input_ids": dense,
             "length": lengths,
             "a_length": table.column("a_length").to_numpy(),
-            "sample_index": np.arange(self._offsets[k], self._offsets[k + 1], dtype=np.int64),
+            "sample_index": np.arange(self._block_offsets[b], self._block_offsets[b + 1], dtype=np.int64),
         }
         if self.nsp:
             out["next_sentence_label"] = table.column("next_sentence_label").to_numpy()
@@ -378,30 +403,62 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 class _EpochStream:
-    """Random access, in increasing order, to the positions of one epoch's global order."""
+    """One epoch's global order (see ``ShardReader``): the samples at given positions, reading each block
+    when a lane of this rank enters it and dropping it once none of them is inside it any more."""
 
     def __init__(self, reader: ShardReader, epoch: int) -> None:
         self.reader, self.epoch = reader, epoch
-        self.windows = reader._epoch_windows(epoch)
-        sizes = [sum(reader._sizes[k] for k in window) for window in self.windows]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
-        self.cache: dict[int, dict[str, np.ndarray]] = {}
+        n, m = reader.num_samples, reader.lanes
+        nblocks = len(reader._blocks)
+        self.shuffle = reader.shuffle
+        self.block_order = np.arange(nblocks)
+        if reader.shuffle:
+            self.block_order = np.random.default_rng([reader.seed, epoch, _ORDER_TAG]).permutation(nblocks)
+        # Where each block of the permuted stream starts, and where each lane starts in that stream.
+        self.stream_starts = np.concatenate([[0], np.cumsum(reader._block_sizes[self.block_order])])
+        lane = np.arange(m, dtype=np.int64)
+        self.lane_starts = lane * (n // m) + np.minimum(lane, n % m)
+        self.lane_ends = self.lane_starts + n // m + (lane < n % m)
+        # The lanes this rank meets: positions r mod world_size fall in lanes r mod gcd(world_size, lanes).
+        d = math.gcd(reader.world_size, m)
+        self.my_lanes = lane[lane % d == reader.rank % d]
+        self.cache: dict[int, dict[str, np.ndarray]] = {}  # slot in the permuted stream -> its rows
 
-    def _window(self, w: int) -> dict[str, np.ndarray]:
-        if w not in self.cache:
-            for old in [key for key in self.cache if key < w]:  # positions only grow: free what is behind
-                del self.cache[old]
-            self.cache[w] = self.reader._load_window(self.epoch, w, self.windows[w])
-        return self.cache[w]
+    def take(self, positions: np.ndarray, *, upto: int) -> dict[str, np.ndarray]:
+        """The samples at ``positions`` (increasing); ``upto``: no later call asks for a position below it."""
+        m = self.reader.lanes
+        stream = self.lane_starts[positions % m] + positions // m
+        slots = np.searchsorted(self.stream_starts, stream, side="right") - 1
+        for slot in np.unique(slots).tolist():
+            if slot not in self.cache:
+                self.cache[slot] = self._load(slot)
+        rows = stream - self.stream_starts[slots]
+        first = self.cache[int(slots[0])]
+        out = {key: np.empty((len(positions), *v.shape[1:]), dtype=v.dtype) for key, v in first.items()}
+        for slot in np.unique(slots).tolist():
+            pick = slots == slot
+            for key, value in self.cache[slot].items():
+                out[key][pick] = value[rows[pick]]
+        self._forget(upto)
+        return out
 
-    def take(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        pieces = []
-        while lo < hi:
-            w = bisect.bisect_right(self.starts, lo) - 1
-            end = min(hi, self.starts[w + 1])
-            window = self._window(w)
-            pieces.append(
-                {key: value[lo - self.starts[w] : end - self.starts[w]] for key, value in window.items()}
+    def _forget(self, upto: int) -> None:
+        """Drop the blocks that no lane of this rank is inside once positions below ``upto`` are done."""
+        m, lanes = self.reader.lanes, self.my_lanes
+        done = np.clip(-(-(upto - lanes) // m), 0, None)  # positions of each lane below upto
+        cursor = self.lane_starts[lanes] + done
+        inside = cursor < self.lane_ends[lanes]
+        live = set((np.searchsorted(self.stream_starts, cursor[inside], side="right") - 1).tolist())
+        for slot in [s for s in self.cache if s not in live]:
+            del self.cache[slot]
+
+    def _load(self, slot: int) -> dict[str, np.ndarray]:
+        block = int(self.block_order[slot])
+        rows = self.reader._read_block(block)
+        if self.shuffle:
+            seed = self.reader.seed
+            perm = np.random.default_rng([seed, self.epoch, _BLOCK_TAG, block]).permutation(
+                len(rows["length"])
             )
-            lo = end
-        return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+            rows = {key: value[perm] for key, value in rows.items()}
+        return rows
