@@ -25,6 +25,8 @@ from sparsebert.masks import distance_matrix
 DPI = 100
 ATTENDED, MASKED = "#1f4e79", "#eeeeee"
 MASK_CMAP = ListedColormap([MASKED, ATTENDED])
+# Large enough to read when MLflow's artifact view scales a figure down to its pane.
+FONTS = {"font.size": 12, "axes.titlesize": 12, "figure.titlesize": 15, "legend.fontsize": 11}
 
 
 def layer_groups(tensor: torch.Tensor) -> list[list[int]]:
@@ -79,6 +81,7 @@ def importance_by_distance(per_layer: list[tuple[torch.Tensor, str]], path: Path
     return _save(distance_figure(per_layer, title), path)
 
 
+@plt.rc_context(FONTS)
 def heatmap_figure(values: torch.Tensor, title: str) -> Figure:
     """One layer's ``[heads, L, L]`` mask (bool) or importance (in [0, 1]): a panel per distinct head mask,
     query i down, key j across."""
@@ -105,7 +108,7 @@ def heatmap_figure(values: torch.Tensor, title: str) -> Figure:
         )
         label = f"head {heads[0]}" if len(heads) == 1 else _heads(heads, values.shape[0])
         detail = f"sparsity {_sparsity(panel):.1%}" if boolean else f"mean σ(α) {float(panel.mean()):.3f}"
-        ax.set_title(f"{label}: {detail}", fontsize=10)
+        ax.set_title(f"{label}: {detail}")
         ax.set_xlabel("key position j")
         ax.set_ylabel("query position i")
     if boolean:
@@ -120,6 +123,7 @@ def heatmap_figure(values: torch.Tensor, title: str) -> Figure:
     return fig
 
 
+@plt.rc_context(FONTS)
 def distance_figure(per_layer: list[tuple[torch.Tensor, str]], title: str) -> Figure:
     """Mean σ(α) at each distance |i − j| per head, a panel for each ``([heads, L, L] importance, layers)``."""
     fig, axes = plt.subplots(
@@ -139,10 +143,8 @@ def distance_figure(per_layer: list[tuple[torch.Tensor, str]], title: str) -> Fi
         ax.set_ylabel("mean importance σ(α)")
         ax.set_ylim(0, 1)
         ax.set_xlim(0, seq_len - 1)
-        ax.set_title(layers, fontsize=10)
-        ax.legend(
-            fontsize=8, ncol=1 + importance.shape[0] // 9, loc="center left", bbox_to_anchor=(1.01, 0.5)
-        )
+        ax.set_title(layers)
+        ax.legend(ncol=1 + importance.shape[0] // 9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title)
     return fig
 

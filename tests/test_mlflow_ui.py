@@ -32,7 +32,10 @@ def _kind(uri: str, name: str) -> str | None:
     return MlflowClient(uri).get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
 
 
-def test_pretraining_run_files_its_experiment_as_model_training_with_its_mask_pictures(mlflow_uri, tmp_path):
+def test_pretraining_run_files_its_experiment_as_model_training_with_its_mask_pictures(
+    mlflow_uri, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
     importance = _dam_importance().expand(2, -1, -1, -1)
     tracker = RunTracker(True, tmp_path / "run", start_wait=60)
     tracker.start(mlflow_uri, "pretrain-ui", "demo", None, {"train.max_steps": 2})
