@@ -11,6 +11,11 @@ from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
+# The experiment tag MLflow 3's UI reads to show an experiment as model training ("Machine learning": runs, charts,
+# artifacts) rather than a GenAI app (traces, "Evaluations"); the values are those its UI offers.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
 
 # MLflow's own HTTP retries (mlflow.environment_variables; defaults 7 retries with backoff factor 2 and a 120 s
 # timeout, minutes per call against a dead server) made short; a value already in the environment wins.
@@ -44,14 +49,21 @@ class MlflowStore:
     """The project's one layer over MLflow: an experiment of a tracking store, written through
     :class:`mlflow.MlflowClient` with explicit run ids (no global active run, so nothing leaks between runs or
     evaluations in one process). Pre-training (:class:`RunTracker`) and the evaluation driver
-    (``eval.tracking``) both write through it."""
+    (``eval.tracking``) both write through it. The experiment is marked as model training
+    (:data:`EXPERIMENT_KIND_TAG`) when created, or when found without a kind."""
 
     def __init__(self, experiment: str, uri: str | None = None):
         from mlflow import MlflowClient  # mlflow is imported only where something is recorded
 
         self.client = MlflowClient(tracking_uri(uri))
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found is None:
+            kind = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+            self.experiment_id = self.client.create_experiment(experiment, tags=kind)
+        else:
+            self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # a kind the user chose stays
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
     def create_run(
         self, run_name: str, tags: dict[str, Any] | None = None, start_time: float | None = None

@@ -164,17 +164,7 @@ class RunTracker:
             if importance is not None:
                 tensors["importance"] = importance.float().contiguous()
             save_file(tensors, out / "mask.safetensors")
-            for layer in _distinct_layers(mask):
-                mask_plots.head_heatmaps(
-                    mask[layer], out / f"mask_layer{layer}.png", f"{name}: layer {layer}"
-                )
-            if importance is not None:
-                mask_plots.head_heatmaps(
-                    importance[0], out / "importance_layer0.png", f"{name}: σ(α), layer 0"
-                )
-                mask_plots.importance_by_distance(
-                    importance[0], out / "importance_by_distance.png", f"{name}: importance by distance"
-                )
+            mask_plots.mask_figures(name, mask, importance, out)
             self._artifacts(f"masks/{name}", out)
 
     def end(self, status: str = "FINISHED") -> None:
@@ -240,8 +230,3 @@ def _system_metrics(run_id: str, uri: str, resumed: bool):
     except Exception as exc:  # a missing psutil, an old MLflow, a store that refuses: training goes on
         print(f"note: MLflow system metrics are off ({brief_error(exc)})", file=sys.stderr, flush=True)
         return None
-
-
-def _distinct_layers(mask: torch.Tensor) -> list[int]:
-    """Layers whose mask differs from the previous one (a shared mask is drawn once)."""
-    return [i for i in range(mask.shape[0]) if i == 0 or not torch.equal(mask[i], mask[i - 1])]
