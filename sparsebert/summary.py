@@ -72,6 +72,7 @@ def summary_lines(
     elif mlflow.get("run_id"):
         lines.append(
             f"MLflow: run {mlflow['run_id']} in experiment {mlflow['experiment']!r}; "
-            f"see it with `mlflow ui --backend-store-uri {mlflow['uri']}`"
+            f"see it with `mlflow ui --backend-store-uri {mlflow['uri']}`, then "
+            "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
         )
     return lines
