@@ -229,6 +229,18 @@ class _SparseBertMixin:
         finally:
             source.train(was_training)
 
+    def compile_layers(self, **compile_kwargs) -> None:
+        """``torch.compile`` every encoder layer in place (``nn.Module.compile``; kwargs go to ``torch.compile``).
+
+        In place, so parameter names (checkpoints, DeepSpeed, export) stay those of the eager model. The layers'
+        projections, feed-forward blocks and LayerNorms are compiled; the mask source (DAM's Gumbel sampling,
+        its search length, the masks cached per length) runs before the layers and the attention function is
+        kept out of the graph (:mod:`sparsebert.attention`), so every layer shares one compiled graph and a
+        DAM search compiles like a fixed mask. A new sequence length recompiles once (then dynamic shapes).
+        """
+        for layer in self.base_model.encoder.layer:
+            layer.compile(**compile_kwargs)
+
     def freeze_mask(self) -> None:
         """End the DAM search: binarise (α > 0) and fix the mask; the config records it."""
         if not isinstance(self.mask_source, DamMask):
