@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py                                   # CPU: BERT-mini's layer
     python benchmarks/bench_attention.py --device cuda --size base --dtype bfloat16 --tokens 32768
+    python benchmarks/bench_attention.py --lengths 2048 4096 --backends auto sdpa block_sparse flex  # auto's picks
 
 For each sequence length the same layer (same weights) runs as transformers' ``BertSelfAttention`` with
 ``attn_implementation="sdpa"`` and no mask (the reference: what a user would otherwise pick), and as ours
@@ -43,7 +44,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from sparsebert import SparseBertConfig
-from sparsebert.attention import block_plan
+from sparsebert.attention import block_plan, choose_backend
 from sparsebert.dam import DamMask
 from sparsebert.flex_backend import block_density, flex_block_size
 from sparsebert.layer_masks import LayerMasks
@@ -136,11 +137,18 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
     train_cands: dict[str, Callable] = {"ref": train_step(ref)}
     infer_cands: dict[str, Callable] = {"ref": infer(ref)}
     info: dict[str, tuple[float, dict[str, float]]] = {}
+    auto_label: dict[str, str] = {}
     for name in args.patterns:
         source = mask_source(name, heads, max(seq_len, 128)).to(device)
         masks = source.masks(seq_len, device)
         work = {"eager": 1.0, "sdpa": 1.0, "block_sparse": block_plan(masks, 0).work}
         work["flex"] = block_density(masks, 0, flex_block_size(device))
+        # auto: what it resolves to for this mask (training, inference), labelled and costed as that backend.
+        picks = [
+            choose_backend("auto", masks, device, needs_grad=grad, dropout=0.0) for grad in (True, False)
+        ]
+        work["auto"] = work[picks[0]]
+        auto_label[name] = f"auto→{picks[0]}" if picks[0] == picks[1] else f"auto→{picks[0]}/{picks[1]}"
         info[name] = (float(masks.hard.float().mean()), work)
         for backend in args.backends:
             if backend != "flex" or device.type == "cuda":  # no FlexAttention backward on CPU
@@ -181,8 +189,9 @@ def run_length(args, seq_len: int, device: torch.device, dtype: torch.dtype) -> 
         i = median(infer_t[cand]) if cand in infer_t else None
         speed_t = median(train_ratio[cand]) if cand in train else None
         speed_i = median(infer_ratio[cand]) if cand in infer_t else None
+        label = auto_label.get(pattern, backend) if backend == "auto" else backend
         rows.append([
-            seq_len, batch, pattern, backend, density, work,
+            seq_len, batch, pattern, label, density, work,
             None if t is None else t * 1e3, speed_t, _pct(speed_t, ideal),
             None if i is None else i * 1e3, speed_i, _pct(speed_i, ideal),
             mem(cand) if cand in train else None,

@@ -33,6 +33,7 @@ token through unchanged. Never NaN.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,18 @@ def _search_bias(masks: LayerMasks, slot: int, padding: torch.Tensor | None, dty
             bias = bias.masked_fill(masked, torch.finfo(dtype).min)
         return bias, empty
 
-    return masks.derived(("search_bias", slot, dtype), build, per_batch=True)
+    return masks.derived(("search_bias", slot, dtype), lambda: _kept_for_the_pass(build), per_batch=True)
+
+
+def _kept_for_the_pass(build: Callable[[], Any]) -> Any:
+    """``build()`` with autograd keeping what it saves, even inside a layer under activation checkpointing.
+
+    The first layer of a pass builds what every layer shares (the search bias, which carries α's gradient);
+    a checkpointed layer's recompute finds it built and would save fewer tensors than its forward did. The
+    identity hooks, innermost, take those tensors away from the checkpoint's own hooks.
+    """
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return build()
 
 
 def _sdpa(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
@@ -277,7 +289,13 @@ def register_backend(name: str, fn: BackendFn) -> BackendFn:
     return fn
 
 
+# What transformers calls: the attention function, kept out of torch.compile graphs. It resolves the backend and
+# reads the per-mask cache and the per-pass memo (Python dicts that change within a pass), which a compiled graph
+# would guard on and recompile for; the backends are fused kernels already (and flex compiles itself).
+_uncompiled_attention = torch.compiler.disable(sparse_attention)
+
+
 def register() -> None:
     """Make ``attn_implementation="sparsebert"`` known to transformers (idempotent)."""
-    AttentionInterface.register(IMPLEMENTATION, sparse_attention)
+    AttentionInterface.register(IMPLEMENTATION, _uncompiled_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)

@@ -32,21 +32,49 @@ def build_model(
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank and in every stage
     ds_setup.enable_zero3_init(ds)
     if m.init_from:
-        return SparseBertForPreTraining.from_pretrained(
+        model = SparseBertForPreTraining.from_pretrained(
             m.init_from,
             attention_pattern=pattern,
             attention_backend=m.attention_backend,
             mlm_logits=m.mlm_logits,
         )
-    model_config = SparseBertConfig(
-        vocab_size=vocab_size,
-        pad_token_id=pad_token_id,
-        attention_pattern=pattern,
-        attention_backend=m.attention_backend,
-        mlm_logits=m.mlm_logits,
-        **arch,
-    )
-    return SparseBertForPreTraining._from_config(model_config)
+    else:
+        model_config = SparseBertConfig(
+            vocab_size=vocab_size,
+            pad_token_id=pad_token_id,
+            attention_pattern=pattern,
+            attention_backend=m.attention_backend,
+            mlm_logits=m.mlm_logits,
+            **arch,
+        )
+        model = SparseBertForPreTraining._from_config(model_config)
+    apply_switches(model, config)
+    return model
+
+
+def apply_switches(model: SparseBertForPreTraining, config: PretrainConfig) -> None:
+    """``model.gradient_checkpointing`` and ``train.compile``, applied to a built model (before its engine)."""
+    if config.model.gradient_checkpointing:
+        enable_checkpointing(model)
+    if config.train.compile:
+        model.compile_layers()
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every encoder layer through transformers' own mechanism.
+
+    Non-reentrant ``torch.utils.checkpoint``: it recomputes a layer from saved inputs through autograd's
+    saved-tensor hooks, so gradients reach tensors the layer closes over (a searching DAM mask's soft part
+    arrives as a keyword) and ZeRO-3's per-module gather hooks run again in the recompute. DeepSpeed's own
+    activation checkpointing (``deepspeed.checkpointing``) acts only where model code calls it, which
+    transformers' BERT does not: leave the DeepSpeed JSON's ``activation_checkpointing`` section out.
+    """
+    kwargs = {"use_reentrant": False}
+    # activation_checkpointing_enable is the current name; gradient_checkpointing_enable warns that it is deprecated.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_engine(model, config: PretrainConfig, ds: dict, restarted: bool = False):

@@ -42,4 +42,7 @@ def build_mask_source(config: Any) -> nn.Module:
     if not spec.learned:
         return PatternMask(spec, config.num_attention_heads)
     max_len = spec.params["max_len"] or config.max_position_embeddings
-    return DamMask(spec, config.num_attention_heads, config.num_hidden_layers, max_len)
+    searched_len = (
+        getattr(config, "dam_searched_len", None) or 0
+    )  # the saved record; α's own buffer overrides it
+    return DamMask(spec, config.num_attention_heads, config.num_hidden_layers, max_len, searched_len)

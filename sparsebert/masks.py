@@ -154,16 +154,53 @@ def distance_matrix(seq_len: int, device: torch.device | None = None) -> torch.T
     return (idx[:, None] - idx[None, :]).abs()
 
 
-def expand_alpha(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Per-position logits ``[..., H, L, L]`` from DAM parameters (``dam_s``: one per distance)."""
+def expand_alpha(name: str, alpha: torch.Tensor, seq_len: int, searched_len: int = 0) -> torch.Tensor:
+    """Per-position logits ``[..., H, L, L]`` from DAM parameters (``dam_s``: one per distance).
+
+    ``searched_len`` is the longest length the mask was searched at (0 = unknown: α is used as stored, up to its
+    size). Beyond it α was never trained (it holds its random initialisation), so positions there follow the
+    extension rule instead, at any length:
+
+    * ``dam_s``: a distance ``d ≥ S`` takes the logit of the farthest searched distance, ``α[S − 1]`` (the
+      learned profile is continued flat, so the mask stays a symmetric Toeplitz band);
+    * ``dam_u``: a position outside the searched ``S × S`` square takes the mean logit of the searched diagonal
+      with the same offset ``i − j``, clamped to the farthest searched offsets ``±(S − 1)`` (a Toeplitz
+      continuation of the searched square, as ``dam_s`` but per signed offset); inside the square, α as is.
+    """
+    covered = alpha.shape[-1]
+    searched = min(searched_len, covered) if searched_len > 0 else covered
+    if seq_len > searched and searched_len <= 0:
+        raise ValueError(f"sequence length {seq_len} exceeds the DAM logits' length {covered}")
+    if seq_len <= searched:
+        if name == "dam_s":
+            return alpha[..., :seq_len][..., distance_matrix(seq_len, alpha.device)]
+        return alpha[..., :seq_len, :seq_len]
+    idx = torch.arange(seq_len, device=alpha.device)
+    offset = (idx[:, None] - idx[None, :]).clamp(-(searched - 1), searched - 1)
     if name == "dam_s":
-        return alpha[..., :seq_len][..., distance_matrix(seq_len, alpha.device)]
-    return alpha[..., :seq_len, :seq_len]
+        return alpha[..., :searched][..., offset.abs()]
+    square = alpha[..., :searched, :searched]
+    return _extend_square(square, offset + searched - 1)
 
 
-def alpha_to_mask(name: str, alpha: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The frozen (binary) mask of DAM logits: M = 1[α > 0]."""
-    return expand_alpha(name, alpha, seq_len) > 0
+def _extend_square(square: torch.Tensor, offset_index: torch.Tensor) -> torch.Tensor:
+    """``dam_u``'s rule: the searched square ``[..., S, S]`` inside, the mean of its diagonal per offset
+    (``offset_index`` = clamped ``i − j`` shifted by ``S − 1``, ``[L, L]``) outside."""
+    s = square.shape[-1]
+    idx = torch.arange(s, device=square.device)
+    diagonal_of = (idx[:, None] - idx[None, :] + s - 1).flatten()
+    values = square.float().flatten(-2)
+    sums = values.new_zeros(*values.shape[:-1], 2 * s - 1).index_add_(-1, diagonal_of, values)
+    counts = s - (torch.arange(2 * s - 1, device=square.device) - (s - 1)).abs()
+    out = (sums / counts)[..., offset_index].to(square.dtype)
+    out[..., :s, :s] = square
+    return out
+
+
+def alpha_to_mask(name: str, alpha: torch.Tensor, seq_len: int, searched_len: int = 0) -> torch.Tensor:
+    """The frozen (binary) mask of DAM logits: M = 1[α > 0], beyond ``searched_len`` by
+    :func:`expand_alpha`'s extension rule."""
+    return expand_alpha(name, alpha, seq_len, searched_len) > 0
 
 
 def padded_blocks(mask: torch.Tensor, block: int) -> torch.Tensor:

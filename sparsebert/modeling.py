@@ -92,12 +92,20 @@ class SparseBertConfig(BertConfig):
             the MLM head (transform + vocabulary projection, most of a small BERT's compute) runs only at
             positions whose label is not -100, and ``prediction_logits`` / ``logits`` is ``[num_masked, vocab]``
             (rows in the order of ``labels != -100``) instead of ``[batch, seq, vocab]``. Same loss, less work.
+        dam_searched_len: the longest sequence length the DAM mask was searched at (None: not searched, or not a
+            DAM mask). Written by the model when the mask is frozen and when it is saved; beyond this length the
+            mask follows the extension rule of :func:`sparsebert.masks.expand_alpha`.
     """
 
     model_type = "sparsebert"
 
     def __init__(
-        self, attention_pattern="dense", attention_backend: str = "auto", mlm_logits: str = "all", **kwargs
+        self,
+        attention_pattern="dense",
+        attention_backend: str = "auto",
+        mlm_logits: str = "all",
+        dam_searched_len: int | None = None,
+        **kwargs,
     ):
         kwargs.pop("attn_implementation", None)  # always ours; the backend is chosen by attention_backend
         super().__init__(**kwargs)
@@ -106,6 +114,7 @@ class SparseBertConfig(BertConfig):
         self.attention_pattern = attention_pattern
         self.attention_backend = attention_backend
         self.mlm_logits = mlm_logits
+        self.dam_searched_len = dam_searched_len
         self._attn_implementation = attention.IMPLEMENTATION
 
     def __setattr__(self, key, value):
@@ -167,7 +176,25 @@ class _SparseBertMixin:
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, DamMask):
-            module.reset_parameters()
+            # from_pretrained initialises a module with any tensor missing: keep an α that was loaded (a
+            # checkpoint saved before the search length was recorded), and take the record from the config.
+            if not getattr(module.alpha, "_is_hf_initialized", False):
+                module.reset_parameters()
+            if not getattr(module.searched_len, "_is_hf_initialized", False):
+                module.searched_len.fill_(self.config.dam_searched_len or 0)
+
+    def save_pretrained(self, *args, **kwargs):
+        """transformers' ``save_pretrained``; the config records the DAM mask's searched length first."""
+        self._record_search_length()
+        return super().save_pretrained(*args, **kwargs)
+
+    def _record_search_length(self) -> None:
+        source = self.mask_source
+        # On the meta device the model is still being built by a load: the record comes with the weights.
+        if not isinstance(source, DamMask) or source.searched_len.is_meta:
+            return
+        if source.search_length > 0:
+            self.config.dam_searched_len = source.search_length
 
     @property
     def mask_source(self) -> nn.Module:
@@ -202,12 +229,25 @@ class _SparseBertMixin:
         finally:
             source.train(was_training)
 
+    def compile_layers(self, **compile_kwargs) -> None:
+        """``torch.compile`` every encoder layer in place (``nn.Module.compile``; kwargs go to ``torch.compile``).
+
+        In place, so parameter names (checkpoints, DeepSpeed, export) stay those of the eager model. The layers'
+        projections, feed-forward blocks and LayerNorms are compiled; the mask source (DAM's Gumbel sampling,
+        its search length, the masks cached per length) runs before the layers and the attention function is
+        kept out of the graph (:mod:`sparsebert.attention`), so every layer shares one compiled graph and a
+        DAM search compiles like a fixed mask. A new sequence length recompiles once (then dynamic shapes).
+        """
+        for layer in self.base_model.encoder.layer:
+            layer.compile(**compile_kwargs)
+
     def freeze_mask(self) -> None:
         """End the DAM search: binarise (α > 0) and fix the mask; the config records it."""
         if not isinstance(self.mask_source, DamMask):
             raise ValueError(f"attention pattern {self.config.mask_spec.name!r} is not learned")
         self.mask_source.freeze()
         self.config.attention_pattern = {**self.config.attention_pattern, "frozen": True}
+        self._record_search_length()
 
     @property
     def mask_frozen(self) -> bool:
@@ -236,7 +276,9 @@ class _SparseBertMixin:
         source = self.mask_source
         if not isinstance(source, DamMask):
             raise ValueError(f"attention pattern {self.config.mask_spec.name!r} is not learned")
-        importance = expand_alpha(source.name, torch.sigmoid(source.alpha.detach().float()), seq_len)
+        importance = torch.sigmoid(
+            expand_alpha(source.name, source.alpha.detach().float(), seq_len, source.search_length)
+        )
         return importance.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
 
 

@@ -69,6 +69,11 @@ class ModelConfig:
     mlm_logits: str = _f(
         "masked_only", "MLM vocabulary logits at masked positions only (faster) or all", choices.MLM_LOGITS
     )
+    gradient_checkpointing: bool = _f(
+        False,
+        "recompute each encoder layer's activations in the backward pass: less memory, more compute",
+        neutral=True,  # how a step runs, not what it computes: may be switched on when a resumed run runs out
+    )
 
     @functools.cached_property
     def mask_spec(self) -> MaskSpec:
@@ -108,6 +113,9 @@ class TrainConfig:
     poly_power: float = _f(0.5, "power of the polynomial decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = _f(42, "seed for weights, data order, masking and Gumbel noise")
+    compile: bool = _f(
+        False, "torch.compile each encoder layer (masks and attention backends stay eager)", neutral=True
+    )
     log_every: int = _f(10, "steps between metric logs", neutral=True)
     peak_tflops: float | None = _f(
         None, "one device's peak TFLOP/s for MFU; null = the GPU's known dense bf16 peak", neutral=True
