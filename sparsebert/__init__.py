@@ -21,6 +21,7 @@ _PUBLIC = {
     "register_pattern": "sparsebert.masks",
     "sparsity": "sparsebert.masks",
     "register_backend": "sparsebert.attention",
+    "extend_position_embeddings": "sparsebert.positions",
 }
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "SparseBertModel",
     "available_patterns",
     "build_mask",
+    "extend_position_embeddings",
     "register_backend",
     "register_pattern",
     "sparsity",
@@ -40,6 +42,7 @@ __all__ = [
 if TYPE_CHECKING:
     from sparsebert.attention import register_backend
     from sparsebert.masks import available_patterns, build_mask, register_pattern, sparsity
+    from sparsebert.positions import extend_position_embeddings
     from sparsebert.modeling import (
         SparseBertConfig,
         SparseBertForMaskedLM,
