@@ -42,7 +42,6 @@ __all__ = [
 if TYPE_CHECKING:
     from sparsebert.attention import register_backend
     from sparsebert.masks import available_patterns, build_mask, register_pattern, sparsity
-    from sparsebert.positions import extend_position_embeddings
     from sparsebert.modeling import (
         SparseBertConfig,
         SparseBertForMaskedLM,
@@ -51,6 +50,7 @@ if TYPE_CHECKING:
         SparseBertForSequenceClassification,
         SparseBertModel,
     )
+    from sparsebert.positions import extend_position_embeddings
 
 
 def __getattr__(name: str) -> Any:
