@@ -27,6 +27,7 @@ class Sample(NamedTuple):
     input_ids: list[int]  # with [CLS]/[SEP]
     a_length: int  # tokens of type 0: len([CLS] A [SEP]); all of them for packed samples
     next_sentence_label: int  # 0 = B follows A, 1 = B is random, -1 = no NSP
+    segments: int = 1  # sentences of the document the sample was cut from (A and, if it follows, B)
 
 
 def _truncate_pair(
@@ -98,7 +99,7 @@ def _document_nsp_samples(
                 tokens_b = list(chain.from_iterable(chunk[a_end:]))
             tokens_a, tokens_b = _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
             ids = [cls_id, *tokens_a, sep_id, *tokens_b, sep_id]
-            samples.append(Sample(ids, len(tokens_a) + 2, is_random))
+            samples.append(Sample(ids, len(tokens_a) + 2, is_random, len(chunk)))
             chunk, chunk_tokens = [], 0
         i += 1
     return samples
