@@ -25,10 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_prep import synthetic  # noqa: E402
-from data_prep.pydocs import write_python_docs_corpus  # noqa: E402
+from data_prep import synthetic
+from data_prep.pydocs import write_python_docs_corpus
 
 Splitter = Callable[[str], list[str]]
 

@@ -144,7 +144,9 @@ def test_manifest_records_the_settings_as_before(prepared):
     }
     assert sorted(manifest["run"]) == ["created_at", "num_workers", "ray_address", "seconds"]
     assert (manifest["run"]["num_workers"], manifest["run"]["ray_address"]) == (2, None)
-    top = "config counts format_version nsp packing repaired run seed seq_len shards skipped sources tokenizer"
+    top = (
+        "config counts format_version nsp packing repaired run seed seq_len shards skipped sources tokenizer"
+    )
     assert sorted(manifest) == top.split()
 
 
