@@ -54,6 +54,9 @@ from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, finished_uni
 logger = logging.getLogger("data_prep")
 UNITS_DIR = "_units"  # in the staging directory: unit files, their records, the run's record
 MIN_SAMPLES_FOR_BALANCE = 200  # below this, the random-next share is too noisy to warn about
+# One-sentence chunks can only give a random next: on well-split text they are 10-20% of the samples
+# (the ends of documents, long sentences), on text split too coarsely 40% and more.
+MAX_SINGLE_SEGMENT_SHARE = 0.3
 _TOTALS = ("documents", "sentences", "tokens", "samples", "sample_tokens", "nsp_random_next")
 
 
@@ -349,7 +352,8 @@ def _staged_tokenizer(staging: Path) -> dict[str, Any] | None:
 def _nsp_section(train_stats: list[dict], counts: dict[str, Any], options: PrepOptions) -> dict[str, Any]:
     """How balanced next-sentence prediction is: the share of random-next samples, and how many sentences
     the chunks samples were cut from held (a one-sentence chunk can only give a random next); a warning
-    when the share is off the asked ``random_next_prob`` by more than 0.05 and says why."""
+    that says why when the share is off ``random_next_prob`` by more than 0.05 or one-sentence chunks
+    are too many (the sample builder then has little to pair)."""
     segments: dict[str, int] = {}
     for s in train_stats:
         for key, n in s.get("segments_per_sample", {}).items():
@@ -360,18 +364,20 @@ def _nsp_section(train_stats: list[dict], counts: dict[str, Any], options: PrepO
         "random_next_ratio": round(ratio, 4),
         "segments_per_sample": {k: segments[k] for k in sorted(segments, key=int)},
     }
-    if samples >= MIN_SAMPLES_FOR_BALANCE and abs(ratio - options.random_next_prob) > 0.05:
-        single = segments.get("1", 0) / samples
-        if single > 0.5 - options.random_next_prob / 2:
-            why = (
-                f"{single:.0%} of the samples come from a single sentence (most documents yield a single "
-                "sentence): check --sentence-splitter, or --rows-per-document for one-sentence-per-row data"
-            )
-        else:
-            why = "the documents are short for the sample length: consider a smaller --seq-len"
-        section["warning"] = (
-            f"random-next ratio {ratio:.3f}, expected {options.random_next_prob:g} ± 0.05: {why}"
+    single = segments.get("1", 0) / samples if samples else 0.0
+    problems = []
+    if abs(ratio - options.random_next_prob) > 0.05:
+        problems.append(f"random-next ratio {ratio:.3f}, expected {options.random_next_prob:g} ± 0.05")
+    if single > MAX_SINGLE_SEGMENT_SHARE:
+        problems.append(f"{single:.0%} of the samples come from a one-sentence chunk")
+    if samples >= MIN_SAMPLES_FOR_BALANCE and problems:
+        why = (
+            "most documents yield a single sentence or few: check --sentence-splitter, or --rows-per-document "
+            "for one-sentence-per-row data"
+            if single > MAX_SINGLE_SEGMENT_SHARE
+            else "the documents are short for the sample length: consider a smaller --seq-len"
         )
+        section["warning"] = f"{'; '.join(problems)}: {why}"
         logger.warning("NSP imbalance: %s", section["warning"])
     return section
 
