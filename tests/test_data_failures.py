@@ -19,7 +19,17 @@ from data_prep import synthetic
 from data_prep.failures import FAULTS_ENV, TransientError, is_transient
 from data_prep.format import MANIFEST_NAME
 
-FLAGS = ["--vocab-size", "400", "--seq-len", "64", "--shard-size", "150", "--unit-mb", "0.01", "--quiet"]
+FLAGS = [
+    "--vocab-size",
+    "400",
+    "--seq-len",
+    "64",
+    "--shard-size",
+    "150",
+    "--unit-mb",
+    "0.01",
+    "--no-progress",
+]
 
 
 def _cli(corpus: Path, out: Path, *extra: str, faults: str = "") -> subprocess.CompletedProcess:
@@ -69,7 +79,7 @@ def test_a_killed_run_resumes_with_identical_output(reference, tmp_path):
     assert changed.returncode == 2 and "cannot resume" in changed.stderr and "settings" in changed.stderr
     assert staging.is_dir()  # a refused resume leaves the finished units alone
 
-    resumed = _cli(corpus, out, "--resume", "--num-workers", "2", "--no-quiet")
+    resumed = _cli(corpus, out, "--resume", "--num-workers", "2")  # not --quiet: its log is read
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "finished before, their files verified: kept" in resumed.stderr
     assert _content(out) == _content(expected)
