@@ -36,19 +36,22 @@ class Sample(NamedTuple):
 def _truncate_pair(
     a: list[int], b: list[int], max_tokens: int, rng: random.Random
 ) -> tuple[list[int], list[int]]:
-    """Trim the longer segment, from the front or the back at random, until both fit (as BERT does)."""
-    a_lo, a_hi, b_lo, b_hi = 0, len(a), 0, len(b)
-    while (a_hi - a_lo) + (b_hi - b_lo) > max_tokens:
-        if a_hi - a_lo > b_hi - b_lo:
-            if rng.random() < 0.5:
-                a_lo += 1
-            else:
-                a_hi -= 1
-        elif rng.random() < 0.5:
-            b_lo += 1
-        else:
-            b_hi -= 1
-    return a[a_lo:a_hi], b[b_lo:b_hi]
+    """Trim the longer segment until both fit, each token from the front or the back at random (as BERT
+    does, one token at a time from the longer one, ties to B); the counts are computed, not looped."""
+    excess = len(a) + len(b) - max_tokens
+    if excess <= 0:
+        return a, b
+    gap = len(a) - len(b)
+    if gap >= excess:
+        cut_a, cut_b = excess, 0
+    elif -gap >= excess:
+        cut_a, cut_b = 0, excess
+    else:  # the longer one down to the other's length, then turns, B first
+        rest = excess - abs(gap)
+        cut_a, cut_b = max(gap, 0) + rest // 2, max(-gap, 0) + (rest + 1) // 2
+    front_a = rng.getrandbits(cut_a).bit_count() if cut_a else 0
+    front_b = rng.getrandbits(cut_b).bit_count() if cut_b else 0
+    return a[front_a : len(a) - (cut_a - front_a)], b[front_b : len(b) - (cut_b - front_b)]
 
 
 def _random_segment(docs: Sequence[Document], doc_index: int, target: int, rng: random.Random) -> list[int]:
