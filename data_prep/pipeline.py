@@ -1,11 +1,11 @@
 """``prepare_corpus``: text in, tokenizer + fixed-size Parquet shards + manifest out, in parallel on Ray.
 
-Flow (driver → Ray Data → driver)::
+Flow (driver → Ray tasks → driver)::
 
     plan units (driver: file sizes, Parquet footers, hub shard lists; validation inputs too)
     tokenizer: copy the given one, or train on a seeded sample of the training documents (driver)
-    stage 1  Ray Data, one task per unit: read → sentences → token ids → samples → unit file per split
-    stage 2  Ray Data, one task per shard: row ranges of unit files → shard-NNNNN.parquet
+    stage 1  one Ray task per unit: read → sentences → token ids → samples → unit file per split + record
+    stage 2  one Ray task per shard: row ranges of unit files → shard-NNNNN.parquet
              (validation/shard-NNNNN.parquet for the validation split)
     manifest.json, then rename the staging directory into place
 
@@ -13,8 +13,12 @@ A validation split (``validation_fraction`` or ``validation_inputs``) is made of
 training sample (nor the trained tokenizer) saw; the manifest's ``validation`` section describes it. A
 run without one writes exactly what it wrote before the option existed.
 
-Everything is written to a hidden staging directory next to the output and renamed into place only
-when complete, so a failed or interrupted run never leaves a half-written corpus behind.
+Everything is written to a hidden staging directory next to the output (``.NAME.partial``) and renamed
+into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind.
+A task that fails transiently is retried by Ray (``data_prep.failures``). A run that stops half-way keeps
+the staging directory with its finished units, each recorded with the SHA-256 of its files; ``resume``
+checks that the run is the same (settings, units, input sizes and times), keeps the intact units and
+redoes the rest, which gives the same output since a unit's output depends on nothing else.
 """
 
 from __future__ import annotations
