@@ -233,6 +233,8 @@ def prepare_corpus(
     try:
         tok_info = _staged_tokenizer(staging) if options.resume else None
         if tok_info is None:
+            for finished in units_dir.glob("unit-*"):  # units of another tokenizer are not this run's
+                finished.unlink()
             shutil.rmtree(staging / TOKENIZER_DIR, ignore_errors=True)
             tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
             _write_json(
