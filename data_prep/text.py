@@ -82,7 +82,7 @@ def document_sentences(
     """The sentences of a document, lines over ``max_line_length`` characters skipped and counted."""
     if splitter not in SENTENCE_SPLITTERS:
         raise ValueError(f"unknown sentence splitter {splitter!r}; choose from {SENTENCE_SPLITTERS}")
-    cased = document != document.lower()
+    cased = splitter == "rules" and document != document.lower()
     sentences: list[str] = []
     for line in document.split("\n"):
         line = line.strip()

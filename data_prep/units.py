@@ -227,7 +227,8 @@ class _Split:
                 bucket = str(min(sample.segments, SEGMENTS_CAP))
                 self.segments[bucket] = self.segments.get(bucket, 0) + 1
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+            # Uncompressed: a unit file is read once, by stage 2, which compresses the shards.
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="none")
         self.writer.write_table(
             _to_table(samples, self.schema, self.config.vocab_size), row_group_size=UNIT_ROW_GROUP
         )
