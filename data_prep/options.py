@@ -15,6 +15,7 @@ from typing import Any, get_args, get_type_hints
 
 from data_prep.format import PACKINGS
 from data_prep.hub import HfSource
+from data_prep.text import SENTENCE_SPLITTERS
 from data_prep.tokenizer import TOKENIZER_KINDS
 
 MB = 1 << 20
@@ -115,9 +116,23 @@ class PrepOptions:
             "metavar": ("NAME", "CONFIG|KEY=VALUE"),
         },
     )
+    sentence_splitter: str = _opt(
+        "sentencex",
+        "how lines are cut into sentences: sentencex (a library: lower-case starts, 。！？ without spaces) "
+        "or rules (the former splitter, which never cuts before a lower-case word in a text with capitals)",
+        group="input",
+        manifest="config",
+        choices=SENTENCE_SPLITTERS,
+    )
     # output
     overwrite: bool = _opt(
         False, "replace the output directory if it exists (only once the new one is complete)", group="output"
+    )
+    resume: bool = _opt(
+        False,
+        "continue an interrupted preparation of the same output with the same inputs and settings: units "
+        "finished before (checksums verified) are kept, the rest are redone; the output is the same",
+        group="output",
     )
     shard_size: int = _opt(
         65536, "samples per shard", group="output", manifest="config", bounds=(1, None), metavar="N"
@@ -234,7 +249,7 @@ class PrepOptions:
         flag="--unit-mb",
         scale=MB,
     )
-    progress: bool = _opt(True, "show Ray Data's progress output", group="execution")
+    progress: bool = _opt(True, "show progress bars", group="execution")
 
     def __post_init__(self) -> None:
         # Normalised first, so the checks (and the manifest) see plain values: a path as a string, hub

@@ -1,11 +1,11 @@
 """``prepare_corpus``: text in, tokenizer + fixed-size Parquet shards + manifest out, in parallel on Ray.
 
-Flow (driver → Ray Data → driver)::
+Flow (driver → Ray tasks → driver)::
 
     plan units (driver: file sizes, Parquet footers, hub shard lists; validation inputs too)
     tokenizer: copy the given one, or train on a seeded sample of the training documents (driver)
-    stage 1  Ray Data, one task per unit: read → sentences → token ids → samples → unit file per split
-    stage 2  Ray Data, one task per shard: row ranges of unit files → shard-NNNNN.parquet
+    stage 1  one Ray task per unit: read → sentences → token ids → samples → unit file per split + record
+    stage 2  one Ray task per shard: row ranges of unit files → shard-NNNNN.parquet
              (validation/shard-NNNNN.parquet for the validation split)
     manifest.json, then rename the staging directory into place
 
@@ -13,8 +13,12 @@ A validation split (``validation_fraction`` or ``validation_inputs``) is made of
 training sample (nor the trained tokenizer) saw; the manifest's ``validation`` section describes it. A
 run without one writes exactly what it wrote before the option existed.
 
-Everything is written to a hidden staging directory next to the output and renamed into place only
-when complete, so a failed or interrupted run never leaves a half-written corpus behind.
+Everything is written to a hidden staging directory next to the output (``.NAME.partial``) and renamed
+into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind.
+A task that fails transiently is retried by Ray (``data_prep.failures``). A run that stops half-way keeps
+the staging directory with its finished units, each recorded with the SHA-256 of its files; ``resume``
+checks that the run is the same (settings, units, input sizes and times), keeps the intact units and
+redoes the rest, which gives the same output since a unit's output depends on nothing else.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import builtins
 import contextlib
 import json
 import logging
-import pickle
+import os
 import random
 import shutil
 import time
@@ -37,6 +41,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_prep import tokenizer as tokenization
+from data_prep.failures import RETRIES, TransientError, inject_driver_kill
 from data_prep.format import (
     FORMAT_VERSION,
     TOKENIZER_DIR,
@@ -47,61 +52,104 @@ from data_prep.format import (
 )
 from data_prep.options import PrepOptions
 from data_prep.shards import plan_shards, write_shard
-from data_prep.sources import Plan, ReadCounters, plan_units, read_documents
-from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, held_out, unit_file
+from data_prep.sources import Plan, ReadCounters, Unit, plan_units, read_documents
+from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, finished_unit, held_out, unit_file
 
 logger = logging.getLogger("data_prep")
+UNITS_DIR = "_units"  # in the staging directory: unit files, their records, the run's record
+MIN_SAMPLES_FOR_BALANCE = 200  # below this, the random-next share is too noisy to warn about
+# One-sentence chunks can only give a random next: on well-split text they are 10-20% of the samples
+# (the ends of documents, long sentences), on text split too coarsely 40% and more.
+MAX_SINGLE_SEGMENT_SHARE = 0.3
 _TOTALS = ("documents", "sentences", "tokens", "samples", "sample_tokens", "nsp_random_next")
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, progress: bool = True) -> Iterator[None]:
+def ray_session(address: str | None = None) -> Iterator[None]:
     """Use the caller's Ray if it is running; otherwise start one (local, or ``address``) and stop it after."""
     import ray
 
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    context = ray.data.DataContext.get_current()
-    previous, context.enable_progress_bars = context.enable_progress_bars, progress
     try:
         yield
     finally:
-        context.enable_progress_bars = previous
         if started:
             ray.shutdown()
 
 
-def _reported(fn: Callable[..., dict], *args: Any) -> str:
-    """Run ``fn`` in a worker; expected errors come back as data, so the driver can raise them as they
-    are (Ray would wrap them in its own exception type)."""
+def _reported(fn: Callable[..., dict], *args: Any) -> dict:
+    """Run ``fn`` in a worker. Permanent errors come back as data, so the driver raises them as they are
+    (Ray would wrap them in its own exception type, with a remote traceback); a ``TransientError`` is
+    raised, for Ray to run the task again."""
     try:
-        return json.dumps(fn(*args))
+        return fn(*args)
     except (ValueError, OSError) as exc:
-        return json.dumps({"error": type(exc).__name__, "message": str(exc)})
+        return {"error": type(exc).__name__, "message": str(exc)}
 
 
-def build_samples(batch: dict[str, Any], config: BuildConfig) -> dict[str, list[str]]:
-    """Ray Data stage 1 (the name shows in the progress output)."""
-    return {"out": [_reported(build_unit, pickle.loads(blob), config) for blob in batch["item"]]}
+def build_samples(unit: Unit, config: BuildConfig) -> dict:
+    """Stage 1 task: one unit → its unit files, its record and its counts."""
+    return _reported(build_unit, unit, config)
 
 
-def write_shards(batch: dict[str, Any], out_dir: str, schema_blob: bytes) -> dict[str, list[str]]:
-    """Ray Data stage 2."""
-    schema = pickle.loads(schema_blob)
-    return {"out": [_reported(write_shard, pickle.loads(blob), out_dir, schema) for blob in batch["item"]]}
+def write_shards(spec: Any, out_dir: str, schema: pa.Schema) -> dict:
+    """Stage 2 task: one shard."""
+    return _reported(write_shard, spec, out_dir, schema)
 
 
-def _ray_map(
-    items: Sequence[Any], fn: Callable, fn_kwargs: dict[str, Any], num_workers: int | None
+def _run_tasks(
+    items: Sequence[Any],
+    fn: Callable[..., dict],
+    kwargs: dict[str, Any],
+    num_workers: int | None,
+    *,
+    what: str,
+    progress: bool,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """``fn`` over ``items`` with Ray Data: one item per task, at most ``num_workers`` tasks at a time."""
+    """``fn(item, **kwargs)`` for every item as Ray tasks, at most ``num_workers`` at a time (default:
+    Ray's CPUs); results in the order of ``items``. A task that raises ``TransientError`` or whose worker
+    dies is run again by Ray (``RETRIES``); ``on_done(n)`` is called as the n-th task finishes."""
     import ray
+    from tqdm import tqdm
 
-    dataset = ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=len(items))
-    compute = ray.data.TaskPoolStrategy(size=min(num_workers, len(items))) if num_workers else None
-    mapped = dataset.map_batches(fn, batch_size=1, fn_kwargs=fn_kwargs, compute=compute, num_cpus=1)
-    results = [json.loads(row["out"]) for row in mapped.take_all()]
+    if not items:
+        return []
+    task = ray.remote(fn).options(num_cpus=1, max_retries=RETRIES, retry_exceptions=[TransientError])
+    limit = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    shared = {key: ray.put(value) for key, value in kwargs.items()}  # sent once, not once per task
+    results: list[dict | None] = [None] * len(items)
+    pending: dict[Any, int] = {}
+    queue = iter(enumerate(items))
+    bar = tqdm(total=len(items), desc=what, disable=not progress, leave=False)
+    finished = 0
+    try:
+        while True:
+            while len(pending) < limit and (nxt := next(queue, None)) is not None:
+                pending[task.remote(nxt[1], **shared)] = nxt[0]
+            if not pending:
+                break
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(ready)
+            try:
+                results[index] = ray.get(ready)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                raise RuntimeError(
+                    f"{what}: task {index} failed {RETRIES + 1} times, last with {type(cause).__name__}: {cause}"
+                ) from None
+            except ray.exceptions.RayError as exc:  # a worker or node lost more often than Ray retries
+                raise RuntimeError(f"{what}: task {index} failed {RETRIES + 1} times: {exc}") from None
+            bar.update()
+            finished += 1
+            if on_done is not None:
+                on_done(finished)
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
     for result in results:
         if "error" in result:
             error = getattr(builtins, result["error"], None)
@@ -176,11 +224,23 @@ def prepare_corpus(
     validation = _plan_validation(plan, options)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()  # hidden, next to the output: same filesystem, so the final rename is atomic
+    # Hidden, next to the output: same filesystem, so the final rename is atomic. Its name is fixed, so
+    # that --resume finds what an interrupted run finished.
+    staging = output_dir.with_name(f".{output_dir.name}.partial")
+    units_dir = staging / UNITS_DIR
+    run = _run_identity(plan, validation, options)
+    _open_staging(staging, run, options.resume)
     try:
-        tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
-        with ray_session(options.ray_address, progress=options.progress):
+        tok_info = _staged_tokenizer(staging) if options.resume else None
+        if tok_info is None:
+            for finished in units_dir.glob("unit-*"):  # units of another tokenizer are not this run's
+                finished.unlink()
+            shutil.rmtree(staging / TOKENIZER_DIR, ignore_errors=True)
+            tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
+            _write_json(
+                units_dir / "tokenizer.json", tok_info | {"hash": tokenizer_hash(staging / TOKENIZER_DIR)}
+            )
+        with ray_session(options.ray_address):
             unit_stats, shards, validation_shards = _run_stages(
                 plan, validation, staging, tok_info, names, options
             )
@@ -196,10 +256,25 @@ def prepare_corpus(
             "seconds": round(time.perf_counter() - started, 2),
             **options.recorded("run"),
         }
+        if options.packing == "nsp":
+            manifest["nsp"] = _nsp_section(unit_stats[: len(plan.units)], manifest["counts"], options)
         write_manifest(staging, manifest)
         _publish(staging, output_dir)
-    except BaseException:
+    except (ValueError, FileNotFoundError, FileExistsError):  # the data or settings: a rerun meets it again
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except BaseException:
+        kept = len(list(units_dir.glob("unit-*.json"))) if units_dir.is_dir() else 0
+        if kept:
+            logger.warning(
+                "preparation stopped with %d of %d units finished, kept in %s: run the same command with "
+                "--resume to redo only the rest",
+                kept,
+                len(plan.units) + (len(validation.units) if validation else 0),
+                staging,
+            )
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     counts = manifest["counts"]
     logger.info(
@@ -220,6 +295,97 @@ def prepare_corpus(
             manifest["validation"]["counts"]["documents"],
         )
     return manifest
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _run_identity(plan: Plan, validation: Plan | None, options: PrepOptions) -> dict[str, Any]:
+    """What makes the output what it is: the settings, the units and the input files' sizes and times. A
+    resumed run must have the same, or the units it keeps would not belong to its output."""
+    units = plan.units + (validation.units if validation else [])
+    files = sorted({path for unit in units for path in unit.paths})
+    return {
+        "format_version": FORMAT_VERSION,
+        "settings": {s: options.recorded(s) for s in ("top", "config", "validation")}
+        | {k: getattr(options, k) for k in ("tokenizer", "train_tokenizer", "vocab_size", "lowercase")},
+        "units": [
+            [u.kind, list(u.paths), u.start, u.stop, u.column, u.rows_per_document, u.split] for u in units
+        ],
+        "files": [[f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files],
+    }
+
+
+def _open_staging(staging: Path, run: dict[str, Any], resume: bool) -> None:
+    """Create the staging directory, or with ``resume`` reuse one left by the same run (checked)."""
+    record = staging / UNITS_DIR / "run.json"
+    if staging.exists() and resume:
+        try:
+            previous = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot resume from {staging}: no readable run record ({exc})") from exc
+        differ = [key for key in run if previous.get(key) != json.loads(json.dumps(run[key]))]
+        if differ:
+            raise ValueError(
+                f"cannot resume from {staging}: its {' and '.join(differ)} differ from this run's; run "
+                "without --resume to start over"
+            )
+        logger.info("resuming the preparation kept in %s", staging)
+        return
+    if staging.exists():
+        logger.warning("removing %s, an unfinished preparation (--resume would continue it)", staging)
+        shutil.rmtree(staging)
+    elif resume:
+        logger.info("nothing to resume (no %s): preparing from the start", staging)
+    (staging / UNITS_DIR).mkdir(parents=True)
+    _write_json(record, run)
+
+
+def _staged_tokenizer(staging: Path) -> dict[str, Any] | None:
+    """The tokenizer an interrupted run left in ``staging``, if it is whole (its hash checked)."""
+    try:
+        info = json.loads((staging / UNITS_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+        if tokenizer_hash(staging / TOKENIZER_DIR) == info.pop("hash"):
+            return info
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _nsp_section(train_stats: list[dict], counts: dict[str, Any], options: PrepOptions) -> dict[str, Any]:
+    """How balanced next-sentence prediction is: the share of random-next samples, and how many sentences
+    the chunks samples were cut from held (a one-sentence chunk can only give a random next); a warning
+    that says why when the share is off ``random_next_prob`` by more than 0.05 or one-sentence chunks
+    are too many (the sample builder then has little to pair)."""
+    segments: dict[str, int] = {}
+    for s in train_stats:
+        for key, n in s.get("segments_per_sample", {}).items():
+            segments[key] = segments.get(key, 0) + n
+    samples = counts["samples"]
+    ratio = counts["nsp_random_next"] / samples if samples else 0.0
+    section: dict[str, Any] = {
+        "random_next_ratio": round(ratio, 4),
+        "segments_per_sample": {k: segments[k] for k in sorted(segments, key=int)},
+    }
+    single = segments.get("1", 0) / samples if samples else 0.0
+    problems = []
+    if abs(ratio - options.random_next_prob) > 0.05:
+        problems.append(f"random-next ratio {ratio:.3f}, expected {options.random_next_prob:g} ± 0.05")
+    if single > MAX_SINGLE_SEGMENT_SHARE:
+        problems.append(f"{single:.0%} of the samples come from a one-sentence chunk")
+    if samples >= MIN_SAMPLES_FOR_BALANCE and problems:
+        why = (
+            "most documents yield a single sentence or few: check --sentence-splitter, or --rows-per-document "
+            "for one-sentence-per-row data"
+            if single > MAX_SINGLE_SEGMENT_SHARE
+            else "the documents are short for the sample length: consider a smaller --seq-len"
+        )
+        section["warning"] = f"{'; '.join(problems)}: {why}"
+        logger.warning("NSP imbalance: %s", section["warning"])
+    return section
 
 
 def _plan_validation(plan: Plan, options: PrepOptions) -> Plan | None:
@@ -281,8 +447,7 @@ def _run_stages(
 
     Returns the units' counts (training units, then validation-input units) and both splits' shard entries.
     """
-    units_dir = staging / "_units"
-    units_dir.mkdir()
+    units_dir = staging / UNITS_DIR
     config = BuildConfig(
         tokenizer_dir=str(staging / TOKENIZER_DIR),
         units_dir=str(units_dir),
@@ -293,7 +458,20 @@ def _run_stages(
     )
     workers = options.num_workers
     units = plan.units + (validation.units if validation else [])
-    unit_stats = sorted(_ray_map(units, build_samples, {"config": config}, workers), key=lambda s: s["unit"])
+    kept = {u.index: stats for u in units if (stats := finished_unit(units_dir, u.index)) is not None}
+    if kept:
+        logger.info("%d of %d units finished before, their files verified: kept", len(kept), len(units))
+    todo = [u for u in units if u.index not in kept]
+    built = _run_tasks(
+        todo,
+        build_samples,
+        {"config": config},
+        workers,
+        what="units",
+        progress=options.progress,
+        on_done=lambda n: inject_driver_kill(len(kept) + n),
+    )
+    unit_stats = sorted([*kept.values(), *built], key=lambda s: s["unit"])
     train_stats = unit_stats[: len(plan.units)]
     done = [(str(unit_file(units_dir, s["unit"])), s["samples"]) for s in train_stats if "failed" not in s]
     specs = plan_shards(done, options.shard_size)
@@ -318,8 +496,15 @@ def _run_stages(
             raise ValueError(f"empty validation split: no sample from the {source}")
         (staging / VALIDATION_DIR).mkdir()
         specs += validation_specs
-    schema = pickle.dumps(shard_schema(tok_info["vocab_size"], options.packing))
-    written = _ray_map(specs, write_shards, {"out_dir": str(staging), "schema_blob": schema}, workers)
+    schema = shard_schema(tok_info["vocab_size"], options.packing)
+    written = _run_tasks(
+        specs,
+        write_shards,
+        {"out_dir": str(staging), "schema": schema},
+        workers,
+        what="shards",
+        progress=options.progress,
+    )
     shutil.rmtree(units_dir)
     shards = sorted((e for e in written if "dir" not in e), key=lambda entry: entry["file"])
     held_shards = sorted(

@@ -11,13 +11,15 @@ def write_python_docs_corpus(path: str | Path) -> Path:
     """Write ``pydoc_data.topics`` (79 topics, ~65k words) as a blank-line separated ``.txt`` corpus.
 
     One topic is one document; each paragraph of a topic becomes one line (lines are sentence
-    boundaries). ``path`` is the file to write, or an existing directory to write
-    ``python_docs.txt`` into. Returns the file's path.
+    boundaries). ``path`` is the file to write, or a directory (one that exists, or any path ending in
+    ``/``) to write ``python_docs.txt`` into; missing parent directories are created. Returns the file's
+    path.
     """
     from pydoc_data import topics
 
-    path = Path(path)
-    if path.is_dir():
+    as_dir = str(path).endswith(("/", os.sep))
+    path = Path(path).expanduser()
+    if as_dir or path.is_dir():
         path = path / "python_docs.txt"
     documents = []
     for key in sorted(topics.topics):

@@ -4,9 +4,12 @@ Masking is dynamic, at train time (``sparsebert.data.MlmCollator``); the shards 
 
 ``nsp_samples`` follows ``create_instances_from_document`` of google-research/bert: sentences are
 gathered into a chunk up to a target length (shorter with probability ``short_seq_prob``), split at
-a random sentence into A and B; with probability ``random_next_prob`` (and always for a one-segment
-chunk) B is replaced by a run of sentences from another document, and the unused segments are put
-back. ``packed_samples`` is RoBERTa's FULL-SENTENCES: contiguous sentences up to the length limit,
+a random sentence into A and B; B is replaced by a run of sentences from another document (and the
+unused segments are put back) always for a one-segment chunk, and otherwise at random. One departure
+from BERT: ``random_next_prob`` is the share of *all* samples with a random B. BERT draws it for the
+multi-segment chunks only, so every one-segment chunk (short documents, long sentences) tips the share
+over one half; here the draw for a multi-segment chunk is lowered by the one-segment chunks met so far in
+the group, which keeps the share at ``random_next_prob`` on any text. ``packed_samples`` is RoBERTa's FULL-SENTENCES: contiguous sentences up to the length limit,
 crossing document boundaries with an extra ``[SEP]`` between documents, no NSP.
 
 A document is a list of sentences, a sentence a non-empty list of token ids no longer than the
@@ -27,24 +30,28 @@ class Sample(NamedTuple):
     input_ids: list[int]  # with [CLS]/[SEP]
     a_length: int  # tokens of type 0: len([CLS] A [SEP]); all of them for packed samples
     next_sentence_label: int  # 0 = B follows A, 1 = B is random, -1 = no NSP
+    segments: int = 1  # sentences of the document the sample was cut from (A and, if it follows, B)
 
 
 def _truncate_pair(
     a: list[int], b: list[int], max_tokens: int, rng: random.Random
 ) -> tuple[list[int], list[int]]:
-    """Trim the longer segment, from the front or the back at random, until both fit (as BERT does)."""
-    a_lo, a_hi, b_lo, b_hi = 0, len(a), 0, len(b)
-    while (a_hi - a_lo) + (b_hi - b_lo) > max_tokens:
-        if a_hi - a_lo > b_hi - b_lo:
-            if rng.random() < 0.5:
-                a_lo += 1
-            else:
-                a_hi -= 1
-        elif rng.random() < 0.5:
-            b_lo += 1
-        else:
-            b_hi -= 1
-    return a[a_lo:a_hi], b[b_lo:b_hi]
+    """Trim the longer segment until both fit, each token from the front or the back at random (as BERT
+    does, one token at a time from the longer one, ties to B); the counts are computed, not looped."""
+    excess = len(a) + len(b) - max_tokens
+    if excess <= 0:
+        return a, b
+    gap = len(a) - len(b)
+    if gap >= excess:
+        cut_a, cut_b = excess, 0
+    elif -gap >= excess:
+        cut_a, cut_b = 0, excess
+    else:  # the longer one down to the other's length, then turns, B first
+        rest = excess - abs(gap)
+        cut_a, cut_b = max(gap, 0) + rest // 2, max(-gap, 0) + (rest + 1) // 2
+    front_a = rng.getrandbits(cut_a).bit_count() if cut_a else 0
+    front_b = rng.getrandbits(cut_b).bit_count() if cut_b else 0
+    return a[front_a : len(a) - (cut_a - front_a)], b[front_b : len(b) - (cut_b - front_b)]
 
 
 def _random_segment(docs: Sequence[Document], doc_index: int, target: int, rng: random.Random) -> list[int]:
@@ -64,10 +71,30 @@ def _random_segment(docs: Sequence[Document], doc_index: int, target: int, rng: 
     return tokens
 
 
+class _Balance:
+    """The samples of a group so far, and how many came from one-segment chunks (a forced random B)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.forced = 0
+
+    def count(self, segments: int) -> None:
+        self.samples += 1
+        self.forced += segments == 1
+
+    def multi_segment_prob(self, share: float) -> float:
+        """The probability of a random B for a multi-segment chunk that keeps the overall share at ``share``."""
+        free = self.samples - self.forced
+        if free <= 0:
+            return share
+        return min(1.0, max(0.0, (share * self.samples - self.forced) / free))
+
+
 def _document_nsp_samples(
     docs: Sequence[Document],
     doc_index: int,
     rng: random.Random,
+    balance: _Balance,
     *,
     seq_len: int,
     cls_id: int,
@@ -89,7 +116,7 @@ def _document_nsp_samples(
         if i == len(document) - 1 or chunk_tokens >= target:
             a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
             tokens_a = list(chain.from_iterable(chunk[:a_end]))
-            if len(chunk) == 1 or rng.random() < random_next_prob:
+            if len(chunk) == 1 or rng.random() < balance.multi_segment_prob(random_next_prob):
                 is_random = 1
                 tokens_b = _random_segment(docs, doc_index, max(1, target - len(tokens_a)), rng)
                 i -= len(chunk) - a_end  # the segments B did not use are read again
@@ -98,7 +125,8 @@ def _document_nsp_samples(
                 tokens_b = list(chain.from_iterable(chunk[a_end:]))
             tokens_a, tokens_b = _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
             ids = [cls_id, *tokens_a, sep_id, *tokens_b, sep_id]
-            samples.append(Sample(ids, len(tokens_a) + 2, is_random))
+            samples.append(Sample(ids, len(tokens_a) + 2, is_random, len(chunk)))
+            balance.count(len(chunk))
             chunk, chunk_tokens = [], 0
         i += 1
     return samples
@@ -116,12 +144,14 @@ def nsp_samples(
 ) -> list[Sample]:
     """Sentence-pair samples with NSP labels for a group of documents, shuffled like BERT's."""
     samples: list[Sample] = []
+    balance = _Balance()
     for doc_index in range(len(docs)):
         samples.extend(
             _document_nsp_samples(
                 docs,
                 doc_index,
                 rng,
+                balance,
                 seq_len=seq_len,
                 cls_id=cls_id,
                 sep_id=sep_id,

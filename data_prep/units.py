@@ -15,6 +15,7 @@ validation split are exactly those of before.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -26,13 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.format import TOKENIZER_FILE, ids_type, shard_schema
+from data_prep.failures import TransientError, inject_unit_fault, is_transient
+from data_prep.format import TOKENIZER_FILE, file_sha256, ids_type, shard_schema
 from data_prep.options import PrepOptions
 from data_prep.samples import Sample, nsp_samples, packed_samples
 from data_prep.sources import ReadCounters, Unit, read_documents
 from data_prep.text import document_sentences
 
 UNIT_ROW_GROUP = 8192  # rows per row group of a unit file: stage 2 reads only the groups it needs
+SEGMENTS_CAP = 8  # segments-per-sample counts above this are counted together ("8" means 8 or more)
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,44 @@ def unit_file(units_dir: str | Path, index: int, split: str = "train") -> Path:
     return Path(units_dir) / f"unit-{index:08d}{suffix}.parquet"
 
 
+def unit_record(units_dir: str | Path, index: int) -> Path:
+    """The record of a finished unit: its counts and the SHA-256 of each file it wrote (``--resume``)."""
+    return Path(units_dir) / f"unit-{index:08d}.json"
+
+
+def finished_unit(units_dir: str | Path, index: int) -> dict[str, Any] | None:
+    """The counts of unit ``index`` if an earlier attempt finished it and its files are intact, else None."""
+    try:
+        record = json.loads(unit_record(units_dir, index).read_text(encoding="utf-8"))
+        intact = all(file_sha256(Path(units_dir) / n) == h for n, h in record["files"].items())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return record["stats"] if intact else None
+
+
+def _write_record(units_dir: str, index: int, stats: dict[str, Any]) -> None:
+    files = {}
+    for split in ("train", "validation"):
+        path = unit_file(units_dir, index, split)
+        if path.exists():
+            files[path.name] = file_sha256(path)
+    record = unit_record(units_dir, index)
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(json.dumps({"stats": stats, "files": files}), encoding="utf-8")
+    os.replace(partial, record)  # a record exists only whole, and only after its files
+
+
 def _tokenize_group(
     documents: list[str], tokenizer: Any, room: int, config: BuildConfig, counters: ReadCounters
 ) -> tuple[list[list[list[int]]], dict[str, int]]:
     """Sentences → token ids; sentences longer than a sample's ``room`` are cut into pieces that fit."""
     per_doc = [
-        document_sentences(d, max_line_length=config.options.max_line_length, counters=counters)
+        document_sentences(
+            d,
+            max_line_length=config.options.max_line_length,
+            counters=counters,
+            splitter=config.options.sentence_splitter,
+        )
         for d in documents
     ]
     flat = [s for sentences in per_doc for s in sentences]
@@ -146,6 +181,7 @@ class _Split:
         self.stats = dict.fromkeys(
             ("documents", "sentences", "tokens", "samples", "sample_tokens", "nsp_random_next"), 0
         )
+        self.segments: dict[str, int] = {}  # NSP samples by the sentences of the chunk they came from
 
     def add(self, document: str, tokenizer: Any, counters: ReadCounters) -> None:
         self.group.append(document)
@@ -186,8 +222,13 @@ class _Split:
         self.stats["samples"] += len(samples)
         self.stats["sample_tokens"] += sum(len(s.input_ids) for s in samples)
         self.stats["nsp_random_next"] += sum(1 for s in samples if s.next_sentence_label == 1)
+        if opts.packing == "nsp":
+            for sample in samples:
+                bucket = str(min(sample.segments, SEGMENTS_CAP))
+                self.segments[bucket] = self.segments.get(bucket, 0) + 1
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+            # Uncompressed: a unit file is read once, by stage 2, which compresses the shards.
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="none")
         self.writer.write_table(
             _to_table(samples, self.schema, self.config.vocab_size), row_group_size=UNIT_ROW_GROUP
         )
@@ -204,6 +245,7 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
     """Read, split, tokenise and sample one unit; write its samples to ``units_dir`` (one file per split);
     return counts: the training split's at the top, the validation split's under ``validation`` (only when
     the run has a validation split)."""
+    inject_unit_fault(unit.index, config.units_dir)
     tokenizer = _tokenizer(config.tokenizer_dir)
     opts = config.options
     counters = ReadCounters()
@@ -219,13 +261,16 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
                 train.add(document, tokenizer, counters)
         train.flush(tokenizer, counters)
         validation.flush(tokenizer, counters)
-    except (OSError, pa.ArrowException) as exc:
-        if unit.kind == "hf":
-            raise  # a network or hub failure must stop the run, not thin the corpus out
-        # A local file that is corrupt beyond its footer: skip the whole unit, and say so in the manifest.
+    except Exception as exc:
         train.close(discard=True)
         validation.close(discard=True)
-        return {
+        if is_transient(exc):  # Ray runs the task again (``failures.RETRIES``)
+            raise TransientError(f"unit {unit.index} ({_where(unit)}): {type(exc).__name__}: {exc}") from exc
+        if unit.kind == "hf" or not isinstance(exc, (OSError, pa.ArrowException)):
+            # a hub failure must stop the run, not thin the corpus out
+            raise ValueError(f"unit {unit.index} ({_where(unit)}): {type(exc).__name__}: {exc}") from exc
+        # A local file that is corrupt beyond its footer: skip the whole unit, and say so in the manifest.
+        result = {
             "unit": unit.index,
             "failed": {
                 "path": ", ".join(unit.paths),
@@ -233,10 +278,21 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
             },
             "counters": ReadCounters().as_dict(),
         }
+        _write_record(config.units_dir, unit.index, result)
+        return result
     finally:
         train.close()
         validation.close()
     result = {"unit": unit.index, **train.stats, "counters": counters.as_dict()}
+    if opts.packing == "nsp":
+        result["segments_per_sample"] = train.segments
     if opts.has_validation:
         result["validation"] = validation.stats
+    _write_record(config.units_dir, unit.index, result)
     return result
+
+
+def _where(unit: Unit) -> str:
+    if unit.kind == "hf":
+        return "a Hugging Face dataset shard"
+    return f"{unit.kind} {', '.join(unit.paths)} at {unit.start}"

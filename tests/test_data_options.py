@@ -94,6 +94,7 @@ def test_manifest_sections_are_the_fields_asdict():
         *("shard_size", "short_seq_prob", "random_next_prob", "docs_per_group", "unit_bytes"),
         *("max_line_length", "rows_per_document", "doc_per_file", "text_column", "tokenizer_sample_bytes"),
         "hf_datasets",
+        "sentence_splitter",
     }
     assert config["hf_datasets"] == [dataclasses.asdict(HfSource("a"))]  # a list, as JSON reads it back
     assert {k: v for k, v in dataclasses.asdict(options).items() if k in config} == {

@@ -135,6 +135,7 @@ def test_manifest_records_the_settings_as_before(prepared):
         "max_line_length": 4000000,
         "random_next_prob": 0.5,
         "rows_per_document": 1,
+        "sentence_splitter": "sentencex",
         "shard_size": 100,
         "short_seq_prob": 0.1,
         "text_column": "text",
@@ -143,7 +144,9 @@ def test_manifest_records_the_settings_as_before(prepared):
     }
     assert sorted(manifest["run"]) == ["created_at", "num_workers", "ray_address", "seconds"]
     assert (manifest["run"]["num_workers"], manifest["run"]["ray_address"]) == (2, None)
-    top = "config counts format_version packing repaired run seed seq_len shards skipped sources tokenizer"
+    top = (
+        "config counts format_version nsp packing repaired run seed seq_len shards skipped sources tokenizer"
+    )
     assert sorted(manifest) == top.split()
 
 
