@@ -113,7 +113,7 @@ def options_from_args(args: argparse.Namespace) -> PrepOptions:
         else [*tokens, f"column={args.hf_column}"]
         for tokens in args.hf_datasets
     ]
-    values["progress"] = args.progress and not args.quiet
+    values["progress"] = args.progress and not args.quiet and sys.stderr.isatty()  # no bars in log files
     return PrepOptions(**values)
 
 
@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.input and not args.hf_datasets:
         print("error: give --input PATH... and/or --hf-dataset NAME", file=sys.stderr)
         return 2
+    # Ray's notice that a local cluster has token authentication on: it stays on, the notice needs no action.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     from data_prep.pipeline import prepare_corpus
 
     try:
