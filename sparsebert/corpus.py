@@ -9,13 +9,14 @@ from pathlib import Path
 from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.train_config import PretrainConfig
 
-DEFAULT_CORPUS_SEQ_LEN = 128
+DEFAULT_CORPUS_SEQ_LEN = 64  # the demo's length (tiny_cpu): the most updates per CPU second
 
 
 def default_corpus_dir() -> Path:
     """Where the embedded corpus is prepared once and reused: ``$SPARSEBERT_CACHE`` or ~/.cache/sparsebert."""
     root = Path(os.environ.get("SPARSEBERT_CACHE", Path.home() / ".cache" / "sparsebert"))
-    return root / f"python-docs-seq{DEFAULT_CORPUS_SEQ_LEN}-val"  # "-val": with a validation split
+    # "-v2": sentencex sentences, the segments column, a validation split; an older cache is left alone
+    return root / f"python-docs-seq{DEFAULT_CORPUS_SEQ_LEN}-v2"
 
 
 def prepare_default_corpus(rank0: bool) -> Path:
