@@ -28,7 +28,7 @@ def test_overrides_are_yaml_typed():
     )
     assert config.model.attention_pattern == {"name": "longformer", "window": 4}
     assert config.train.lr == pytest.approx(3e-4) and config.train.max_steps == 100
-    assert config.train.warmup_steps == 20  # from the preset
+    assert config.train.warmup_steps == 100  # from the preset
     assert config.search_steps == 0  # a fixed pattern: nothing to search
 
 
