@@ -157,16 +157,18 @@ def _run(out, name, row, length, batch, corpus, start, args) -> dict:
         f"model.attention_backend={args.backend}", f"train.micro_batch_size={batch}", f"train.max_steps={steps}",
         f"train.log_every={args.warmup}", "train.optimizer=adamw", "train.warmup_steps=1", "data.nsp=false",
         f"model.attention_dropout={args.attention_dropout}", "eval.every=0", "checkpoint.every=0",
-        "checkpoint.resume=never", "mlflow.enabled=false",
+        "checkpoint.resume=never", "mlflow.enabled=false", "dam.search_steps=0",
     ]  # fmt: skip
-    if row == "dense":
+    if row == "dam_s band":  # dense = no pattern of its own: the checkpoint's frozen band is kept
+        overrides += ["model.attention_pattern=dense"]
+    elif row == "dense":
         overrides += ["model.init_mask=config", "model.attention_pattern=dense"]
     elif row == "longformer":
         overrides += [
             "model.init_mask=config",
             f"model.attention_pattern={{name: longformer, window: {args.window}, global_tokens: 1}}",
         ]
-    cmd = [sys.executable, str(REPO / "sparsebert" / "pretrain.py"), *overrides]
+    cmd = [sys.executable, str(REPO / "sparsebert" / "pretrain.py"), "--config", "tiny_cpu", *overrides]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = out.with_suffix(".log")
     with open(log, "w") as handle:
