@@ -2,7 +2,8 @@
 # Everything SparseBERT checks on a GPU, in one run: the fast paths against eager, the benchmarks (tables in
 # benchmarks/results/gpu_*_<gpu>.md, copied to $OUT when that is set), then the end-to-end run
 # (benchmarks/gpu_e2e.sh: pre-training under the deepspeed launcher with a kill and a resume, then fine-tuning
-# on GLUE and SQuAD). Expected to take about 8 minutes on an H100/H200, much of it compiling FlexAttention and
+# on GLUE and SQuAD), and pretrain.py's own throughput at L=2048/4096, dense against sparse masks
+# (benchmarks/bench_pretrain_long.py). Expected to take about 8 minutes on an H100/H200, much of it compiling FlexAttention and
 # the models; each step has a hard time limit.
 #
 #     bash benchmarks/gpu_bundle.sh      # here, once: wheels + data the GPU machine cannot fetch (.gpu_bundle/)
@@ -59,9 +60,9 @@ timeout 200 python3 benchmarks/bench_training.py --device cuda --sizes base --le
   --bf16 --repeats 5 --out "$RESULTS/gpu_training_${GPU}.md" 2>&1 | tee -a "$LOG" \
   || fail "bench_training (exit ${PIPESTATUS[0]})"
 
-step "attention layer: BERT-base, bf16, L=1024..4096, fwd+bwd (L <= 512 is at most 4x4 blocks of 128)"
+step "attention layer: BERT-base, bf16, L=2048 and 4096, fwd+bwd (L <= 512 is at most 4x4 blocks of 128)"
 timeout 200 python3 benchmarks/bench_attention.py --device cuda --size base --dtype bfloat16 \
-  --tokens 32768 --lengths 1024 2048 4096 --modes train --backends sdpa flex block_sparse --repeats 5 \
+  --tokens 32768 --lengths 2048 4096 --modes train --backends sdpa flex block_sparse --repeats 5 \
   --out "$RESULTS/gpu_attention_${GPU}.md" 2>&1 | tee -a "$LOG" \
   || fail "bench_attention (exit ${PIPESTATUS[0]})"
 
@@ -77,10 +78,19 @@ if grep -qiE "recompile_limit|cache_size_limit|without torch.compile|unfused imp
   fail "FlexAttention ran uncompiled somewhere (see above)"
 fi
 
+step "end to end at long sequences: pretrain.py tokens/s, dense vs longformer vs a frozen DAM_s band, L=2048 and 4096"
+# Corpora come from the bundle (no Ray here): benchmarks/bench_pretrain_long.py --prepare-only --work .gpu_bundle/pretrain_long
+[[ -f .gpu_bundle/pretrain_long/corpus4096/manifest.json ]] \
+  || fail "no .gpu_bundle/pretrain_long corpora: run bench_pretrain_long.py --prepare-only --lengths 2048 4096 there"
+timeout 240 python3 benchmarks/bench_pretrain_long.py --device cuda --size small --lengths 2048 4096 --tokens 32768 \
+  --warmup 3 --ds-config ds_configs/zero0_bf16.json --work .gpu_bundle/pretrain_long \
+  --out "$RESULTS/gpu_pretrain_long_${GPU}.md" 2>&1 | tee -a "$LOG" \
+  || fail "bench_pretrain_long (exit ${PIPESTATUS[0]})"
+
 step "end to end: pre-training (DAM_s search, freeze, kill, resume) then GLUE + SQuAD fine-tuning"
 E2E=$(mktemp -d)
 E2E_OUT=$E2E timeout 300 bash benchmarks/gpu_e2e.sh cuda 2>&1 | tee -a "$LOG" || fail "gpu_e2e (exit ${PIPESTATUS[0]})"
 cp "$E2E/summary.md" "$RESULTS/gpu_e2e_${GPU}.md"
 
 save
-step "done: $RESULTS/gpu_{training,attention,training_compiled,e2e}_${GPU}.md"
+step "done: $RESULTS/gpu_{training,attention,training_compiled,pretrain_long,e2e}_${GPU}.md"

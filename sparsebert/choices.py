@@ -13,6 +13,7 @@ ATTENTION_BACKENDS: list[str] = ["auto", "eager", "sdpa", "flex", "block_sparse"
 OPTIMIZERS: tuple[str, ...] = ("lamb", "adamw")
 LR_DECAYS: tuple[str, ...] = ("linear", "polynomial", "constant")
 MLM_LOGITS: tuple[str, ...] = ("masked_only", "all")
+INIT_MASKS: tuple[str, ...] = ("auto", "checkpoint", "config")  # model.init_mask: sparsebert.continuation
 
 
 def check(what: str, value: str, names) -> str:

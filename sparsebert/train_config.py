@@ -50,7 +50,20 @@ def _f(default: Any, help: str, one_of: Any = None, neutral: bool = False) -> An
 @dataclass
 class ModelConfig:
     init_from: str | None = _f(
-        None, "HF BERT directory (or hub name) to continue pre-training from; null = random init"
+        None,
+        "continue from this HF BERT directory (a run's final/, a save_pretrained dir), hub name, or a "
+        "pre-training run's output_dir (its final/); null = random init. README: Two-phase pre-training",
+    )
+    init_mask: str = _f(
+        "auto",
+        "the mask of an init_from checkpoint: auto (kept when attention_pattern is dense or agrees with it, an "
+        "error when it contradicts it), checkpoint (kept, whatever attention_pattern says), or config",
+        choices.INIT_MASKS,
+    )
+    init_optimizer: bool = _f(
+        False,
+        "also continue the optimizer moments of init_from's pre-training run (its newest DeepSpeed "
+        "checkpoint); the LR schedule, warm-up and step count start fresh",
     )
     size: str = _f("tiny", "architecture preset (BERT's official sizes)", list(MODEL_SIZES))
     num_layers: int | None = _f(None, "override the preset's number of layers")
@@ -413,3 +426,7 @@ def _check_semantics(config: PretrainConfig) -> None:
         raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {config.checkpoint.every}")
+    m = config.model
+    if not m.init_from and (m.init_optimizer or m.init_mask != "auto"):
+        key = "model.init_optimizer" if m.init_optimizer else "model.init_mask"
+        raise ConfigError(f"config key {key!r} needs model.init_from (a checkpoint to continue from)")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sparsebert import build, checkpoint, console, run_report, summary
+from sparsebert import build, checkpoint, console, continuation, run_report, summary
 from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.corpus import open_reader, open_validation_reader, prepare_default_corpus
 from sparsebert.data import model_inputs
@@ -107,6 +107,12 @@ def setup(config: PretrainConfig) -> Run:
     data_dir = Path(config.data.path) if config.data.path else prepare_default_corpus(rank0)
     reader = open_reader(data_dir, config)  # batches arrive on this rank's device
 
+    tokenizer = reader.tokenizer
+    source, mask_note = None, None
+    if config.model.init_from:  # continuing (phase 2, long context, any BERT): mask, vocabulary, length
+        source = continuation.locate(config.model.init_from)
+        config, mask_note = continuation.resolve_mask(config, source)
+        continuation.check_fits(source, tokenizer, reader.tokenizer_dir, reader.seq_len)
     resume_tag = _resume_tag(config, out)
     if resume_tag:
         checkpoint.check_resume(out, resume_tag, config)
@@ -118,10 +124,20 @@ def setup(config: PretrainConfig) -> Run:
             f"dam.search_steps={resumed.search_steps} to resume it"
         )
     restarted = resumed is not None and resumed.restarted
-    tokenizer = reader.tokenizer
-    model = build.build_model(config, len(tokenizer), tokenizer.pad_token_id, ds, frozen=restarted)
+    model = build.build_model(
+        continuation.build_config(config, source),
+        len(tokenizer),
+        tokenizer.pad_token_id,
+        ds,
+        frozen=restarted,
+    )
     engine, scheduler = build.build_engine(model, config, ds, restarted=restarted)
     engine.train()  # from_pretrained returns models in eval mode: no dropout, and a DAM mask would not search
+    continued_optimizer = None
+    if source is not None and config.model.init_optimizer and not resumed:
+        continued_optimizer = continuation.load_optimizer(engine, source, config)
+    if config.model.mask_spec.params.get("frozen") and not model.mask_frozen:  # built so α's moments load
+        build.freeze_in_place(model, engine, scheduler)
     # Training randomness (dropout, Gumbel noise) starts from the seed whatever the ZeRO stage consumed
     # while building the model; ranks get distinct streams.
     seed_everything(config.train.seed + ds_setup.rank())
@@ -153,6 +169,17 @@ def setup(config: PretrainConfig) -> Run:
     )
     if resumed:
         report(f"resumed from {resume_tag} at step {state.step} (stage {state.stage})")
+    elif source is not None:
+        moments = (
+            f"the optimizer moments of {continued_optimizer}" if continued_optimizer else "a fresh optimizer"
+        )
+        frozen = " (frozen)" if model.mask_frozen else ""
+        report(
+            f"continuing from {source.model_dir}: its weights, mask {model.config.mask_spec.name}{frozen}, "
+            f"{moments}; a fresh LR schedule ({config.train.warmup_steps} warm-up steps) at seq_len {reader.seq_len}"
+        )
+    if mask_note:
+        report(f"warning: {mask_note}")
     run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, lock=lock)
     run.val_reader = open_validation_reader(data_dir, config, reader)
     if run.val_reader is None:
