@@ -7,6 +7,7 @@ import torch
 from sparsebert import deepspeed_setup as ds_setup
 from sparsebert import optim
 from sparsebert.modeling import SparseBertConfig, SparseBertForPreTraining
+from sparsebert.positions import extend_position_embeddings
 from sparsebert.train_config import MODEL_SIZES, PretrainConfig
 
 
@@ -38,6 +39,8 @@ def build_model(
             attention_backend=m.attention_backend,
             mlm_logits=m.mlm_logits,
         )
+        if m.max_position_embeddings > model.config.max_position_embeddings:  # e.g. 512 → 4096: copied rows
+            extend_position_embeddings(model, m.max_position_embeddings)
     else:
         model_config = SparseBertConfig(
             vocab_size=vocab_size,

@@ -92,20 +92,24 @@ class PlainProgress:
         self.total, self.n, self.enabled, self.desc = total, initial, enabled, desc
         self.postfix = ""
         self._last = time.monotonic()
+        self._printed: tuple[int, str] = (initial, "")
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self.n >= self.total or time.monotonic() - self._last >= PLAIN_PROGRESS_EVERY_S:
+        if time.monotonic() - self._last >= PLAIN_PROGRESS_EVERY_S:
             self._print()
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
-        pass
+        """The last line, with the latest numbers (unless they were just printed)."""
+        if (self.n, self.postfix) != self._printed:
+            self._print()
 
     def _print(self) -> None:
         self._last = time.monotonic()
+        self._printed = (self.n, self.postfix)
         if self.enabled:
             head = f"{self.desc}: " if self.desc else ""
             tail = f"  {self.postfix}" if self.postfix else ""

@@ -119,8 +119,10 @@ def resolve_mask(config: PretrainConfig, source: Source) -> tuple[PretrainConfig
     return _with_pattern(config, saved), note
 
 
-def check_fits(source: Source, tokenizer, tokenizer_dir: Path, seq_len: int) -> None:
-    """The checkpoint's vocabulary is the corpus's, and its position embeddings cover the corpus's length."""
+def check_fits(source: Source, tokenizer, tokenizer_dir: Path, seq_len: int, config: PretrainConfig) -> None:
+    """The checkpoint's vocabulary is the corpus's, and its position embeddings cover the corpus's length, or
+    ``model.max_position_embeddings`` covers it: then they are extended by copying (and the checkpoint's
+    optimizer moments no longer fit them)."""
     theirs = _tokenizer_of(source)
     ours = tokenizer.get_vocab()
     where = f"the corpus's tokenizer {tokenizer_dir}"
@@ -138,19 +140,30 @@ def check_fits(source: Source, tokenizer, tokenizer_dir: Path, seq_len: int) -> 
             f"tokenizer files), {where} has {len(ours)} tokens; prepare the corpus with the checkpoint's tokenizer"
         )
     positions = source.model_config.get("max_position_embeddings", 0)
-    if positions < seq_len:
+    wanted = config.model.max_position_embeddings
+    if max(positions, wanted) < seq_len:
         raise ConfigError(
             f"model.init_from={source.init_from!r} has {positions} position embeddings, the corpus's samples are "
-            f"{seq_len} tokens long; continue from a checkpoint with model.max_position_embeddings >= {seq_len}"
+            f"{seq_len} tokens long; set model.max_position_embeddings={seq_len} to extend them by copying"
+        )
+    if positions < seq_len and config.model.init_optimizer:
+        raise ConfigError(
+            f"model.init_optimizer=true cannot continue the optimizer of {source.init_from!r}: extending its "
+            f"{positions} position embeddings to {wanted} changes their shape; continue with a fresh optimizer"
         )
 
 
-def build_config(config: PretrainConfig, source: Source | None) -> PretrainConfig:
-    """The config to build the model from: ``source``'s model directory, and, when the moments of a DAM mask
-    searched and frozen in place are loaded (its α kept its place in the optimizer, at lr 0), α trainable, so
-    the optimizer has the same layout; :func:`sparsebert.build.freeze_in_place` freezes it before any step."""
+def build_config(config: PretrainConfig, source: Source | None, seq_len: int) -> PretrainConfig:
+    """The config to build the model from: ``source``'s model directory; its position embeddings as they are
+    when they cover ``seq_len``, else extended to ``model.max_position_embeddings``; and, when the moments of a
+    DAM mask searched and frozen in place are loaded (its α kept its place in the optimizer, at lr 0), α
+    trainable, so the optimizer has the same layout; :func:`sparsebert.build.freeze_in_place` freezes it before
+    any step."""
     if source is None:
         return config
+    positions = source.model_config.get("max_position_embeddings", 0)
+    if positions >= seq_len:  # nothing to extend, whatever model.max_position_embeddings says
+        config = replace(config, model=replace(config.model, max_position_embeddings=positions))
     config = replace(config, model=replace(config.model, init_from=source.model_dir))  # a run's final/
     spec = config.model.mask_spec
     # model.init_mask=config may have replaced the DAM mask: then there is no α to carry

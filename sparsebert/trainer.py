@@ -112,7 +112,7 @@ def setup(config: PretrainConfig) -> Run:
     if config.model.init_from:  # continuing (phase 2, long context, any BERT): mask, vocabulary, length
         source = continuation.locate(config.model.init_from)
         config, mask_note = continuation.resolve_mask(config, source)
-        continuation.check_fits(source, tokenizer, reader.tokenizer_dir, reader.seq_len)
+        continuation.check_fits(source, tokenizer, reader.tokenizer_dir, reader.seq_len, config)
     resume_tag = _resume_tag(config, out)
     if resume_tag:
         checkpoint.check_resume(out, resume_tag, config)
@@ -125,7 +125,7 @@ def setup(config: PretrainConfig) -> Run:
         )
     restarted = resumed is not None and resumed.restarted
     model = build.build_model(
-        continuation.build_config(config, source),
+        continuation.build_config(config, source, reader.seq_len),
         len(tokenizer),
         tokenizer.pad_token_id,
         ds,

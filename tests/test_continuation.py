@@ -2,7 +2,7 @@
 moments carry over, the schedule starts fresh, and mismatches are errors that name both sides.
 
 Phase 1 runs once as the real entry point (one process, ZeRO-0, LAMB, a DAM_s search frozen after 3 steps);
-phase 2 runs in this process through ``pretrain.setup``/``train``/``finish``, with the real DeepSpeed engine, so
+phase 2 runs in this process through ``trainer.setup``/``train``/``finish``, with the real DeepSpeed engine, so
 its optimizer state can be read directly and compared with the tensors of phase 1's DeepSpeed checkpoint.
 """
 
@@ -94,7 +94,7 @@ def rank_env():
 
 
 def _setup(out: Path, data: Path, *overrides: str):
-    from sparsebert import pretrain
+    from sparsebert import trainer as pretrain
 
     config = load_config(None, [f"output_dir={out}", f"data.path={data}", *QUIET, *overrides])
     return pretrain, pretrain.setup(config)
@@ -162,12 +162,13 @@ def test_mismatches_are_errors_naming_both_sides(phase1, corpora, tmp_path, rank
 
 
 def test_continuing_from_a_plain_hf_bert_takes_the_mask_from_the_config(corpora, tmp_path, rank_env, capsys):
+    """... and extends its 64 position embeddings to the corpus's 128 by copying."""
     from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
     tokenizer = AutoTokenizer.from_pretrained(corpora["seq128"] / "tokenizer")
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        intermediate_size=128, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
     bert = BertForPreTraining(config)
@@ -175,14 +176,19 @@ def test_continuing_from_a_plain_hf_bert_takes_the_mask_from_the_config(corpora,
     _, run = _setup(
         tmp_path / "out", corpora["seq128"], f"model.init_from={tmp_path / 'bert'}",
         "model.attention_pattern={name: longformer, window: 4}", "train.max_steps=2",
+        "model.max_position_embeddings=128",
     )  # fmt: skip
     assert run.model.config.mask_spec.name == "longformer" and run.state.stage == 2
     expected = build_mask({"name": "longformer", "window": 4}, 128, 2)
     assert torch.equal(run.model.current_mask(128)[0], expected)
     theirs = bert.state_dict()
     for name, value in run.model.state_dict().items():
-        if name in theirs:
+        if name in theirs and value.shape == theirs[name].shape:
             torch.testing.assert_close(value, theirs[name], rtol=0, atol=0, msg=name)
+    rows = theirs["bert.embeddings.position_embeddings.weight"]
+    extended = run.model.bert.embeddings.position_embeddings.weight.detach()
+    assert run.model.config.max_position_embeddings == 128 and extended.shape[0] == 128
+    torch.testing.assert_close(extended, torch.cat([rows, rows]), rtol=0, atol=0)
     assert "continuing from" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="model directory without them"):
         _setup(
