@@ -55,6 +55,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no ANSI colour on Ray's "(pid=...)" prefixes
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its database set-up and system-metrics notes
     if not sys.stdout.isatty():
         os.environ.setdefault("NO_COLOR", "1")
 
