@@ -78,6 +78,10 @@ step "preparing the embedded Python-docs corpus (wordpiece 8192, seq 128, seed 0
 quiet "$PY" -m data_prep --input "$STAGE/src/python_docs.txt" --output "$OUTDIR/corpus" \
   --train-tokenizer wordpiece --vocab-size 8192 --seq-len 128 --seed 0 --shard-size 4096 --no-progress
 
+step "preparing the long-context corpora and checkpoint of benchmarks/bench_pretrain_long.py (small, L=2048, 4096)"
+quiet "$PY" benchmarks/bench_pretrain_long.py --prepare-only --size small --lengths 2048 4096 \
+  --work "$OUTDIR/pretrain_long"
+
 step "writing GLUE ($GLUE_TRAIN/$GLUE_DEV rows a task) and SQuAD ($SQUAD_TRAIN/$SQUAD_DEV paragraphs) files"
 "$PY" - "$OUTDIR/tasks" "$GLUE_TRAIN" "$GLUE_DEV" "$SQUAD_TRAIN" "$SQUAD_DEV" <<'EOF'
 import sys

@@ -35,7 +35,7 @@ step() { echo; echo "=== gpu_e2e: $* ($(date +%T))"; }
 PRETRAIN=(
   python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 29517 sparsebert/pretrain.py
   --config tiny_cpu output_dir="$RUN" data.path="$BUNDLE/corpus" deepspeed_config=ds_configs/zero2_bf16.json
-  model.size=mini "model.attention_pattern={name: dam_s, lambda: 1.0e-4}"
+  model.size=mini model.max_position_embeddings=128 "model.attention_pattern={name: dam_s, lambda: 1.0e-4}"
   train.max_steps=60 dam.search_steps=20 train.micro_batch_size=32 train.grad_accum_steps=2
   train.optimizer=adamw train.lr=1e-3 train.warmup_steps=10 train.log_every=10
   checkpoint.every=20 checkpoint.keep_last=2 mlflow.enabled=false
