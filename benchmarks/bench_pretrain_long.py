@@ -157,7 +157,7 @@ def _run(out, name, row, length, batch, corpus, start, args) -> dict:
         f"model.attention_backend={args.backend}", f"train.micro_batch_size={batch}", f"train.max_steps={steps}",
         f"train.log_every={args.warmup}", "train.optimizer=adamw", "train.warmup_steps=1", "data.nsp=false",
         f"model.attention_dropout={args.attention_dropout}", "eval.every=0", "checkpoint.every=0",
-        "checkpoint.resume=never", "mlflow.enabled=false", "dam.search_steps=0",
+        "checkpoint.resume=never", "mlflow.enabled=false", "dam.search_steps=0", "eval.fill_mask=[]",
     ]  # fmt: skip
     if row == "dam_s band":  # dense = no pattern of its own: the checkpoint's frozen band is kept
         overrides += ["model.attention_pattern=dense"]

@@ -81,6 +81,7 @@ quiet "$PY" -m data_prep --input "$STAGE/src/python_docs.txt" --output "$OUTDIR/
 step "preparing the long-context corpora and checkpoint of benchmarks/bench_pretrain_long.py (small, L=2048, 4096)"
 quiet "$PY" benchmarks/bench_pretrain_long.py --prepare-only --size small --lengths 2048 4096 \
   --work "$OUTDIR/pretrain_long"
+rm -r "$OUTDIR/pretrain_long/start" "$OUTDIR/pretrain_long/python_docs.txt"  # remade on the GPU: only the corpora travel
 
 step "writing GLUE ($GLUE_TRAIN/$GLUE_DEV rows a task) and SQuAD ($SQUAD_TRAIN/$SQUAD_DEV paragraphs) files"
 "$PY" - "$OUTDIR/tasks" "$GLUE_TRAIN" "$GLUE_DEV" "$SQUAD_TRAIN" "$SQUAD_DEV" <<'EOF'
