@@ -14,6 +14,7 @@ a download, and the same seed gives the same text.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 Corpus = list[list[list[str]]]  # documents → lines → sentences
@@ -36,48 +37,46 @@ def _body(rng: random.Random, vocab: list[str], names: list[str], low: int, high
     return words
 
 
+def _corpus(rng: random.Random, n_docs: int, sentence: Callable[[], str]) -> Corpus:
+    """``n_docs`` documents of 1–4 lines of 2–8 sentences each, every sentence from ``sentence()``."""
+    return [
+        [[sentence() for _ in range(rng.randint(2, 8))] for _ in range(rng.randint(1, 4))]
+        for _ in range(n_docs)
+    ]
+
+
 def lowercase_corpus(n_docs: int = 300, seed: int = 0) -> Corpus:
     """Entries of a glossary: every sentence starts in lower case; names inside are capitalised."""
     rng = random.Random(seed)
     vocab = _words(rng, 3000)
     names = [w.capitalize() for w in _words(rng, 300)]
     extras = ("e.g.", "approx.", "ca.", "vs.")
-    docs: Corpus = []
-    for _ in range(n_docs):
-        lines = []
-        for _ in range(rng.randint(1, 4)):
-            sentences = []
-            for _ in range(rng.randint(2, 8)):
-                words = _body(rng, vocab, names, 4, 16)
-                if rng.random() < 0.2:
-                    words.insert(rng.randint(1, len(words) - 1), rng.choice(extras))
-                if rng.random() < 0.2:
-                    words.append(f"{rng.randint(1, 99)}.{rng.randint(0, 9)}")
-                words[0] = rng.choice(vocab)  # a lower-case start
-                sentences.append(" ".join(words) + rng.choice("...?!"))
-            lines.append(sentences)
-        docs.append(lines)
-    return docs
+
+    def sentence() -> str:
+        words = _body(rng, vocab, names, 4, 16)
+        if rng.random() < 0.2:
+            words.insert(rng.randint(1, len(words) - 1), rng.choice(extras))
+        if rng.random() < 0.2:
+            words.append(f"{rng.randint(1, 99)}.{rng.randint(0, 9)}")
+        words[0] = rng.choice(vocab)  # a lower-case start
+        return " ".join(words) + rng.choice("...?!")
+
+    return _corpus(rng, n_docs, sentence)
 
 
 def caseless_corpus(n_docs: int = 300, seed: int = 0) -> Corpus:
     """Chinese-like text: CJK characters, ``，`` inside, ``。！？`` at the end, no spaces anywhere."""
     rng = random.Random(seed)
     chars = [chr(c) for c in range(0x4E00, 0x4E00 + 2000)]
-    docs: Corpus = []
-    for _ in range(n_docs):
-        lines = []
-        for _ in range(rng.randint(1, 4)):
-            sentences = []
-            for _ in range(rng.randint(2, 8)):
-                body = "".join(rng.choices(chars, k=rng.randint(6, 30)))
-                if rng.random() < 0.4:
-                    cut = rng.randint(2, len(body) - 2)
-                    body = body[:cut] + "，" + body[cut:]
-                sentences.append(body + rng.choice("。。。！？"))
-            lines.append(sentences)
-        docs.append(lines)
-    return docs
+
+    def sentence() -> str:
+        body = "".join(rng.choices(chars, k=rng.randint(6, 30)))
+        if rng.random() < 0.4:
+            cut = rng.randint(2, len(body) - 2)
+            body = body[:cut] + "，" + body[cut:]
+        return body + rng.choice("。。。！？")
+
+    return _corpus(rng, n_docs, sentence)
 
 
 def prose_corpus(n_docs: int = 300, seed: int = 0) -> Corpus:
@@ -85,32 +84,25 @@ def prose_corpus(n_docs: int = 300, seed: int = 0) -> Corpus:
     rng = random.Random(seed)
     vocab = _words(rng, 3000)
     names = [w.capitalize() for w in _words(rng, 300)]
-    docs: Corpus = []
-    for _ in range(n_docs):
-        lines = []
-        for _ in range(rng.randint(1, 4)):
-            sentences = []
-            for _ in range(rng.randint(2, 8)):
-                words = _body(rng, vocab, names, 4, 18)
-                r = rng.random()
-                if r < 0.1:
-                    words.insert(rng.randint(0, len(words) - 1), f"Dr. {rng.choice(names)}")
-                elif r < 0.2:
-                    words.insert(
-                        rng.randint(0, len(words) - 1), f"{rng.choice(names)[0]}. {rng.choice(names)}"
-                    )
-                elif r < 0.3:
-                    words.insert(rng.randint(1, len(words) - 1), f"e.g. {rng.choice(vocab)}")
-                elif r < 0.4:
-                    words.insert(rng.randint(1, len(words) - 1), f"{rng.randint(1, 99)}.{rng.randint(0, 99)}")
-                sentence = " ".join(words)
-                sentence = sentence[0].upper() + sentence[1:] + rng.choice("...?!")
-                if rng.random() < 0.1:
-                    sentence = f"“{sentence}”"
-                sentences.append(sentence)
-            lines.append(sentences)
-        docs.append(lines)
-    return docs
+
+    def sentence() -> str:
+        words = _body(rng, vocab, names, 4, 18)
+        r = rng.random()
+        if r < 0.1:
+            words.insert(rng.randint(0, len(words) - 1), f"Dr. {rng.choice(names)}")
+        elif r < 0.2:
+            words.insert(rng.randint(0, len(words) - 1), f"{rng.choice(names)[0]}. {rng.choice(names)}")
+        elif r < 0.3:
+            words.insert(rng.randint(1, len(words) - 1), f"e.g. {rng.choice(vocab)}")
+        elif r < 0.4:
+            words.insert(rng.randint(1, len(words) - 1), f"{rng.randint(1, 99)}.{rng.randint(0, 99)}")
+        text = " ".join(words)
+        text = text[0].upper() + text[1:] + rng.choice("...?!")
+        if rng.random() < 0.1:
+            text = f"“{text}”"
+        return text
+
+    return _corpus(rng, n_docs, sentence)
 
 
 def joiner(docs: Corpus) -> str:
