@@ -113,7 +113,7 @@ def options_from_args(args: argparse.Namespace) -> PrepOptions:
         else [*tokens, f"column={args.hf_column}"]
         for tokens in args.hf_datasets
     ]
-    values["progress"] = args.progress and not args.quiet and sys.stderr.isatty()  # no bars in log files
+    values["progress"] = args.progress and not args.quiet
     return PrepOptions(**values)
 
 

@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -123,7 +124,9 @@ def _run_tasks(
     results: list[dict | None] = [None] * len(items)
     pending: dict[Any, int] = {}
     queue = iter(enumerate(items))
-    bar = tqdm(total=len(items), desc=what, disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(items), desc=what, disable=not progress or not sys.stderr.isatty(), leave=False
+    )  # not in logs
     finished = 0
     try:
         while True:

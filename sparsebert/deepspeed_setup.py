@@ -225,6 +225,18 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
 _CONTROL_GROUP = None
 
 
+def destroy_process_group() -> None:
+    """Leave the process group, and forget the groups made from it (ours and DeepSpeed's clone of the world), so
+    that a process forming a new group — tests do — gets groups of that one."""
+    global _CONTROL_GROUP
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTROL_GROUP = None
+    groups._WORLD_GROUP = None  # DeepSpeed keeps it across groups and offers no reset
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on any rank: a host-side agreement (a stop request, an error on
     one rank) through a gloo group, so it never waits on the device's queue of work."""

@@ -354,10 +354,14 @@ def finish(run: Run) -> None:
 
 
 def _summarize(run: Run, final: Path, final_sparsity: float) -> None:
-    """Rank 0: the closing summary, then the final model filling in ``eval.fill_mask``'s sentences."""
+    """The closing summary, then the final model filling in ``eval.fill_mask``'s sentences (rank 0 prints)."""
+    config, tracker = run.config, run.tracker
+    # Every rank runs the examples: under ZeRO-3 a forward pass gathers each layer's weights from all ranks.
+    filled = [
+        summary.fill_mask(run.engine.module, run.reader.tokenizer, text) for text in config.eval.fill_mask
+    ]
     if not run.rank0:
         return
-    config, tracker = run.config, run.tracker
     lines = summary.summary_lines(
         steps=run.state.step,
         search_steps=config.search_steps,
@@ -372,10 +376,7 @@ def _summarize(run: Run, final: Path, final_sparsity: float) -> None:
             "uri": tracking_uri(config.mlflow.tracking_uri),
         },
     )  # fmt: skip
-    if config.eval.fill_mask:
-        exported = SparseBertForPreTraining.from_pretrained(final)  # what users load: the export, checked
-        lines += [summary.fill_mask(exported, run.reader.tokenizer, text) for text in config.eval.fill_mask]
-    report("\n" + "\n".join(lines))
+    report("\n" + "\n".join(lines + filled))
 
 
 # --- building blocks ---------------------------------------------------------------------------------------

@@ -45,4 +45,6 @@ def process_group():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    from sparsebert import deepspeed_setup
+
+    deepspeed_setup.destroy_process_group()

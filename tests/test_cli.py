@@ -37,7 +37,7 @@ def test_entry_points_import_no_heavy_library(module):
         (["train.lr=fast"], "config key 'train.lr' must be float"),
         (["model.attention_pattern=bogus"], "unknown attention pattern 'bogus'"),
         (["--config", "no_such_preset"], "config file 'no_such_preset' not found"),
-        (["dam.search_steps=500"], "'dam.search_steps' must be between 1 and train.max_steps - 1"),
+        (["dam.search_steps=5000"], "'dam.search_steps' must be between 1 and train.max_steps - 1"),
     ],
 )
 def test_config_errors_are_one_line_and_exit_2(overrides, fragment):

@@ -44,12 +44,15 @@ def test_parallel_evaluation_retries_reports_and_resumes(
     monkeypatch.chdir(tmp_path)  # MLflow's artifact store defaults to ./mlruns
     dense, star = checkpoints
     glue, squad = write_glue(tmp_path / "glue", n_train=16, n_dev=8), write_squad(tmp_path / "squad", 6, 4)
-    # RTE's dev file loses a column on its third line: every RTE job fails, on every attempt.
+    # RTE's dev file loses a column on its last line, past the rows eval.run checks before it starts: every RTE
+    # job fails, on every attempt.
     rte_dev = glue / "RTE" / "dev.tsv"
-    good_rte = rte_dev.read_text()
-    lines = good_rte.splitlines(keepends=True)
-    lines[2] = lines[2].rsplit("\t", 1)[0] + "\n"
-    rte_dev.write_text("".join(lines))
+    header, *rows = rte_dev.read_text().splitlines(keepends=True)
+    rows = (rows * 14)[:110]
+    good_rte = header + "".join(rows)
+    rows[-1] = rows[-1].rsplit("\t", 1)[0] + "\n"
+    rte_dev.write_text(header + "".join(rows))
+    bad_line = len(rows) + 1
     # SST-2 jobs fail on their first attempt only (the fault switch, set after Ray started: the driver must
     # pass it to the workers): the retry must recover them.
     monkeypatch.setenv("SPARSEBERT_FAULTS", "eval_fail=sst2:1")
@@ -67,7 +70,7 @@ def test_parallel_evaluation_retries_reports_and_resumes(
     # Failed jobs are reported with the file, line and column, after one retry each.
     failed = (tmp_path / "out" / "failed_jobs.txt").read_text().splitlines()
     assert len(failed) == 4 and all("rte/lr=0.001" in f and "\t2\t" in f for f in failed)
-    assert all(f"{rte_dev}: line 3, column 4" in f for f in failed)
+    assert all(f"{rte_dev}: line {bad_line}, column 4" in f for f in failed)
 
     exp = client.get_experiment_by_name("sparsebert-eval")
     runs = _runs(client, exp.experiment_id)
@@ -99,7 +102,7 @@ def test_parallel_evaluation_retries_reports_and_resumes(
         rte_fail = next(r for r in failed_runs if r.data.params["task"] == "rte")
         assert (
             rte_fail.data.tags["error"].startswith("DataFormatError")
-            and "line 3, column 4" in rte_fail.data.tags["error"]
+            and f"line {bad_line}, column 4" in rte_fail.data.tags["error"]
         )
         assert "error.txt" in {a.path for a in client.list_artifacts(rte_fail.info.run_id)}
 
