@@ -52,6 +52,7 @@ def open_reader(data_dir: Path, config: PretrainConfig):
         seed=config.train.seed,
         prefetch=config.data.prefetch,
         device=ds_setup.device(),
+        lanes=config.data.lanes,
     )
     # Masking is a pure function of (seed, epoch, sample), so a resumed run masks as an uninterrupted one.
     reader.collator = MlmCollator(
@@ -76,6 +77,7 @@ def open_validation_reader(data_dir: Path, config: PretrainConfig, train_reader)
     reader = ShardReader.validation(
         data_dir, rank=ds_setup.rank(), world_size=ds_setup.world_size(),
         batch_size=config.train.micro_batch_size, prefetch=config.data.prefetch, device=ds_setup.device(),
+        lanes=config.data.lanes,
     )  # fmt: skip
     if reader is not None:
         reader.collator = MlmCollator(

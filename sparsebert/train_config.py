@@ -105,6 +105,11 @@ class DataConfig:
     whole_word_masking: bool = _f(False, "mask whole words rather than word pieces")
     nsp: bool = _f(True, "train next-sentence prediction (needs shards prepared with NSP pairs)")
     prefetch: int = _f(2, "batches each rank prepares ahead", neutral=True)
+    lanes: int = _f(
+        64,
+        "the epoch's sample stream is cut into this many lanes; a rank reads only its lanes' row groups when the "
+        "world size divides it (worlds of 3·2^k ranks: 192)",
+    )
     log_sample_ids: bool = _f(
         False, "append each step's sample ids to output_dir/samples.rank{r}.jsonl (audits)", neutral=True
     )
@@ -393,6 +398,7 @@ def _check_semantics(config: PretrainConfig) -> None:
         "train.grad_accum_steps": t.grad_accum_steps,
         "train.log_every": t.log_every,
         "checkpoint.keep_last": config.checkpoint.keep_last,
+        "data.lanes": config.data.lanes,
     }
     for key, value in positive.items():
         if value < 1:
