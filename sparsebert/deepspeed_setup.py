@@ -226,14 +226,16 @@ _CONTROL_GROUP = None
 
 
 def destroy_process_group() -> None:
-    """Leave the process group, and forget the groups made from it (ours and DeepSpeed's clone of the world), so
-    that a process forming a new group — tests do — gets groups of that one."""
-    global _CONTROL_GROUP
+    """Leave the process group, and forget what was made for it (our control group, DeepSpeed's clone of the world,
+    the ZeRO-3 config transformers builds models under), so that a process forming a new group — tests do — starts
+    clean."""
+    global _CONTROL_GROUP, _HF_DS_CONFIG
     from deepspeed.utils import groups
 
     if dist.is_initialized():
         dist.destroy_process_group()
     _CONTROL_GROUP = None
+    _HF_DS_CONFIG = None  # transformers holds it weakly: dropped here, models build unpartitioned again
     groups._WORLD_GROUP = None  # DeepSpeed keeps it across groups and offers no reset
 
 

@@ -35,14 +35,16 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture
-def process_group():
+def process_group(monkeypatch):
     """A real process group of one (gloo), as ``deepspeed`` forms it for a single rank."""
     import torch.distributed as dist
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Set for this test only: processes later tests start must not inherit a port this one used.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     from sparsebert import deepspeed_setup
