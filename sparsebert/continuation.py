@@ -121,8 +121,7 @@ def resolve_mask(config: PretrainConfig, source: Source) -> tuple[PretrainConfig
 
 def check_fits(source: Source, tokenizer, tokenizer_dir: Path, seq_len: int, config: PretrainConfig) -> None:
     """The checkpoint's vocabulary is the corpus's, and its position embeddings cover the corpus's length, or
-    ``model.max_position_embeddings`` covers it: then they are extended by copying (and the checkpoint's
-    optimizer moments no longer fit them)."""
+    ``model.max_position_embeddings`` covers it: then they are extended by copying."""
     theirs = _tokenizer_of(source)
     ours = tokenizer.get_vocab()
     where = f"the corpus's tokenizer {tokenizer_dir}"
@@ -145,11 +144,6 @@ def check_fits(source: Source, tokenizer, tokenizer_dir: Path, seq_len: int, con
         raise ConfigError(
             f"model.init_from={source.init_from!r} has {positions} position embeddings, the corpus's samples are "
             f"{seq_len} tokens long; set model.max_position_embeddings={seq_len} to extend them by copying"
-        )
-    if positions < seq_len and config.model.init_optimizer:
-        raise ConfigError(
-            f"model.init_optimizer=true cannot continue the optimizer of {source.init_from!r}: extending its "
-            f"{positions} position embeddings to {wanted} changes their shape; continue with a fresh optimizer"
         )
 
 
@@ -179,6 +173,14 @@ def load_optimizer(engine, source: Source, config: PretrainConfig) -> str:
         raise ConfigError(
             f"model.init_optimizer=true needs a pre-training run's output (its DeepSpeed checkpoints); "
             f"model.init_from={source.init_from!r} is a model directory without them"
+        )
+    positions = source.model_config.get("max_position_embeddings", 0)
+    extended = engine.module.config.max_position_embeddings
+    if extended != positions:
+        raise ConfigError(
+            f"model.init_optimizer=true cannot continue the optimizer of {source.init_from!r}: its {positions} "
+            f"position embeddings were extended to {extended}, which changes their shape; continue with a fresh "
+            "optimizer"
         )
     run, tag = source.run_dir, checkpoint.latest_tag(source.run_dir)
     state = checkpoint.train_state(run, tag)
