@@ -108,6 +108,9 @@ def setup(config: PretrainConfig) -> Run:
     reader = open_reader(data_dir, config)  # batches arrive on this rank's device
 
     tokenizer = reader.tokenizer
+    missing = [text for text in config.eval.fill_mask if tokenizer.mask_token not in text]
+    if missing:  # found now, not after the whole run
+        raise ConfigError(f"config key 'eval.fill_mask': {missing[0]!r} has no {tokenizer.mask_token}")
     source, mask_note = None, None
     if config.model.init_from:  # continuing (phase 2, long context, any BERT): mask, vocabulary, length
         source = continuation.locate(config.model.init_from)
