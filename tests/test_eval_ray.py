@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
 from eval.jobs import DataSource, FinetuneConfig, evaluation_key, expand_jobs
@@ -174,11 +173,3 @@ def test_jobs_expand_and_resume_keys(tmp_path):
     assert key != evaluation_key(
         str(tmp_path), FinetuneConfig(epochs=2), data
     )  # --resume never mixes recipes
-
-
-def test_cluster_yaml_is_a_valid_ray_cluster_config():
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    config = prepare_config(yaml.safe_load((REPO / "cluster" / "eval.yaml").read_text()))
-    validate_config(config)
-    assert config["provider"]["type"] == "local" and config["file_mounts"]
