@@ -119,3 +119,19 @@ def test_nodes_install_the_tested_versions_and_every_default_dependency(name):
     )
     wheel = re.search(r"download\.pytorch\.org/whl/(\w+)", pips[0]).group(1)
     assert wheel == ("cpu" if name == "prep.yaml" else "cu126")
+
+
+def test_docker_image_is_the_tested_torch_installed_at_the_tested_versions_by_a_user_owning_its_workdir():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(
+        r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-devel@sha256:", dockerfile, re.M
+    )
+    assert base and base.group(1) == _pins()["torch"]  # the release the suite is tested with
+    assert re.search(r'pip install -c cluster/constraints\.txt -e "\.\[\$\{EXTRAS\}\]"', dockerfile)
+    env = " ".join(re.findall(r"^ENV (?:.*\\\n)*.*$", dockerfile, re.M))
+    assert "HF_HUB_OFFLINE" not in env  # the hub stays reachable; users opt out with -e HF_HUB_OFFLINE=1
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
+    assert f"install -d -o sparsebert -g sparsebert {workdir}" in dockerfile  # made by and for the user
+    assert re.search(r"^USER (\d+)$", dockerfile, re.M).group(1) == "1000"
+    assert "useradd --create-home --shell /bin/bash --uid 1000 sparsebert" in dockerfile
+    assert "tests/test_cluster_launch.py" in (ROOT / "cluster" / "docker_smoke.sh").read_text()
