@@ -68,7 +68,7 @@ def test_sbatch_script_passes_usr1_to_every_rank_which_checkpoint_and_the_job_ex
     args = [
         "--config", "tiny_cpu", "model.attention_pattern=star", "model.max_position_embeddings=64",
         "train.micro_batch_size=4",
-        "checkpoint.every=2", "eval.every=1000", f"data.path={corpus}", f"output_dir={out}",
+        "checkpoint.every=2", "eval.every=1000", "eval.max_batches=1", f"data.path={corpus}", f"output_dir={out}",
     ]  # fmt: skip
 
     def sbatch(*extra: str, signal_after_checkpoint: bool = False) -> str:
