@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from eval.glue_data import load_glue
+from eval.inputs import check_job_inputs
 from eval.jobs import DEVICES, Job
 from eval.model_loading import load_for_task
 from eval.squad_data import load_squad
@@ -165,6 +166,7 @@ def run_job(
     task = TASKS[job.task] if task is None else task
     cfg = job.config
     device = resolve_device(cfg.device)  # first, so a job that cannot get its GPU fails before loading data
+    check_job_inputs(job, task)  # here, on the node the job runs on: the driver's view may not be the node's
     transformers.logging.set_verbosity_error()  # load reports list the fresh task head: expected noise here
     if not console.verbose():
         transformers.logging.disable_progress_bar()  # one "Loading weights" bar per job and worker otherwise

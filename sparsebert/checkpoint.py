@@ -228,6 +228,9 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(ctypes.get_errno(), f"cannot swap {a} into place at {b}")
 
 
+_NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
 def lock_output_dir(output_dir: str | Path):
     """Hold ``output_dir``'s lock for this process's lifetime (call on rank 0), or raise naming its holder.
 
@@ -244,6 +247,15 @@ def lock_output_dir(output_dir: str | Path):
         raise RuntimeError(
             f"{output_dir} is in use by a running training run ({holder}); two runs on one output_dir would "
             "delete each other's checkpoints. Wait for it to end, or choose another output_dir"
+        ) from None
+    except OSError as err:  # a filesystem without flock (Lustre mounted noflock, NFSv3 without lockd)
+        handle.close()
+        if err.errno not in _NO_FLOCK:
+            raise
+        raise RuntimeError(
+            f"{output_dir}: its filesystem does not support flock ({err.strerror}), which keeps two runs off one "
+            "output_dir; mount it with locks (NFSv4, or NFSv3 with lockd; Lustre with -o flock) or choose "
+            "another output_dir (cluster/MULTINODE.md lists the filesystems)"
         ) from None
     handle.seek(0)
     handle.truncate()

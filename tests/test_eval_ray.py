@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import csv
 import itertools
+import re
+import shutil
+import socket
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
-from eval.jobs import DataSource, FinetuneConfig, evaluation_key, expand_jobs
+from eval.inputs import check_inputs
+from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key, expand_jobs
 from eval.run import main
-from eval.runner import parse_fail_spec
+from eval.runner import parse_fail_spec, run_evaluation
 from eval.smoke import write_glue, write_squad, write_tiny_checkpoint
+from eval.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,9 +180,37 @@ def test_jobs_expand_and_resume_keys(tmp_path):
     )  # --resume never mixes recipes
 
 
-def test_cluster_yaml_is_a_valid_ray_cluster_config():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+@pytest.mark.slow
+def test_each_job_checks_its_paths_on_its_node_and_names_both(
+    ray_local, mlflow_uri, checkpoints, tmp_path, monkeypatch
+):
+    """What the driver checked may not be there where a job runs (a filesystem the head mounts and a worker does
+    not): the job fails in one line naming its node and the path, not deep inside a library."""
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact store defaults to ./mlruns
+    dense, _ = checkpoints
+    glue = write_glue(tmp_path / "glue", n_train=8, n_dev=4)
+    source = DataSource(glue_dir=str(glue))
+    check_inputs([str(dense)], ["rte"], source)  # the driver sees everything
+    shutil.move(glue, tmp_path / "only-on-the-head")  # ... and the jobs' node does not
+    config = FinetuneConfig(max_steps=1, batch_size=4, max_seq_len=32)
+    outcome = run_evaluation(
+        [str(dense)], ["rte"], [1e-3], [1], config, source, max_retries=0, output_dir=tmp_path / "out"
+    )
+    (failure,) = outcome.failures
+    node = rf"{re.escape(socket.gethostname())} \([\d.]+\)"  # under Ray: the host and the node's address
+    assert re.fullmatch(
+        rf"FileNotFoundError: on node {node}: GLUE file {re.escape(str(glue))}/RTE/train\.tsv not found there",
+        failure.error,
+    ), failure.error
 
-    config = prepare_config(yaml.safe_load((REPO / "cluster" / "eval.yaml").read_text()))
-    validate_config(config)
-    assert config["provider"]["type"] == "local" and config["file_mounts"]
+    # A checkpoint the job's node lacks: named the same way, before transformers tries it as a hub id.
+    gone = Job(str(tmp_path / "runs" / "final"), "sst2", 1e-3, 1, config, DataSource(hub=True))
+    from eval.finetune import run_job
+
+    job = ray_local.remote(run_job).options(max_retries=0)
+    with pytest.raises(ray_local.exceptions.RayTaskError) as raised:
+        ray_local.get(job.remote(gone, 1, TASKS["sst2"]))
+    assert isinstance(raised.value.cause, FileNotFoundError)
+    assert re.fullmatch(
+        rf"on node {node}: checkpoint {re.escape(gone.checkpoint)} not found there", str(raised.value.cause)
+    )

@@ -4,6 +4,7 @@ swap, RNG states that load with weights_only=True, and optimizer steps guarded a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -33,6 +34,19 @@ def test_a_second_run_on_an_output_dir_is_refused_and_a_killed_one_leaves_no_loc
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
     checkpoint.lock_output_dir(tmp_path).close()  # the kernel dropped the dead holder's lock
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK], ids=["lustre noflock", "nfs without lockd"])
+def test_an_output_dir_whose_filesystem_has_no_flock_is_refused_in_one_line(tmp_path, monkeypatch, code):
+    def unsupported(fd, operation):  # what such a filesystem answers
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", unsupported)
+    with pytest.raises(
+        RuntimeError, match=rf"^{tmp_path}: its filesystem does not support flock \("
+    ) as raised:
+        checkpoint.lock_output_dir(tmp_path)
+    assert "Lustre with -o flock" in str(raised.value) and "\n" not in str(raised.value)
 
 
 def _fake_checkpoint(out, step: int, config) -> str:

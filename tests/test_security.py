@@ -164,10 +164,11 @@ def test_ray_requirement_has_token_auth_by_default():
     floor = min(Version(s.version) for s in spec.specifier if s.operator in (">=", "=="))
     assert floor >= RAY_TOKEN_AUTH_DEFAULT
     assert Version(metadata.version("ray")) in spec.specifier
-    # Nodes that install Ray themselves ask for the same floor.
+    # Cluster nodes install the Ray that cluster/constraints.txt pins: one with the same default.
+    pinned = re.search(r"^ray==([\d.]+)$", (ROOT / "cluster" / "constraints.txt").read_text(), re.MULTILINE)
+    assert Version(pinned.group(1)) >= RAY_TOKEN_AUTH_DEFAULT
     for path in CLUSTER_YAMLS:
-        for found in re.findall(r"ray\[[^\]]*\]>=([\d.]+)", path.read_text()):
-            assert Version(found) >= RAY_TOKEN_AUTH_DEFAULT, path.name
+        assert "-c cluster/constraints.txt" in path.read_text(), path.name
 
 
 # --- Docker: nothing local or secret in the build context, no baked SSH host keys, a pinned base ------------
