@@ -1,9 +1,13 @@
-"""Shared fixtures: a real local Ray and a real MLflow store, both offline."""
+"""Shared fixtures: a real local Ray, a real MLflow store and a real local S3 server (moto), all offline."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import uuid
 
 import pytest
 
@@ -50,3 +54,59 @@ def process_group(monkeypatch):
     from sparsebert import deepspeed_setup
 
     deepspeed_setup.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (``moto_server``, the S3 protocol over HTTP) on a free local port, for the
+    session; yields the standard variables that point a client at it (see ``s3_bucket``)."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
+            time.sleep(0.2)
+    yield {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def use_s3(env: dict[str, str], patch: pytest.MonkeyPatch) -> str:
+    """Point this process and its subprocesses at the local S3 server; create a fresh bucket there (through
+    boto3, the reference client) and return its name."""
+    import boto3
+
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        patch.delenv(key, raising=False)
+    for key, value in env.items():
+        patch.setenv(key, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the local S3 server; ``AWS_ENDPOINT_URL`` and credentials set for this test."""
+    return use_s3(s3_server, monkeypatch)
