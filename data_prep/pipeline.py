@@ -14,7 +14,10 @@ training sample (nor the trained tokenizer) saw; the manifest's ``validation`` s
 run without one writes exactly what it wrote before the option existed.
 
 Everything is written to a hidden staging directory next to the output (``.NAME.partial``) and renamed
-into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind.
+into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind. An
+``s3://`` / ``gs://`` output is built the same way in a local directory keyed by its URI (under
+``$SPARSEBERT_CACHE``, see ``sparsebert.storage.local_mirror``), then uploaded with ``manifest.json`` last: a
+reader finds a whole corpus or none.
 A task that fails transiently is retried by Ray (``data_prep.failures``). A run that stops half-way keeps
 the staging directory with its finished units, each recorded with the SHA-256 of its files; ``resume``
 checks that the run is the same (settings, units, input sizes and times), keeps the intact units and
@@ -45,6 +48,7 @@ from data_prep import tokenizer as tokenization
 from data_prep.failures import RETRIES, TransientError, inject_driver_kill
 from data_prep.format import (
     FORMAT_VERSION,
+    MANIFEST_NAME,
     TOKENIZER_DIR,
     VALIDATION_DIR,
     shard_schema,
@@ -55,6 +59,7 @@ from data_prep.options import PrepOptions
 from data_prep.shards import plan_shards, write_shard
 from data_prep.sources import Plan, ReadCounters, Unit, plan_units, read_documents
 from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, finished_unit, held_out, unit_file
+from sparsebert import storage
 
 logger = logging.getLogger("data_prep")
 UNITS_DIR = "_units"  # in the staging directory: unit files, their records, the run's record
@@ -186,6 +191,23 @@ def _training_texts(
     return texts
 
 
+def _local_output(target: storage.Location, overwrite: bool) -> Path:
+    """Where the corpus is built: the output itself, or for an object-store output a local directory keyed by
+    its URI (the upload follows). Refuses an output that holds something, unless ``overwrite``."""
+    if target.remote:
+        if target.files() and not overwrite:
+            raise FileExistsError(f"{target} is not empty; use overwrite=True (--overwrite)")
+        local = storage.local_mirror(target, "data_prep").resolve()
+        shutil.rmtree(local, ignore_errors=True)  # a build whose upload did not finish: built again
+        return local
+    output_dir = Path(target.path).expanduser().resolve()
+    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
+        raise FileExistsError(
+            f"{output_dir} exists and is not an empty directory; use overwrite=True (--overwrite)"
+        )
+    return output_dir
+
+
 def _publish(staging: Path, output_dir: Path) -> None:
     """Move the finished corpus into place (a rename: atomic on one filesystem)."""
     if output_dir.exists():
@@ -210,13 +232,8 @@ def prepare_corpus(
     """
     options = PrepOptions(**settings) if options is None else replace(options, **settings)
     started = time.perf_counter()
-    output_dir = Path(output_dir).expanduser().resolve()
-    if output_dir.exists() and (
-        not output_dir.is_dir() or (any(output_dir.iterdir()) and not options.overwrite)
-    ):
-        raise FileExistsError(
-            f"{output_dir} exists and is not an empty directory; use overwrite=True (--overwrite)"
-        )
+    target = storage.parse(output_dir, "output_dir")
+    output_dir = _local_output(target, options.overwrite)
     names = [str(i) for i in inputs] + [s.name for s in options.hf_datasets]
     if not names:
         raise ValueError("nothing to prepare: give input paths and/or a Hugging Face dataset")
@@ -263,6 +280,9 @@ def prepare_corpus(
             manifest["nsp"] = _nsp_section(unit_stats[: len(plan.units)], manifest["counts"], options)
         write_manifest(staging, manifest)
         _publish(staging, output_dir)
+        if target.remote:  # the local build is complete: upload it, the manifest last
+            storage.publish(output_dir, target, MANIFEST_NAME, replace=options.overwrite)
+            shutil.rmtree(output_dir)
     except (ValueError, FileNotFoundError, FileExistsError):  # the data or settings: a rerun meets it again
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -282,7 +302,7 @@ def prepare_corpus(
     counts = manifest["counts"]
     logger.info(
         "wrote %s: %d samples in %d shards from %d documents (%d tokens); skipped %s, repaired %s",
-        output_dir,
+        target.uri if target.remote else output_dir,
         counts["samples"],
         counts["shards"],
         counts["documents"],

@@ -83,18 +83,30 @@ class Location:
     def is_file(self) -> bool:
         return self._call(self.fs.get_file_info, self._p).type == pafs.FileType.File
 
+    def is_dir(self) -> bool:
+        """A directory, or for an object store, a prefix some object lies under."""
+        return self._call(self.fs.get_file_info, self._p).type == pafs.FileType.Directory
+
+    def open_stream(self) -> pa.NativeFile:
+        """A sequential reader."""
+        return self._call(self.fs.open_input_stream, self._p)
+
     def read_bytes(self) -> bytes:
-        with self._call(self.fs.open_input_stream, self._p) as stream:
+        with self.open_stream() as stream:
             return stream.read()
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
 
+    def open_output(self) -> pa.NativeFile:
+        """A writer; in an object store the object appears (whole) when it is closed."""
+        if not self.remote:
+            Path(self._p).parent.mkdir(parents=True, exist_ok=True)
+        return self._call(self.fs.open_output_stream, self._p)
+
     def write_bytes(self, data: bytes) -> None:
         """One object, replaced whole: readers see the old bytes or the new ones, never a mix."""
-        if not self.remote:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._call(self.fs.open_output_stream, self._p) as stream:
+        with self.open_output() as stream:
             stream.write(data)
 
     def write_text(self, text: str) -> None:
@@ -255,7 +267,7 @@ def publish(local: Path, dest: Location, marker: str, *, replace: bool = False) 
 
 
 def _copy_out(local: Path, dest: Location) -> None:
-    with open(local, "rb") as src, dest._call(dest.fs.open_output_stream, dest._p) as out:
+    with open(local, "rb") as src, dest.open_output() as out:
         shutil.copyfileobj(src, out, _COPY_BLOCK)
 
 
@@ -263,7 +275,7 @@ def _copy_in(source: Location, local: Path) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
     try:
-        with source._call(source.fs.open_input_stream, source._p) as src, open(partial, "wb") as out:
+        with source.open_stream() as src, open(partial, "wb") as out:
             shutil.copyfileobj(src, out, _COPY_BLOCK)
         os.replace(partial, local)
     finally:

@@ -62,10 +62,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class S3Server:
+    """A local S3 server: ``env`` holds the standard variables that point a client at it."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def use(self, patch: pytest.MonkeyPatch) -> str:
+        """Point this process and its subprocesses at the server (through ``patch``); create a fresh bucket
+        there through boto3, the reference client, and return its name."""
+        import boto3
+
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            patch.delenv(key, raising=False)
+        for key, value in self.env.items():
+            patch.setenv(key, value)
+        bucket = f"test-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        return bucket
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (``moto_server``, the S3 protocol over HTTP) on a free local port, for the
-    session; yields the standard variables that point a client at it (see ``s3_bucket``)."""
+    """A real S3-compatible server (``moto_server``: the S3 protocol over HTTP) on a free local port, for the
+    session (module-scoped fixtures call its ``use`` inside ``pytest.MonkeyPatch.context()``)."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -82,31 +102,19 @@ def s3_server():
                 server.kill()
                 raise RuntimeError(f"moto_server did not start on port {port}") from None
             time.sleep(0.2)
-    yield {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    yield S3Server(
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     server.terminate()
     server.wait(timeout=30)
-
-
-def use_s3(env: dict[str, str], patch: pytest.MonkeyPatch) -> str:
-    """Point this process and its subprocesses at the local S3 server; create a fresh bucket there (through
-    boto3, the reference client) and return its name."""
-    import boto3
-
-    for key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        patch.delenv(key, raising=False)
-    for key, value in env.items():
-        patch.setenv(key, value)
-    bucket = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return bucket
 
 
 @pytest.fixture
 def s3_bucket(s3_server, monkeypatch) -> str:
     """A fresh bucket on the local S3 server; ``AWS_ENDPOINT_URL`` and credentials set for this test."""
-    return use_s3(s3_server, monkeypatch)
+    return s3_server.use(monkeypatch)
