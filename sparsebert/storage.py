@@ -18,6 +18,7 @@ import functools
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -218,12 +219,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPARSEBERT_CACHE", Path.home() / ".cache" / "sparsebert")).expanduser()
 
 
-def local_mirror(location: Location, kind: str) -> Path:
+def local_mirror(location: Location, kind: str, *, per_host: bool = False) -> Path:
     """A node-local directory standing for ``location`` (``kind``: what it holds, e.g. "outputs"): the same
-    remote location always maps to the same directory, so a restarted process finds what it left there."""
+    remote location always maps to the same directory, so a restarted process finds what it left there.
+    ``per_host``: one per machine, also when ``$SPARSEBERT_CACHE`` (or the home directory) is shared by several.
+    A local location is its own directory."""
     if not location.remote:
         return Path(location.path)
-    return cache_root() / kind / location.scheme / location.path
+    root = cache_root() / kind
+    return (root / socket.gethostname() if per_host else root) / location.scheme / location.path
 
 
 def upload(
@@ -252,6 +256,15 @@ def download(
     names = sorted(n for n in (source.files() if files is None else files) if keep is None or keep(n))
     _parallel(lambda n: _copy_in(source / n, local / n), names)
     return names
+
+
+def download_file(source: Location, local: Path) -> bool:
+    """Copy one file (whole or not at all); False when ``source`` does not exist."""
+    try:
+        _copy_in(source, local)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def publish(local: Path, dest: Location, marker: str, *, replace: bool = False) -> None:

@@ -432,7 +432,32 @@ def _check_semantics(config: PretrainConfig) -> None:
         raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {config.checkpoint.every}")
+    _check_locations(config)
     m = config.model
     if not m.init_from and (m.init_optimizer or m.init_mask != "auto"):
         key = "model.init_optimizer" if m.init_optimizer else "model.init_mask"
         raise ConfigError(f"config key {key!r} needs model.init_from (a checkpoint to continue from)")
+
+
+def _check_locations(config: PretrainConfig) -> None:
+    """Where data and outputs live: a local path or an object store URI (``sparsebert.storage``); anything else
+    is refused here, before a run writes anything (never a local folder named ``s3:``)."""
+    from sparsebert.storage import UnsupportedLocation, parse
+
+    places = {
+        "output_dir": config.output_dir,
+        "data.path": config.data.path,
+        "model.init_from": config.model.init_from,
+    }
+    for key, value in places.items():
+        if value is None:
+            continue
+        try:
+            location = parse(value, f"config key {key!r}")
+        except UnsupportedLocation as err:
+            raise ConfigError(str(err)) from None
+        if key == "model.init_from" and location.remote:
+            raise ConfigError(
+                f"config key 'model.init_from': {value!r} is in object storage; download that model directory "
+                "(or the run's final/) and give its local path"
+            )

@@ -126,3 +126,22 @@ def test_local_mirror_is_keyed_by_the_uri(monkeypatch, tmp_path):
         storage.local_mirror(parse("s3://b-1/runs/x", "t"), "outputs") == tmp_path / "outputs/s3/b-1/runs/x"
     )
     assert storage.local_mirror(parse("runs/x", "t"), "outputs") == Path("runs/x")
+
+
+def test_a_live_lease_is_refused_naming_its_holder_and_a_dead_one_is_taken(s3_bucket):
+    from sparsebert.output_lease import Lease
+
+    out = parse(f"s3://{s3_bucket}/runs/x", "test")
+    notes = []
+    first = Lease(out, ttl=1.5, report=notes.append)
+    first.acquire()
+    with pytest.raises(RuntimeError, match=rf"s3://{s3_bucket}/runs/x is in use by .*pid \d+ on "):
+        Lease(out, ttl=1.5, report=notes.append).acquire()  # first renews while the second watches
+    first._stop.set()  # first dies without a word (killed): its lease stays, no longer renewed
+    first._thread.join()
+    second = Lease(out, ttl=1.5, report=notes.append)
+    second.acquire()  # watched for ttl, unchanged: taken
+    assert second.held() and not first.held() and first.lost_to() == second.holder
+    second.release()
+    assert not (out / ".lease").exists()
+    assert any("waiting up to" in note for note in notes)
