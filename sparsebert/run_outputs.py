@@ -71,12 +71,12 @@ class RunOutputs:
             return
         error = None
         if ds_setup.rank() == 0:
-            lease = Lease(self.location, report=report)
             try:
+                lease = Lease(self.location, report=report)
                 lease.acquire()
                 self.lease = lease
                 atexit.register(lease.release)  # however the process ends, short of being killed
-            except (RuntimeError, OSError) as exc:
+            except (RuntimeError, ValueError, OSError) as exc:
                 error = exc
         if ds_setup.any_rank(error is not None):
             raise error or RuntimeError(f"{self.location} is in use by another training run (see rank 0)")

@@ -99,7 +99,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = _f(
-        None, "prepared shard directory (python -m data_prep); null = the embedded Python-docs corpus"
+        None,
+        "prepared corpus (python -m data_prep): a directory or s3://bucket/path, gs://bucket/path; null = the "
+        "embedded Python-docs corpus",
     )
     mlm_probability: float = _f(0.15, "fraction of tokens predicted by the MLM objective")
     whole_word_masking: bool = _f(False, "mask whole words rather than word pieces")
@@ -210,7 +212,12 @@ class MlflowConfig:
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = _f("runs/demo", "checkpoints, the final model and logs go here", neutral=True)
+    output_dir: str = _f(
+        "runs/demo",
+        "checkpoints, the final model and logs go here: a directory, or s3://bucket/path, gs://bucket/path (the run "
+        "works in a local staging directory and uploads; README: Object storage)",
+        neutral=True,
+    )
     deepspeed_config: str = _f("ds_configs/cpu.json", "DeepSpeed JSON (ZeRO stage, precision, offload)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
