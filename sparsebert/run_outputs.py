@@ -38,9 +38,8 @@ from sparsebert.output_lease import Lease
 from sparsebert.run_log import LOCAL_DIR
 from sparsebert.run_report import report
 
-_OWNED = re.compile(
-    r"(?:rng_rank|zero_pp_rank_)(\d+)"
-)  # a checkpoint file of one rank (DeepSpeed's and ours)
+# A checkpoint file of one rank: our RNG state, DeepSpeed's ZeRO partitions (optimizer; model too under ZeRO-3).
+_OWNED = re.compile(r"(?:rng_rank|zero_pp_rank_)(\d+)")
 _INDEX = (checkpoint.TRAIN_STATE, checkpoint.TRAIN_CONFIG)
 FINAL_MARKER = "config.json"  # what from_pretrained reads first
 
@@ -219,7 +218,7 @@ def _together(what: str, action: Callable[[], object], on: bool = True) -> None:
     if on:
         try:
             action()
-        except OSError as exc:  # the store (StorageError), or the local disk
+        except Exception as exc:  # the store (StorageError), the local disk: raised on every rank below
             error = exc
     if ds_setup.any_rank(error is not None):
         if error is not None:
