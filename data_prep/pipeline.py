@@ -48,7 +48,6 @@ from data_prep import tokenizer as tokenization
 from data_prep.failures import RETRIES, TransientError, inject_driver_kill
 from data_prep.format import (
     FORMAT_VERSION,
-    MANIFEST_NAME,
     TOKENIZER_DIR,
     VALIDATION_DIR,
     shard_schema,
@@ -56,13 +55,13 @@ from data_prep.format import (
     write_manifest,
 )
 from data_prep.options import PrepOptions
+from data_prep.remote import UNITS_DIR, SharedStaging
 from data_prep.shards import plan_shards, write_shard
 from data_prep.sources import Plan, ReadCounters, Unit, plan_units, read_documents
 from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, finished_unit, held_out, unit_file
 from sparsebert import storage
 
 logger = logging.getLogger("data_prep")
-UNITS_DIR = "_units"  # in the staging directory: unit files, their records, the run's record
 MIN_SAMPLES_FOR_BALANCE = 200  # below this, the random-next share is too noisy to warn about
 # One-sentence chunks can only give a random next: on well-split text they are 10-20% of the samples
 # (the ends of documents, long sentences), on text split too coarsely 40% and more.
@@ -195,6 +194,8 @@ def _local_output(target: storage.Location, overwrite: bool) -> Path:
     """Where the corpus is built: the output itself, or for an object-store output a local directory keyed by
     its URI (the upload follows). Refuses an output that holds something, unless ``overwrite``."""
     if target.remote:
+        if "/" not in target.path:
+            raise ValueError(f"{target}: give a path inside the bucket, not the bucket itself")
         if target.files() and not overwrite:
             raise FileExistsError(f"{target} is not empty; use overwrite=True (--overwrite)")
         local = storage.local_mirror(target, "data_prep").resolve()
@@ -247,14 +248,16 @@ def prepare_corpus(
     # Hidden, next to the output: same filesystem, so the final rename is atomic. Its name is fixed, so
     # that --resume finds what an interrupted run finished.
     staging = output_dir.with_name(f".{output_dir.name}.partial")
+    shared = SharedStaging(
+        target, staging
+    )  # what workers write: the staging directory, or a prefix in the store
     units_dir = staging / UNITS_DIR
     run = _run_identity(plan, validation, options)
-    _open_staging(staging, run, options.resume)
+    _open_staging(staging, run, options.resume, shared)
     try:
         tok_info = _staged_tokenizer(staging) if options.resume else None
         if tok_info is None:
-            for finished in units_dir.glob("unit-*"):  # units of another tokenizer are not this run's
-                finished.unlink()
+            shared.clear_units()  # units of another tokenizer are not this run's
             shutil.rmtree(staging / TOKENIZER_DIR, ignore_errors=True)
             tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
             _write_json(
@@ -262,7 +265,7 @@ def prepare_corpus(
             )
         with ray_session(options.ray_address):
             unit_stats, shards, validation_shards = _run_stages(
-                plan, validation, staging, tok_info, names, options
+                plan, validation, staging, shared, tok_info, names, options
             )
         manifest = _manifest(
             plan, unit_stats, shards, tok_info, tokenizer_hash(staging / TOKENIZER_DIR), options, validation
@@ -280,24 +283,28 @@ def prepare_corpus(
             manifest["nsp"] = _nsp_section(unit_stats[: len(plan.units)], manifest["counts"], options)
         write_manifest(staging, manifest)
         _publish(staging, output_dir)
-        if target.remote:  # the local build is complete: upload it, the manifest last
-            storage.publish(output_dir, target, MANIFEST_NAME, replace=options.overwrite)
+        if (
+            target.remote
+        ):  # complete: the shards copied within the store, the rest uploaded, the manifest last
+            shared.publish(output_dir, options.overwrite)
             shutil.rmtree(output_dir)
     except (ValueError, FileNotFoundError, FileExistsError):  # the data or settings: a rerun meets it again
         shutil.rmtree(staging, ignore_errors=True)
+        _quietly(shared.discard)
         raise
     except BaseException:
-        kept = len(list(units_dir.glob("unit-*.json"))) if units_dir.is_dir() else 0
+        kept = _quietly(shared.finished_units) or 0
         if kept:
             logger.warning(
                 "preparation stopped with %d of %d units finished, kept in %s: run the same command with "
                 "--resume to redo only the rest",
                 kept,
                 len(plan.units) + (len(validation.units) if validation else 0),
-                staging,
+                shared.location,
             )
         else:
             shutil.rmtree(staging, ignore_errors=True)
+            _quietly(shared.discard)
         raise
     counts = manifest["counts"]
     logger.info(
@@ -342,8 +349,18 @@ def _run_identity(plan: Plan, validation: Plan | None, options: PrepOptions) -> 
     }
 
 
-def _open_staging(staging: Path, run: dict[str, Any], resume: bool) -> None:
-    """Create the staging directory, or with ``resume`` reuse one left by the same run (checked)."""
+def _quietly(action: Callable[[], Any]) -> Any:
+    """Clean-up on the way out of a failure: a second failure (the store unreachable) must not hide the first."""
+    try:
+        return action()
+    except OSError as exc:
+        logger.warning("could not clean up after the failure: %s", exc)
+        return None
+
+
+def _open_staging(staging: Path, run: dict[str, Any], resume: bool, shared: SharedStaging) -> None:
+    """Create the staging directory, or with ``resume`` reuse one left by the same run (checked). Starting over,
+    what workers wrote in an object store for an earlier run goes too."""
     record = staging / UNITS_DIR / "run.json"
     if staging.exists() and resume:
         try:
@@ -363,6 +380,7 @@ def _open_staging(staging: Path, run: dict[str, Any], resume: bool) -> None:
         shutil.rmtree(staging)
     elif resume:
         logger.info("nothing to resume (no %s): preparing from the start", staging)
+    shared.discard()
     (staging / UNITS_DIR).mkdir(parents=True)
     _write_json(record, run)
 
@@ -462,6 +480,7 @@ def _run_stages(
     plan: Plan,
     validation: Plan | None,
     staging: Path,
+    shared: SharedStaging,
     tok_info: dict[str, Any],
     names: list[str],
     options: PrepOptions,
@@ -470,10 +489,10 @@ def _run_stages(
 
     Returns the units' counts (training units, then validation-input units) and both splits' shard entries.
     """
-    units_dir = staging / UNITS_DIR
+    units_dir = shared.units
     config = BuildConfig(
-        tokenizer_dir=str(staging / TOKENIZER_DIR),
-        units_dir=str(units_dir),
+        tokenizer_dir=shared.tokenizer(staging / TOKENIZER_DIR),
+        units_dir=units_dir,
         cls_id=tok_info["special_ids"]["cls"],
         sep_id=tok_info["special_ids"]["sep"],
         vocab_size=tok_info["vocab_size"],
@@ -496,7 +515,7 @@ def _run_stages(
     )
     unit_stats = sorted([*kept.values(), *built], key=lambda s: s["unit"])
     train_stats = unit_stats[: len(plan.units)]
-    done = [(str(unit_file(units_dir, s["unit"])), s["samples"]) for s in train_stats if "failed" not in s]
+    done = [(unit_file(units_dir, s["unit"]), s["samples"]) for s in train_stats if "failed" not in s]
     specs = plan_shards(done, options.shard_size)
     if not specs:
         issues = ReadCounters()
@@ -505,7 +524,7 @@ def _run_stages(
         raise ValueError(f"empty corpus: no training sample from {names} (input issues: {issues.as_dict()})")
     if options.has_validation:
         held = [
-            (str(unit_file(units_dir, s["unit"], "validation")), s["validation"]["samples"])
+            (unit_file(units_dir, s["unit"], "validation"), s["validation"]["samples"])
             for s in unit_stats
             if "validation" in s
         ]
@@ -517,18 +536,21 @@ def _run_stages(
                 else f"validation_fraction {options.validation_fraction:g} of {names}"
             )
             raise ValueError(f"empty validation split: no sample from the {source}")
-        (staging / VALIDATION_DIR).mkdir()
+        if not shared.remote:
+            (staging / VALIDATION_DIR).mkdir()
         specs += validation_specs
     schema = shard_schema(tok_info["vocab_size"], options.packing)
     written = _run_tasks(
         specs,
         write_shards,
-        {"out_dir": str(staging), "schema": schema},
+        {"out_dir": shared.location.uri, "schema": schema},
         workers,
         what="shards",
         progress=options.progress,
     )
-    shutil.rmtree(units_dir)
+    shutil.rmtree(staging / UNITS_DIR)
+    if shared.remote:
+        (shared.location / UNITS_DIR).delete()
     shards = sorted((e for e in written if "dir" not in e), key=lambda entry: entry["file"])
     held_shards = sorted(
         ({k: v for k, v in e.items() if k != "dir"} for e in written if "dir" in e), key=lambda e: e["file"]

@@ -84,6 +84,11 @@ class Location:
     def is_file(self) -> bool:
         return self._call(self.fs.get_file_info, self._p).type == pafs.FileType.File
 
+    def size(self) -> int | None:
+        """The file's size in bytes; None when there is no file here."""
+        info = self._call(self.fs.get_file_info, self._p)
+        return info.size if info.type == pafs.FileType.File else None
+
     def is_dir(self) -> bool:
         """A directory, or for an object store, a prefix some object lies under."""
         return self._call(self.fs.get_file_info, self._p).type == pafs.FileType.Directory
@@ -202,9 +207,14 @@ def _filesystem(scheme: str, bucket: str, environment: tuple[tuple[str, str], ..
 _ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+def server_environment() -> dict[str, str]:
+    """The variables set here that select the object store's server and region (no secrets among them)."""
+    return {k: os.environ[k] for k in _ENVIRONMENT if os.environ.get(k)}
+
+
 def filesystem(scheme: str, bucket: str = "") -> pafs.FileSystem:
     """The filesystem of ``scheme`` ("" = local), opened once per process for the environment it sees."""
-    environment = tuple((k, os.environ[k]) for k in _ENVIRONMENT if os.environ.get(k))
+    environment = tuple(server_environment().items())
     try:
         return _filesystem(scheme, bucket, environment)
     except ImportError as exc:  # a pyarrow built without this store (conda's pyarrow-core)
@@ -242,7 +252,7 @@ def upload(
     if only is not None:
         names = [n for n in names if n in set(only)]
     final = [n for n in names if n in set(last)]
-    _parallel(lambda n: _copy_out(local / n, dest / n), [n for n in names if n not in final])
+    parallel(lambda n: _copy_out(local / n, dest / n), [n for n in names if n not in final])
     for name in final:
         _copy_out(local / name, dest / name)
 
@@ -254,7 +264,7 @@ def download(
     appears whole or not at all (written aside, then renamed). ``files``: the listing, when already made.
     Returns the relative paths copied."""
     names = sorted(n for n in (source.files() if files is None else files) if keep is None or keep(n))
-    _parallel(lambda n: _copy_in(source / n, local / n), names)
+    parallel(lambda n: _copy_in(source / n, local / n), names)
     return names
 
 
@@ -267,6 +277,13 @@ def download_file(source: Location, local: Path) -> bool:
     return True
 
 
+def copy(source: Location, dest: Location) -> None:
+    """Copy one file within a store (server-side in an object store: nothing passes through this machine)."""
+    if source.scheme != dest.scheme:
+        raise ValueError(f"cannot copy {source} to {dest}: not in the same store")
+    dest._call(dest.fs.copy_file, source._p, dest._p)
+
+
 def publish(local: Path, dest: Location, marker: str, *, replace: bool = False) -> None:
     """Upload the directory ``local`` to ``dest`` with ``marker`` (the file readers check first) written last.
     ``replace``: ``dest`` may hold an earlier version; its marker goes first (readers then see "not there"
@@ -275,7 +292,7 @@ def publish(local: Path, dest: Location, marker: str, *, replace: bool = False) 
         (dest / marker).delete()
         ours = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
         stale = [n for n in dest.files() if n not in ours]
-        _parallel(lambda n: (dest / n).delete(), stale)
+        parallel(lambda n: (dest / n).delete(), stale)
     upload(local, dest, last=[marker])
 
 
@@ -295,7 +312,8 @@ def _copy_in(source: Location, local: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _parallel(fn: Callable[[str], object], names: list[str]) -> None:
+def parallel(fn: Callable[[str], object], names: list[str]) -> None:
+    """``fn(name)`` for every name, a few at a time (object stores answer one request per file at a time)."""
     if len(names) <= 1:
         for name in names:
             fn(name)

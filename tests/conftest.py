@@ -19,6 +19,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Object storage: the local S3 server of ``s3_server`` (started on first use), never a real one. Set before any
+# process starts (Ray's workers among them: they keep the environment they started with) and with stand-in
+# credentials, so a developer's own never reach a test.
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+os.environ.update(S3_ENV)
+for _key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_key, None)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray instance for the whole session (starting Ray costs seconds)."""
@@ -56,26 +76,17 @@ def process_group(monkeypatch):
     deepspeed_setup.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class S3Server:
-    """A local S3 server: ``env`` holds the standard variables that point a client at it."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
+    """The local S3 server that ``S3_ENV`` points every client at."""
 
     def use(self, patch: pytest.MonkeyPatch) -> str:
-        """Point this process and its subprocesses at the server (through ``patch``); create a fresh bucket
-        there through boto3, the reference client, and return its name."""
+        """Make sure this process and its subprocesses point at the server (a test may have changed the
+        variables); create a fresh bucket there through boto3, the reference client, and return its name."""
         import boto3
 
         for key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             patch.delenv(key, raising=False)
-        for key, value in self.env.items():
+        for key, value in S3_ENV.items():
             patch.setenv(key, value)
         bucket = f"test-{uuid.uuid4().hex[:12]}"
         boto3.client("s3").create_bucket(Bucket=bucket)
@@ -84,9 +95,9 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (``moto_server``: the S3 protocol over HTTP) on a free local port, for the
+    """A real S3-compatible server (``moto_server``: the S3 protocol over HTTP) on the port of ``S3_ENV``, for the
     session (module-scoped fixtures call its ``use`` inside ``pytest.MonkeyPatch.context()``)."""
-    port = _free_port()
+    port = int(S3_ENV["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -102,14 +113,7 @@ def s3_server():
                 server.kill()
                 raise RuntimeError(f"moto_server did not start on port {port}") from None
             time.sleep(0.2)
-    yield S3Server(
-        {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    )
+    yield S3Server()
     server.terminate()
     server.wait(timeout=30)
 

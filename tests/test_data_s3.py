@@ -166,3 +166,42 @@ def test_readers_stream_their_share_from_s3_and_match_a_local_copy(s3_corpus, tm
         and validation.num_samples > 0
         and next(iter(validation))["input_ids"].shape[1] == SEQ_LEN
     )
+
+
+def test_workers_meet_in_the_bucket_and_keep_nothing_on_their_machine(s3_corpus, tmp_path, monkeypatch):
+    """What a Ray worker on any node does for an s3:// output: it loads the tokenizer from the bucket, writes each
+    unit's samples and record there and reads them back to write a shard there; its own disk keeps nothing.
+    ``--resume`` keeps a unit whose files are whole and redoes one whose file was cut short."""
+    import tempfile
+
+    from data_prep.format import shard_schema
+    from data_prep.options import PrepOptions
+    from data_prep.shards import plan_shards, write_shard
+    from data_prep.sources import plan_units
+    from data_prep.units import BuildConfig, build_unit, finished_unit, unit_file
+
+    bucket, uri, root, _ = s3_corpus
+    scratch = tmp_path / "worker-tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    tokenizer = ShardReader(uri, rank=0, world_size=1, batch_size=1).manifest["tokenizer"]
+    units = f"s3://{bucket}/.staged.partial/_units"
+    config = BuildConfig(
+        tokenizer_dir=f"{uri}/tokenizer", units_dir=units, cls_id=tokenizer["special_ids"]["cls"],
+        sep_id=tokenizer["special_ids"]["sep"], vocab_size=tokenizer["vocab_size"], options=PrepOptions(seq_len=SEQ_LEN),
+    )  # fmt: skip
+    stats = [build_unit(unit, config) for unit in plan_units([root / "c.txt"], unit_bytes=8192).units[:2]]
+    specs = plan_shards([(unit_file(units, s["unit"]), s["samples"]) for s in stats], shard_size=10)
+    entry = write_shard(
+        specs[0], f"s3://{bucket}/.staged.partial", shard_schema(tokenizer["vocab_size"], "nsp")
+    )
+
+    stored = _objects(bucket, ".staged.partial/")
+    assert {f"_units/unit-0000000{i}.{ext}" for i in (0, 1) for ext in ("parquet", "json")} <= set(stored)
+    assert stored["shard-00000.parquet"] == entry["bytes"] and entry["samples"] == 10
+    assert not any(scratch.iterdir()) and not any((root / "cwd").iterdir())
+    assert finished_unit(units, 0) == stats[0]
+    boto3.client("s3").put_object(
+        Bucket=bucket, Key=".staged.partial/_units/unit-00000000.parquet", Body=b"PAR1"
+    )
+    assert finished_unit(units, 0) is None and finished_unit(units, 1) == stats[1]
