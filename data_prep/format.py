@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sparsebert.storage import Location, parse
+from sparsebert.storage import Location, download, local_mirror, parse
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -153,6 +154,37 @@ def split_section(manifest: dict[str, Any], split: str) -> dict[str, Any] | None
     if split == "train":
         return {"dir": "", "shards": manifest["shards"], "counts": manifest["counts"]}
     return manifest.get(split)
+
+
+def local_tokenizer(data_dir: str | Path | Location, manifest: dict[str, Any]) -> Path:
+    """The corpus tokenizer's directory on this machine: in the corpus, or for a corpus in an object store, a
+    copy in this node's cache (``$SPARSEBERT_CACHE/corpora/...``), downloaded once per tokenizer. The directory
+    is named by the tokenizer's hash and appears whole: concurrent processes each download aside, the first
+    rename wins."""
+    location = corpus_location(data_dir)
+    name = manifest["tokenizer"]["dir"]
+    if not location.remote:
+        return Path(location.path) / name
+    expected = manifest["tokenizer"]["hash"]
+    local = local_mirror(location, "corpora") / f"{name}-{expected.split(':')[-1][:16]}"
+    if not _holds_tokenizer(local, expected):
+        aside = local.with_name(f".{local.name}.{os.getpid()}.part")
+        shutil.rmtree(aside, ignore_errors=True)
+        download(location / name, aside)
+        if local.exists() and not _holds_tokenizer(local, expected):  # a broken copy: replaced
+            shutil.rmtree(local, ignore_errors=True)
+        try:
+            os.rename(aside, local)
+        except OSError:  # another process of this node renamed its copy first
+            shutil.rmtree(aside, ignore_errors=True)
+    return local
+
+
+def _holds_tokenizer(directory: Path, expected_hash: str) -> bool:
+    try:
+        return tokenizer_hash(directory) == expected_hash
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def check_tokenizer(tokenizer_dir: str | Path, manifest: dict[str, Any], data_dir: str | Path) -> None:

@@ -14,10 +14,9 @@ training sample (nor the trained tokenizer) saw; the manifest's ``validation`` s
 run without one writes exactly what it wrote before the option existed.
 
 Everything is written to a hidden staging directory next to the output (``.NAME.partial``) and renamed
-into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind. An
-``s3://`` / ``gs://`` output is built the same way in a local directory keyed by its URI (under
-``$SPARSEBERT_CACHE``, see ``sparsebert.storage.local_mirror``), then uploaded with ``manifest.json`` last: a
-reader finds a whole corpus or none.
+into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind. For
+an ``s3://`` / ``gs://`` output the workers' files go to a staging prefix in the store instead, and publishing
+copies them into place with ``manifest.json`` last (``data_prep.remote``): a reader finds a whole corpus or none.
 A task that fails transiently is retried by Ray (``data_prep.failures``). A run that stops half-way keeps
 the staging directory with its finished units, each recorded with the SHA-256 of its files; ``resume``
 checks that the run is the same (settings, units, input sizes and times), keeps the intact units and
@@ -55,7 +54,7 @@ from data_prep.format import (
     write_manifest,
 )
 from data_prep.options import PrepOptions
-from data_prep.remote import UNITS_DIR, SharedStaging
+from data_prep.remote import UNITS_DIR, SharedStaging, build_dir
 from data_prep.shards import plan_shards, write_shard
 from data_prep.sources import Plan, ReadCounters, Unit, plan_units, read_documents
 from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, finished_unit, held_out, unit_file
@@ -190,25 +189,6 @@ def _training_texts(
     return texts
 
 
-def _local_output(target: storage.Location, overwrite: bool) -> Path:
-    """Where the corpus is built: the output itself, or for an object-store output a local directory keyed by
-    its URI (the upload follows). Refuses an output that holds something, unless ``overwrite``."""
-    if target.remote:
-        if "/" not in target.path:
-            raise ValueError(f"{target}: give a path inside the bucket, not the bucket itself")
-        if target.files() and not overwrite:
-            raise FileExistsError(f"{target} is not empty; use overwrite=True (--overwrite)")
-        local = storage.local_mirror(target, "data_prep").resolve()
-        shutil.rmtree(local, ignore_errors=True)  # a build whose upload did not finish: built again
-        return local
-    output_dir = Path(target.path).expanduser().resolve()
-    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
-        raise FileExistsError(
-            f"{output_dir} exists and is not an empty directory; use overwrite=True (--overwrite)"
-        )
-    return output_dir
-
-
 def _publish(staging: Path, output_dir: Path) -> None:
     """Move the finished corpus into place (a rename: atomic on one filesystem)."""
     if output_dir.exists():
@@ -234,7 +214,7 @@ def prepare_corpus(
     options = PrepOptions(**settings) if options is None else replace(options, **settings)
     started = time.perf_counter()
     target = storage.parse(output_dir, "output_dir")
-    output_dir = _local_output(target, options.overwrite)
+    output_dir = build_dir(target, options.overwrite)
     names = [str(i) for i in inputs] + [s.name for s in options.hf_datasets]
     if not names:
         raise ValueError("nothing to prepare: give input paths and/or a Hugging Face dataset")

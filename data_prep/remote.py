@@ -12,12 +12,33 @@ then deleted. With a local output, the shared staging is the local staging direc
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from data_prep.format import MANIFEST_NAME, TOKENIZER_DIR
 from sparsebert import storage
 
 UNITS_DIR = "_units"  # in the staging directory: unit files, their records, the run's record
+
+
+def build_dir(target: storage.Location, overwrite: bool) -> Path:
+    """Where the driver builds the corpus: the output itself, or for an object-store output a local directory
+    keyed by its URI (the driver's files; :meth:`SharedStaging.publish` follows). Refuses an output that holds
+    something, unless ``overwrite``."""
+    if target.remote:
+        if "/" not in target.path:
+            raise ValueError(f"{target}: give a path inside the bucket, not the bucket itself")
+        if target.files() and not overwrite:
+            raise FileExistsError(f"{target} is not empty; use overwrite=True (--overwrite)")
+        local = storage.local_mirror(target, "data_prep").resolve()
+        shutil.rmtree(local, ignore_errors=True)  # a build whose upload did not finish: built again
+        return local
+    output_dir = Path(target.path).expanduser().resolve()
+    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
+        raise FileExistsError(
+            f"{output_dir} exists and is not an empty directory; use overwrite=True (--overwrite)"
+        )
+    return output_dir
 
 
 class SharedStaging:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,11 +23,10 @@ from data_prep.format import (
     check_tokenizer,
     corpus_location,
     load_manifest,
+    local_tokenizer,
     open_shard,
     split_section,
-    tokenizer_hash,
 )
-from sparsebert import storage
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100  # labels of positions (and NSP labels of rows) that no loss or metric counts
@@ -141,7 +138,9 @@ class ShardReader:
             split=split,
             filesystem=filesystem,
         )
-        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else self._local_tokenizer()
+        self.tokenizer_dir = (
+            Path(tokenizer_dir) if tokenizer_dir else local_tokenizer(self.location, self.manifest)
+        )
         check_tokenizer(self.tokenizer_dir, self.manifest, self.data_dir)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.split = split
@@ -183,27 +182,6 @@ class ShardReader:
         if self.split == "validation":
             return -(-self.num_samples // self.global_batch_size)
         return self.num_samples // self.global_batch_size
-
-    def _local_tokenizer(self) -> Path:
-        """The corpus tokenizer's directory on this machine: in the corpus, or for a corpus in an object store,
-        a copy in this node's cache, downloaded once per tokenizer (the directory is named by its hash, and
-        appears whole: concurrent ranks each download aside and the first rename wins)."""
-        name = self.manifest["tokenizer"]["dir"]
-        if not self.location.remote:
-            return Path(self.location.path) / name
-        expected = self.manifest["tokenizer"]["hash"]
-        local = storage.local_mirror(self.location, "corpora") / f"{name}-{expected.split(':')[-1][:16]}"
-        if not _holds_tokenizer(local, expected):
-            aside = local.with_name(f".{local.name}.{os.getpid()}.part")
-            shutil.rmtree(aside, ignore_errors=True)
-            storage.download(self.location / name, aside)
-            if local.exists() and not _holds_tokenizer(local, expected):  # a broken copy: replaced
-                shutil.rmtree(local, ignore_errors=True)
-            try:
-                os.rename(aside, local)
-            except OSError:  # another rank of this node renamed its copy first
-                shutil.rmtree(aside, ignore_errors=True)
-        return local
 
     @classmethod
     def validation(cls, data_dir: str | Path, **kwargs: Any) -> ShardReader | None:
@@ -407,13 +385,6 @@ class ShardReader:
         if self.nsp:
             out["next_sentence_label"] = table.column("next_sentence_label").to_numpy()
         return out
-
-
-def _holds_tokenizer(directory: Path, expected_hash: str) -> bool:
-    try:
-        return tokenizer_hash(directory) == expected_hash
-    except (FileNotFoundError, ValueError):
-        return False
 
 
 HOST_KEYS = ("sample_index", "epoch")  # bookkeeping the host reads; never moved to the device
