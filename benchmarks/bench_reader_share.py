@@ -118,7 +118,7 @@ def main() -> None:
         common = {"batch_size": args.batch_size, "seed": 0, "prefetch": 0}
         probe = ShardReader(data, rank=0, world_size=1, lanes=args.lanes, **common)
         n = probe.num_samples
-        footers = {path: pq.read_metadata(path) for path in probe._paths}
+        footers = {path: pq.read_metadata(path) for path in (Path(p.path) for p in probe._paths)}
         groups = {(p, j): md.row_group(j) for p, md in footers.items() for j in range(md.num_row_groups)}
         corpus_bytes = sum(path.stat().st_size for path in footers)
         group_bytes = max(

@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(searched recursively) or globs",
     )
     groups["output"].add_argument(
-        "--output", required=True, metavar="DIR", help="directory to create (must not exist or be empty)"
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="directory to create (must not exist or be empty): a local path, or s3://bucket/path or "
+        "gs://bucket/path (pip install -e '.[s3]'; built locally under $SPARSEBERT_CACHE, then uploaded with "
+        "manifest.json last)",
     )
     exclusive: dict[str, Any] = {}
     for f in _FIELDS:
@@ -125,13 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.input and not args.hf_datasets:
         print("error: give --input PATH... and/or --hf-dataset NAME", file=sys.stderr)
         return 2
+    from sparsebert.storage import UnsupportedLocation, parse
+
+    try:
+        parse(args.output, "--output")
+    except UnsupportedLocation as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Ray's notice that a local cluster has token authentication on: it stays on, the notice needs no action.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     from data_prep.pipeline import prepare_corpus
 
     try:
         manifest = prepare_corpus(args.input, args.output, options_from_args(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # the inputs, the settings, the output (local or object storage)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = {k: manifest[k] for k in ("counts", "skipped", "repaired")}

@@ -72,9 +72,11 @@ def inject_unit_fault(unit: int, staging: str | Path) -> None:
     target = fault("fail_unit_once")
     if target is None or int(target) != unit:
         return
-    marker = Path(staging) / f"fault-unit-{unit}"
+    from sparsebert.storage import parse
+
+    marker = parse(staging, "the staging directory") / f"fault-unit-{unit}"  # local, or in an object store
     if not marker.exists():
-        marker.touch()
+        marker.write_text("")
         raise TransientError(f"injected transient failure of unit {unit}")
 
 

@@ -20,19 +20,27 @@ Shard columns (one row per training sample, unpadded; the reader pads to ``seq_l
 * ``next_sentence_label`` (``int8``, NSP packing only): 0 when B follows A in the document, 1 when B
   is a random segment from another document (the convention of transformers' ``BertForPreTraining``).
 
-This module only needs the standard library and pyarrow, so the training ranks can import it
-without pulling in Ray.
+A corpus may also live in an object store (``s3://``, ``gs://``): the functions that read one take a local path
+or a URI (``sparsebert.storage``, the one module of ``sparsebert`` that ``data_prep`` uses).
+
+This module only needs the standard library, pyarrow and ``sparsebert.storage``, so the training ranks can
+import it without pulling in Ray.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from sparsebert.storage import Location, download, local_mirror, parse
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -78,13 +86,19 @@ def tokenizer_hash(tokenizer_dir: str | Path) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
+def file_sha256(path: str | Path | Location) -> str:
+    """SHA-256 of a file's bytes (a local path, or a file in an object store)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    remote = isinstance(path, Location) and path.remote
+    with path.open_stream() if remote else open(path, "rb") as f:  # type: ignore[union-attr]
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return "sha256:" + digest.hexdigest()
+
+
+def corpus_location(data_dir: str | Path | Location) -> Location:
+    """A corpus directory as a location: a local path or an ``s3://`` / ``gs://`` URI (others are refused)."""
+    return data_dir if isinstance(data_dir, Location) else parse(data_dir, "the corpus directory")
 
 
 def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -94,20 +108,21 @@ def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def load_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """Read and sanity-check ``manifest.json``; errors name the file."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"prepared corpus directory not found: {data_dir}")
-    path = data_dir / MANIFEST_NAME
+def load_manifest(data_dir: str | Path | Location) -> dict[str, Any]:
+    """Read and sanity-check ``manifest.json`` (of a local directory or an object-store URI); errors name
+    the file."""
+    location = corpus_location(data_dir)
+    if not location.is_dir():
+        raise FileNotFoundError(f"prepared corpus directory not found: {location}")
+    path = location / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: {data_dir} is not a corpus prepared by `python -m data_prep` "
+            f"{path} not found: {location} is not a corpus prepared by `python -m data_prep` "
             "(or its preparation did not finish)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -141,6 +156,37 @@ def split_section(manifest: dict[str, Any], split: str) -> dict[str, Any] | None
     return manifest.get(split)
 
 
+def local_tokenizer(data_dir: str | Path | Location, manifest: dict[str, Any]) -> Path:
+    """The corpus tokenizer's directory on this machine: in the corpus, or for a corpus in an object store, a
+    copy in this node's cache (``$SPARSEBERT_CACHE/corpora/...``), downloaded once per tokenizer. The directory
+    is named by the tokenizer's hash and appears whole: concurrent processes each download aside, the first
+    rename wins."""
+    location = corpus_location(data_dir)
+    name = manifest["tokenizer"]["dir"]
+    if not location.remote:
+        return Path(location.path) / name
+    expected = manifest["tokenizer"]["hash"]
+    local = local_mirror(location, "corpora") / f"{name}-{expected.split(':')[-1][:16]}"
+    if not _holds_tokenizer(local, expected):
+        aside = local.with_name(f".{local.name}.{os.getpid()}.part")
+        shutil.rmtree(aside, ignore_errors=True)
+        download(location / name, aside)
+        if local.exists() and not _holds_tokenizer(local, expected):  # a broken copy: replaced
+            shutil.rmtree(local, ignore_errors=True)
+        try:
+            os.rename(aside, local)
+        except OSError:  # another process of this node renamed its copy first
+            shutil.rmtree(aside, ignore_errors=True)
+    return local
+
+
+def _holds_tokenizer(directory: Path, expected_hash: str) -> bool:
+    try:
+        return tokenizer_hash(directory) == expected_hash
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def check_tokenizer(tokenizer_dir: str | Path, manifest: dict[str, Any], data_dir: str | Path) -> None:
     """Raise unless ``tokenizer_dir`` is the tokenizer the shards were written with."""
     found = tokenizer_hash(tokenizer_dir)
@@ -153,38 +199,47 @@ def check_tokenizer(tokenizer_dir: str | Path, manifest: dict[str, Any], data_di
 
 
 def check_shards(
-    data_dir: str | Path, manifest: dict[str, Any], *, verify_checksums: bool = False, split: str = "train"
-) -> None:
+    data_dir: str | Path | Location,
+    manifest: dict[str, Any],
+    *,
+    verify_checksums: bool = False,
+    split: str = "train",
+    filesystem: pafs.FileSystem | None = None,
+) -> list[pq.FileMetaData]:
     """Raise if a shard of ``split`` is missing, truncated, corrupt, of another schema, or not from this
-    manifest (or if the corpus has no such split).
+    manifest (or if the corpus has no such split); return the shards' Parquet footers, in manifest order.
 
-    Cheap by default (file sizes and Parquet footers); ``verify_checksums`` also hashes every byte.
+    Cheap by default (one listing for the sizes, the Parquet footers); ``verify_checksums`` also hashes every
+    byte. ``filesystem`` (a ``pyarrow.fs`` one, e.g. a counting one) serves the footer reads when given.
     """
-    data_dir = Path(data_dir)
-    manifest_path = data_dir / MANIFEST_NAME
+    location = corpus_location(data_dir)
+    manifest_path = location / MANIFEST_NAME
     section = split_section(manifest, split)
     if section is None:
         raise ValueError(f"{manifest_path} has no {split} split")
-    shard_dir = data_dir / section["dir"]
+    shard_dir = location / section["dir"] if section["dir"] else location
+    present = {name: size for name, size in shard_dir.files().items() if "/" not in name}
     listed = {shard["file"] for shard in section["shards"]}
-    for path in sorted(shard_dir.glob("*.parquet")):
-        if path.name not in listed:
+    for name in sorted(present):
+        if name.endswith(".parquet") and name not in listed:
             raise ValueError(
-                f"{path}: Parquet file not listed in {manifest_path}; a foreign file in the shard "
+                f"{shard_dir / name}: Parquet file not listed in {manifest_path}; a foreign file in the shard "
                 "directory (remove it, or prepare the corpus again)"
             )
     expected_schema = shard_schema(manifest["tokenizer"]["vocab_size"], manifest["packing"])
+    footers = []
     for shard in section["shards"]:
         path = shard_dir / shard["file"]
-        if not path.is_file():
+        if shard["file"] not in present:
             raise FileNotFoundError(f"shard listed in {manifest_path} is missing: {path}")
-        size = path.stat().st_size
+        size = present[shard["file"]]
         if size != shard["bytes"]:
             raise ValueError(
                 f"{path}: {size} bytes, {manifest_path} says {shard['bytes']} (truncated or replaced)"
             )
         try:
-            metadata = pq.read_metadata(path)
+            with open_shard(path, filesystem) as source:
+                metadata = pq.read_metadata(source)
             schema = metadata.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as exc:
             raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
@@ -195,5 +250,14 @@ def check_shards(
                 raise ValueError(
                     f"{path}: column {field.name!r} missing or not {field.type}; not a shard of this corpus"
                 )
-        if verify_checksums and file_sha256(path) != shard["sha256"]:
+        if verify_checksums and file_sha256(path if path.remote else Path(path.path)) != shard["sha256"]:
             raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupt or replaced)")
+        footers.append(metadata)
+    return footers
+
+
+def open_shard(path: Location, filesystem: pafs.FileSystem | None = None) -> pa.NativeFile:
+    """A random-access reader of a shard: through ``filesystem`` when given, else its location's own."""
+    if filesystem is not None:
+        return filesystem.open_input_file(path.path if path.remote else os.path.abspath(path.path))
+    return path.open_input() if path.remote else pa.OSFile(path.path)

@@ -14,7 +14,9 @@ training sample (nor the trained tokenizer) saw; the manifest's ``validation`` s
 run without one writes exactly what it wrote before the option existed.
 
 Everything is written to a hidden staging directory next to the output (``.NAME.partial``) and renamed
-into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind.
+into place only when complete, so a failed or interrupted run never leaves a half-written corpus behind. For
+an ``s3://`` / ``gs://`` output the workers' files go to a staging prefix in the store instead, and publishing
+copies them into place with ``manifest.json`` last (``data_prep.remote``): a reader finds a whole corpus or none.
 A task that fails transiently is retried by Ray (``data_prep.failures``). A run that stops half-way keeps
 the staging directory with its finished units, each recorded with the SHA-256 of its files; ``resume``
 checks that the run is the same (settings, units, input sizes and times), keeps the intact units and
@@ -52,12 +54,13 @@ from data_prep.format import (
     write_manifest,
 )
 from data_prep.options import PrepOptions
+from data_prep.remote import UNITS_DIR, SharedStaging, build_dir
 from data_prep.shards import plan_shards, write_shard
 from data_prep.sources import Plan, ReadCounters, Unit, plan_units, read_documents
 from data_prep.units import HELD_OUT_RULE, BuildConfig, build_unit, finished_unit, held_out, unit_file
+from sparsebert import storage
 
 logger = logging.getLogger("data_prep")
-UNITS_DIR = "_units"  # in the staging directory: unit files, their records, the run's record
 MIN_SAMPLES_FOR_BALANCE = 200  # below this, the random-next share is too noisy to warn about
 # One-sentence chunks can only give a random next: on well-split text they are 10-20% of the samples
 # (the ends of documents, long sentences), on text split too coarsely 40% and more.
@@ -210,13 +213,8 @@ def prepare_corpus(
     """
     options = PrepOptions(**settings) if options is None else replace(options, **settings)
     started = time.perf_counter()
-    output_dir = Path(output_dir).expanduser().resolve()
-    if output_dir.exists() and (
-        not output_dir.is_dir() or (any(output_dir.iterdir()) and not options.overwrite)
-    ):
-        raise FileExistsError(
-            f"{output_dir} exists and is not an empty directory; use overwrite=True (--overwrite)"
-        )
+    target = storage.parse(output_dir, "output_dir")
+    output_dir = build_dir(target, options.overwrite)
     names = [str(i) for i in inputs] + [s.name for s in options.hf_datasets]
     if not names:
         raise ValueError("nothing to prepare: give input paths and/or a Hugging Face dataset")
@@ -230,14 +228,16 @@ def prepare_corpus(
     # Hidden, next to the output: same filesystem, so the final rename is atomic. Its name is fixed, so
     # that --resume finds what an interrupted run finished.
     staging = output_dir.with_name(f".{output_dir.name}.partial")
+    shared = SharedStaging(
+        target, staging
+    )  # what workers write: the staging directory, or a prefix in the store
     units_dir = staging / UNITS_DIR
     run = _run_identity(plan, validation, options)
-    _open_staging(staging, run, options.resume)
+    _open_staging(staging, run, options.resume, shared)
     try:
         tok_info = _staged_tokenizer(staging) if options.resume else None
         if tok_info is None:
-            for finished in units_dir.glob("unit-*"):  # units of another tokenizer are not this run's
-                finished.unlink()
+            shared.clear_units()  # units of another tokenizer are not this run's
             shutil.rmtree(staging / TOKENIZER_DIR, ignore_errors=True)
             tok_info = _prepare_tokenizer(plan, staging / TOKENIZER_DIR, names, options)
             _write_json(
@@ -245,7 +245,7 @@ def prepare_corpus(
             )
         with ray_session(options.ray_address):
             unit_stats, shards, validation_shards = _run_stages(
-                plan, validation, staging, tok_info, names, options
+                plan, validation, staging, shared, tok_info, names, options
             )
         manifest = _manifest(
             plan, unit_stats, shards, tok_info, tokenizer_hash(staging / TOKENIZER_DIR), options, validation
@@ -263,26 +263,33 @@ def prepare_corpus(
             manifest["nsp"] = _nsp_section(unit_stats[: len(plan.units)], manifest["counts"], options)
         write_manifest(staging, manifest)
         _publish(staging, output_dir)
+        if (
+            target.remote
+        ):  # complete: the shards copied within the store, the rest uploaded, the manifest last
+            shared.publish(output_dir, options.overwrite)
+            shutil.rmtree(output_dir)
     except (ValueError, FileNotFoundError, FileExistsError):  # the data or settings: a rerun meets it again
         shutil.rmtree(staging, ignore_errors=True)
+        _quietly(shared.discard)
         raise
     except BaseException:
-        kept = len(list(units_dir.glob("unit-*.json"))) if units_dir.is_dir() else 0
+        kept = _quietly(shared.finished_units) or 0
         if kept:
             logger.warning(
                 "preparation stopped with %d of %d units finished, kept in %s: run the same command with "
                 "--resume to redo only the rest",
                 kept,
                 len(plan.units) + (len(validation.units) if validation else 0),
-                staging,
+                shared.location,
             )
         else:
             shutil.rmtree(staging, ignore_errors=True)
+            _quietly(shared.discard)
         raise
     counts = manifest["counts"]
     logger.info(
         "wrote %s: %d samples in %d shards from %d documents (%d tokens); skipped %s, repaired %s",
-        output_dir,
+        target.uri if target.remote else output_dir,
         counts["samples"],
         counts["shards"],
         counts["documents"],
@@ -322,8 +329,18 @@ def _run_identity(plan: Plan, validation: Plan | None, options: PrepOptions) -> 
     }
 
 
-def _open_staging(staging: Path, run: dict[str, Any], resume: bool) -> None:
-    """Create the staging directory, or with ``resume`` reuse one left by the same run (checked)."""
+def _quietly(action: Callable[[], Any]) -> Any:
+    """Clean-up on the way out of a failure: a second failure (the store unreachable) must not hide the first."""
+    try:
+        return action()
+    except OSError as exc:
+        logger.warning("could not clean up after the failure: %s", exc)
+        return None
+
+
+def _open_staging(staging: Path, run: dict[str, Any], resume: bool, shared: SharedStaging) -> None:
+    """Create the staging directory, or with ``resume`` reuse one left by the same run (checked). Starting over,
+    what workers wrote in an object store for an earlier run goes too."""
     record = staging / UNITS_DIR / "run.json"
     if staging.exists() and resume:
         try:
@@ -343,6 +360,7 @@ def _open_staging(staging: Path, run: dict[str, Any], resume: bool) -> None:
         shutil.rmtree(staging)
     elif resume:
         logger.info("nothing to resume (no %s): preparing from the start", staging)
+    shared.discard()
     (staging / UNITS_DIR).mkdir(parents=True)
     _write_json(record, run)
 
@@ -442,6 +460,7 @@ def _run_stages(
     plan: Plan,
     validation: Plan | None,
     staging: Path,
+    shared: SharedStaging,
     tok_info: dict[str, Any],
     names: list[str],
     options: PrepOptions,
@@ -450,10 +469,10 @@ def _run_stages(
 
     Returns the units' counts (training units, then validation-input units) and both splits' shard entries.
     """
-    units_dir = staging / UNITS_DIR
+    units_dir = shared.units
     config = BuildConfig(
-        tokenizer_dir=str(staging / TOKENIZER_DIR),
-        units_dir=str(units_dir),
+        tokenizer_dir=shared.tokenizer(staging / TOKENIZER_DIR),
+        units_dir=units_dir,
         cls_id=tok_info["special_ids"]["cls"],
         sep_id=tok_info["special_ids"]["sep"],
         vocab_size=tok_info["vocab_size"],
@@ -476,7 +495,7 @@ def _run_stages(
     )
     unit_stats = sorted([*kept.values(), *built], key=lambda s: s["unit"])
     train_stats = unit_stats[: len(plan.units)]
-    done = [(str(unit_file(units_dir, s["unit"])), s["samples"]) for s in train_stats if "failed" not in s]
+    done = [(unit_file(units_dir, s["unit"]), s["samples"]) for s in train_stats if "failed" not in s]
     specs = plan_shards(done, options.shard_size)
     if not specs:
         issues = ReadCounters()
@@ -485,7 +504,7 @@ def _run_stages(
         raise ValueError(f"empty corpus: no training sample from {names} (input issues: {issues.as_dict()})")
     if options.has_validation:
         held = [
-            (str(unit_file(units_dir, s["unit"], "validation")), s["validation"]["samples"])
+            (unit_file(units_dir, s["unit"], "validation"), s["validation"]["samples"])
             for s in unit_stats
             if "validation" in s
         ]
@@ -497,18 +516,21 @@ def _run_stages(
                 else f"validation_fraction {options.validation_fraction:g} of {names}"
             )
             raise ValueError(f"empty validation split: no sample from the {source}")
-        (staging / VALIDATION_DIR).mkdir()
+        if not shared.remote:
+            (staging / VALIDATION_DIR).mkdir()
         specs += validation_specs
     schema = shard_schema(tok_info["vocab_size"], options.packing)
     written = _run_tasks(
         specs,
         write_shards,
-        {"out_dir": str(staging), "schema": schema},
+        {"out_dir": shared.location.uri, "schema": schema},
         workers,
         what="shards",
         progress=options.progress,
     )
-    shutil.rmtree(units_dir)
+    shutil.rmtree(staging / UNITS_DIR)
+    if shared.remote:
+        (shared.location / UNITS_DIR).delete()
     shards = sorted((e for e in written if "dir" not in e), key=lambda entry: entry["file"])
     held_shards = sorted(
         ({k: v for k, v in e.items() if k != "dir"} for e in written if "dir" in e), key=lambda e: e["file"]

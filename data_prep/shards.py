@@ -8,6 +8,8 @@ unit files, so the shards are written in parallel and come out the same whatever
 from __future__ import annotations
 
 import bisect
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.format import file_sha256, shard_name
+from sparsebert import storage
 
 # The reader's unit of work: a rank holds one decoded row group per lane it reads (64 lanes by default), so
 # smaller groups bound its memory (~64 MB at seq 128) and mix the epoch order more finely.
@@ -58,8 +61,16 @@ def plan_shards(
 
 
 def _read_rows(path: str, lo: int, hi: int) -> pa.Table:
-    """Rows ``[lo, hi)`` of a unit file, reading only the row groups that hold them."""
-    parquet = pq.ParquetFile(path)
+    """Rows ``[lo, hi)`` of a unit file (a path, or a URI in an object store), reading only the row groups that
+    hold them."""
+    location = storage.parse(path, "a unit file")
+    if location.remote:
+        with location.open_input() as source:
+            return _rows(pq.ParquetFile(source), lo, hi)
+    return _rows(pq.ParquetFile(path), lo, hi)
+
+
+def _rows(parquet: pq.ParquetFile, lo: int, hi: int) -> pa.Table:
     groups, first_row, row = [], None, 0
     for g in range(parquet.metadata.num_row_groups):
         n = parquet.metadata.row_group(g).num_rows
@@ -72,21 +83,34 @@ def _read_rows(path: str, lo: int, hi: int) -> pa.Table:
 
 
 def write_shard(spec: ShardSpec, out_dir: str | Path, schema: pa.Schema) -> dict[str, Any]:
-    """Write one shard; return its manifest entry (with ``dir``, for the driver to pop, when the shard is
-    not a training one)."""
+    """Write one shard into ``out_dir`` (a path, or a URI in an object store: written here, then uploaded);
+    return its manifest entry (with ``dir``, for the driver to pop, when the shard is not a training one)."""
     try:
         table = pa.concat_tables([_read_rows(path, lo, hi) for path, lo, hi in spec.pieces]).cast(schema)
     except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"{exc}: a worker cannot see a file another worker wrote; on a multi-node cluster the output "
-            "directory must be on storage every node shares (NFS, EFS, a mounted bucket)"
+            f"{exc}: a worker cannot see a file another worker wrote; on a multi-node cluster the output must "
+            "be reachable from every node: an s3:// or gs:// URI, or a filesystem mounted on every node (NFS, EFS)"
         ) from exc
-    path = Path(out_dir) / spec.directory / shard_name(spec.index)
-    pq.write_table(table, path, compression="zstd", row_group_size=SHARD_ROW_GROUP)
-    entry = {
-        "file": path.name,
-        "samples": table.num_rows,
-        "bytes": path.stat().st_size,
-        "sha256": file_sha256(path),
-    }
+    dest = storage.parse(out_dir, "the staging directory")
+    name = shard_name(spec.index)
+    if dest.remote:
+        handle, written = tempfile.mkstemp(prefix="data_prep-", suffix=".parquet")
+        os.close(handle)
+        path = Path(written)
+    else:
+        path = Path(dest.path) / spec.directory / name
+    try:
+        pq.write_table(table, path, compression="zstd", row_group_size=SHARD_ROW_GROUP)
+        entry = {
+            "file": name,
+            "samples": table.num_rows,
+            "bytes": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
+        if dest.remote:
+            storage.upload(path, (dest / spec.directory if spec.directory else dest) / name)
+    finally:
+        if dest.remote:
+            path.unlink(missing_ok=True)
     return entry | {"dir": spec.directory} if spec.directory else entry

@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -33,6 +35,7 @@ from data_prep.options import PrepOptions
 from data_prep.samples import Sample, nsp_samples, packed_samples
 from data_prep.sources import ReadCounters, Unit, read_documents
 from data_prep.text import document_sentences
+from sparsebert import storage
 
 UNIT_ROW_GROUP = 8192  # rows per row group of a unit file: stage 2 reads only the groups it needs
 SEGMENTS_CAP = 8  # segments-per-sample counts above this are counted together ("8" means 8 or more)
@@ -40,7 +43,8 @@ SEGMENTS_CAP = 8  # segments-per-sample counts above this are counted together (
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything a worker needs besides the unit (sent to every task; small)."""
+    """Everything a worker needs besides the unit (sent to every task; small). ``tokenizer_dir`` and
+    ``units_dir`` are local paths, or URIs in an object store when the output is one (``data_prep.remote``)."""
 
     tokenizer_dir: str
     units_dir: str
@@ -60,7 +64,8 @@ def _tokenizer(tokenizer_dir: str) -> Any:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / TOKENIZER_FILE))
+        location = storage.parse(tokenizer_dir, "the tokenizer directory")
+        tokenizer = Tokenizer.from_str((location / TOKENIZER_FILE).read_text())
         tokenizer.no_truncation()
         tokenizer.no_padding()
         _TOKENIZERS[tokenizer_dir] = tokenizer
@@ -83,35 +88,53 @@ def held_out(document: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * (1 << 64)
 
 
-def unit_file(units_dir: str | Path, index: int, split: str = "train") -> Path:
+def unit_name(index: int, split: str = "train") -> str:
     suffix = "" if split == "train" else f".{split}"
-    return Path(units_dir) / f"unit-{index:08d}{suffix}.parquet"
+    return f"unit-{index:08d}{suffix}.parquet"
 
 
-def unit_record(units_dir: str | Path, index: int) -> Path:
-    """The record of a finished unit: its counts and the SHA-256 of each file it wrote (``--resume``)."""
-    return Path(units_dir) / f"unit-{index:08d}.json"
+def unit_file(units_dir: str | Path, index: int, split: str = "train") -> str:
+    """Where unit ``index`` keeps its samples of ``split``: a path, or a URI in an object store."""
+    return f"{str(units_dir).rstrip('/')}/{unit_name(index, split)}"
+
+
+def record_name(index: int) -> str:
+    """The record of a finished unit: its counts and the SHA-256 and size of each file it wrote (``--resume``)."""
+    return f"unit-{index:08d}.json"
 
 
 def finished_unit(units_dir: str | Path, index: int) -> dict[str, Any] | None:
-    """The counts of unit ``index`` if an earlier attempt finished it and its files are intact, else None."""
+    """The counts of unit ``index`` if an earlier attempt finished it and its files are intact, else None.
+    Local files are hashed again; in an object store, where an object is only ever there whole and the record
+    is written after the files, each file's size is checked against the record."""
+    location = storage.parse(units_dir, "the units directory")
     try:
-        record = json.loads(unit_record(units_dir, index).read_text(encoding="utf-8"))
-        intact = all(file_sha256(Path(units_dir) / n) == h for n, h in record["files"].items())
+        record = json.loads((location / record_name(index)).read_text())
+        if location.remote:
+            intact = all((location / n).size() == size for n, size in record["bytes"].items())
+        else:
+            intact = all(file_sha256(Path(location.path) / n) == h for n, h in record["files"].items())
     except (OSError, ValueError, KeyError, AttributeError):
         return None
     return record["stats"] if intact else None
 
 
-def _write_record(units_dir: str, index: int, stats: dict[str, Any]) -> None:
-    files = {}
+def _write_record(local_dir: Path, shared: storage.Location, index: int, stats: dict[str, Any]) -> None:
+    """Record unit ``index`` as finished, after its files; in an object store, upload the files first."""
+    files, sizes = {}, {}
     for split in ("train", "validation"):
-        path = unit_file(units_dir, index, split)
+        path = local_dir / unit_name(index, split)
         if path.exists():
-            files[path.name] = file_sha256(path)
-    record = unit_record(units_dir, index)
+            files[path.name], sizes[path.name] = file_sha256(path), path.stat().st_size
+            if shared.remote:
+                storage.upload(path, shared / path.name)
+    record = local_dir / record_name(index)
+    text = json.dumps({"stats": stats, "files": files, "bytes": sizes})
+    if shared.remote:
+        (shared / record.name).write_text(text)
+        return
     partial = record.with_name(record.name + ".partial")
-    partial.write_text(json.dumps({"stats": stats, "files": files}), encoding="utf-8")
+    partial.write_text(text, encoding="utf-8")
     os.replace(partial, record)  # a record exists only whole, and only after its files
 
 
@@ -172,9 +195,11 @@ def _to_table(samples: list[Sample], schema: pa.Schema, vocab_size: int) -> pa.T
 class _Split:
     """One split's share of a unit: its groups, counts and unit file (opened on the first sample)."""
 
-    def __init__(self, name: str, unit: Unit, config: BuildConfig, schema: pa.Schema) -> None:
+    def __init__(
+        self, name: str, unit: Unit, config: BuildConfig, schema: pa.Schema, local_dir: Path
+    ) -> None:
         self.name, self.unit, self.config, self.schema = name, unit, config, schema
-        self.path = unit_file(config.units_dir, unit.index, name)
+        self.path = local_dir / unit_name(unit.index, name)
         self.writer: pq.ParquetWriter | None = None
         self.group: list[str] = []
         self.group_index = 0
@@ -246,12 +271,23 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
     return counts: the training split's at the top, the validation split's under ``validation`` (only when
     the run has a validation split)."""
     inject_unit_fault(unit.index, config.units_dir)
+    shared = storage.parse(config.units_dir, "the units directory")
+    # In an object store the files are written on this machine first, then uploaded (with the record last).
+    local_dir = Path(tempfile.mkdtemp(prefix="data_prep-unit-")) if shared.remote else Path(shared.path)
+    try:
+        return _build_unit(unit, config, local_dir, shared)
+    finally:
+        if shared.remote:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def _build_unit(unit: Unit, config: BuildConfig, local_dir: Path, shared: storage.Location) -> dict[str, Any]:
     tokenizer = _tokenizer(config.tokenizer_dir)
     opts = config.options
     counters = ReadCounters()
     schema = shard_schema(config.vocab_size, opts.packing)
-    train = _Split("train", unit, config, schema)
-    validation = _Split("validation", unit, config, schema)
+    train = _Split("train", unit, config, schema, local_dir)
+    validation = _Split("validation", unit, config, schema, local_dir)
     fraction = opts.validation_fraction
     try:
         for document in read_documents(unit, max_line_length=opts.max_line_length, counters=counters):
@@ -278,7 +314,7 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
             },
             "counters": ReadCounters().as_dict(),
         }
-        _write_record(config.units_dir, unit.index, result)
+        _write_record(local_dir, shared, unit.index, result)
         return result
     finally:
         train.close()
@@ -288,7 +324,7 @@ def build_unit(unit: Unit, config: BuildConfig) -> dict[str, Any]:
         result["segments_per_sample"] = train.segments
     if opts.has_validation:
         result["validation"] = validation.stats
-    _write_record(config.units_dir, unit.index, result)
+    _write_record(local_dir, shared, unit.index, result)
     return result
 
 

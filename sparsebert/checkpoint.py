@@ -87,17 +87,21 @@ def newer_tags(output_dir: str | Path, tag: str) -> list[str]:
     return [t for t in _complete_tags(root) if t > tag] if root.is_dir() else []
 
 
-def discard_newer(output_dir: str | Path, tag: str) -> None:
-    """Delete the checkpoints newer than ``tag`` (rank 0; asked for with ``checkpoint.discard_newer``)."""
+def discard_newer(output_dir: str | Path, tag: str) -> list[str]:
+    """Delete the checkpoints newer than ``tag`` (rank 0; asked for with ``checkpoint.discard_newer``); returns
+    their tags."""
+    newer = newer_tags(output_dir, tag)
     if ds_setup.rank() == 0:
-        for newer in newer_tags(output_dir, tag):
-            shutil.rmtree(checkpoint_dir(output_dir) / newer)
+        for name in newer:
+            shutil.rmtree(checkpoint_dir(output_dir) / name)
     ds_setup.barrier()
+    return newer
 
 
-def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> None:
+def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> list[str]:
     """Refuse to resume ``tag`` with a config that changes the run, or over newer checkpoints (unless the
-    config's ``checkpoint.allow_config_change`` / ``checkpoint.discard_newer`` say so; the latter deletes them)."""
+    config's ``checkpoint.allow_config_change`` / ``checkpoint.discard_newer`` say so; the latter deletes them:
+    their tags are returned)."""
     saved = saved_config(output_dir, tag)
     if saved is not None and not config.checkpoint.allow_config_change:
         changed = run_changes(saved, config)
@@ -113,8 +117,7 @@ def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> No
             f"checkpoint.resume={tag} is older than {', '.join(newer)} in {output_dir}; continuing from it would "
             "overwrite them. Resume the newest, or set checkpoint.discard_newer=true to delete the newer ones"
         )
-    if newer:
-        discard_newer(output_dir, tag)
+    return discard_newer(output_dir, tag) if newer else []
 
 
 def weights_finite(model) -> bool:
@@ -265,17 +268,17 @@ def lock_output_dir(output_dir: str | Path):
 
 
 def _prune(root: Path, keep: int, current: str) -> None:
-    """Keep the ``keep`` newest complete checkpoints up to ``current`` (the one just written); delete older
-    ones, and incomplete remains of a crashed save. Complete checkpoints newer than ``current`` (a run resumed
-    from an older tag) are never touched here."""
     tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
-    complete = set(_complete_tags(root))
-    older = [t for t in tags if t <= current and t in complete]
-    for tag in older[:-keep]:
+    for tag in prunable(tags, set(_complete_tags(root)), keep, current):
         shutil.rmtree(root / tag, ignore_errors=True)
-    for tag in tags:
-        if tag not in complete and tag != current:
-            shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def prunable(tags: list[str], complete: set[str], keep: int, current: str) -> list[str]:
+    """Of the checkpoint ``tags`` (sorted), those to delete: all but the ``keep`` newest complete ones up to
+    ``current`` (the one just written), and incomplete remains of a crashed save. Complete checkpoints newer than
+    ``current`` (a run resumed from an older tag) are never among them."""
+    older = [t for t in tags if t <= current and t in complete]
+    return older[:-keep] + [t for t in tags if t not in complete and t != current]
 
 
 def _complete_tags(root: Path) -> list[str]:

@@ -40,7 +40,7 @@ def prepare_default_corpus(rank0: bool) -> Path:
     return out
 
 
-def open_reader(data_dir: Path, config: PretrainConfig):
+def open_reader(data_dir: str | Path, config: PretrainConfig):
     """This rank's stream of MLM(+NSP) batches over the prepared shards in ``data_dir``, on its device."""
     from sparsebert.data import MlmCollator, ShardReader
 
@@ -69,7 +69,7 @@ def open_reader(data_dir: Path, config: PretrainConfig):
     return reader
 
 
-def open_validation_reader(data_dir: Path, config: PretrainConfig, train_reader):
+def open_validation_reader(data_dir: str | Path, config: PretrainConfig, train_reader):
     """This rank's share of the corpus's validation split, one pass per ``iter()``, on its device; None when the
     corpus has none. Masking has a fixed seed, so every evaluation of the same model gives the same numbers."""
     from sparsebert.data import MlmCollator, ShardReader

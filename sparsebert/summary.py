@@ -39,7 +39,7 @@ def summary_lines(
     end: dict[str, float],
     sparsity: float | None,
     pattern: str,
-    final_dir: Path,
+    final_dir: str | Path,
     mlflow: dict[str, Any],
 ) -> list[str]:
     """The closing summary; ``start``/``end`` are held-out metrics (``val/...``), empty when there are none."""

@@ -99,7 +99,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = _f(
-        None, "prepared shard directory (python -m data_prep); null = the embedded Python-docs corpus"
+        None,
+        "prepared corpus (python -m data_prep): a directory or s3://bucket/path, gs://bucket/path; null = the "
+        "embedded Python-docs corpus",
     )
     mlm_probability: float = _f(0.15, "fraction of tokens predicted by the MLM objective")
     whole_word_masking: bool = _f(False, "mask whole words rather than word pieces")
@@ -210,7 +212,12 @@ class MlflowConfig:
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = _f("runs/demo", "checkpoints, the final model and logs go here", neutral=True)
+    output_dir: str = _f(
+        "runs/demo",
+        "checkpoints, the final model and logs go here: a directory, or s3://bucket/path, gs://bucket/path (the run "
+        "works in a local staging directory and uploads; README: Object storage)",
+        neutral=True,
+    )
     deepspeed_config: str = _f("ds_configs/cpu.json", "DeepSpeed JSON (ZeRO stage, precision, offload)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -432,7 +439,32 @@ def _check_semantics(config: PretrainConfig) -> None:
         raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {config.checkpoint.every}")
+    _check_locations(config)
     m = config.model
     if not m.init_from and (m.init_optimizer or m.init_mask != "auto"):
         key = "model.init_optimizer" if m.init_optimizer else "model.init_mask"
         raise ConfigError(f"config key {key!r} needs model.init_from (a checkpoint to continue from)")
+
+
+def _check_locations(config: PretrainConfig) -> None:
+    """Where data and outputs live: a local path or an object store URI (``sparsebert.storage``); anything else
+    is refused here, before a run writes anything (never a local folder named ``s3:``)."""
+    from sparsebert.storage import UnsupportedLocation, parse
+
+    places = {
+        "output_dir": config.output_dir,
+        "data.path": config.data.path,
+        "model.init_from": config.model.init_from,
+    }
+    for key, value in places.items():
+        if value is None:
+            continue
+        try:
+            location = parse(value, f"config key {key!r}")
+        except UnsupportedLocation as err:
+            raise ConfigError(str(err)) from None
+        if key == "model.init_from" and location.remote:
+            raise ConfigError(
+                f"config key 'model.init_from': {value!r} is in object storage; download that model directory "
+                "(or the run's final/) and give its local path"
+            )

@@ -3,7 +3,9 @@ resume, tracking) → :func:`train` ((stage 1, DAM patterns only) search the mas
 :func:`end_search` freezes it → (stage 2) train with the fixed mask to ``train.max_steps``, one
 :func:`train_step` at a time, checkpointing every ``checkpoint.every`` steps) → :func:`finish` (the last
 checkpoint, the export to ``output_dir/final``, the summary). A restarted command resumes from the newest
-checkpoint. The command line is ``sparsebert/pretrain.py``.
+checkpoint. An ``output_dir`` in object storage (``s3://``, ``gs://``) is worked on in a node-local staging
+directory that :class:`~sparsebert.run_outputs.RunOutputs` keeps in step with the store. The command line is
+``sparsebert/pretrain.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sparsebert.meter import Meter
 from sparsebert.mlflow_store import tracking_uri
 from sparsebert.modeling import SparseBertForPreTraining
 from sparsebert.preemption import StopRequest
+from sparsebert.run_outputs import RunOutputs, samples_log
 from sparsebert.run_report import report
 from sparsebert.tracking import RunTracker, flatten, git_commit
 from sparsebert.train_config import ConfigError, DamConfig, PretrainConfig
@@ -63,6 +66,7 @@ class Run:
     scheduler: Any
     tracker: RunTracker
     state: TrainState
+    outputs: RunOutputs  # where out/ goes: nowhere else, or an object store
     val_reader: Any = None  # this rank's share of the held-out split (None: the corpus has none)
     validation: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
     stop: StopRequest = field(default_factory=StopRequest)
@@ -86,11 +90,13 @@ def pretrain(config: PretrainConfig) -> int:
         completed = train(run)
     except BaseException:
         run.tracker.end("FAILED")  # the MLflow run says so; a resume marks it running again
+        run.outputs.close(together=False)
         raise
     if completed:
         finish(run)
     else:
         run.tracker.end("KILLED")  # stopped by a signal, checkpointed: the same command resumes it
+    run.outputs.close()
     return 0
 
 
@@ -101,10 +107,12 @@ def setup(config: PretrainConfig) -> Run:
     rank0 = ds_setup.rank() == 0
     seed_everything(config.train.seed)
     ds = ds_setup.deepspeed_config(config)
-    out = Path(config.output_dir)
+    outputs = RunOutputs(config.output_dir)
+    out = outputs.local  # output_dir itself, or the staging directory of one in object storage
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    data_dir = Path(config.data.path) if config.data.path else prepare_default_corpus(rank0)
+    lock = None if outputs.remote else _lock(out)  # object storage: the lease that outputs.open() takes
+    outputs.open()
+    data_dir = config.data.path or prepare_default_corpus(rank0)  # a path or a URI
     reader = open_reader(data_dir, config)  # batches arrive on this rank's device
 
     tokenizer = reader.tokenizer
@@ -118,7 +126,7 @@ def setup(config: PretrainConfig) -> Run:
         continuation.check_fits(source, tokenizer, reader.tokenizer_dir, reader.seq_len, config)
     resume_tag = _resume_tag(config, out)
     if resume_tag:
-        checkpoint.check_resume(out, resume_tag, config)
+        outputs.delete_tags(checkpoint.check_resume(out, resume_tag, config))
     resumed = TrainState(**checkpoint.train_state(out, resume_tag)) if resume_tag else None
     if resumed and resumed.stage == 1 and resumed.search_steps not in (None, config.search_steps):
         raise ConfigError(
@@ -150,6 +158,7 @@ def setup(config: PretrainConfig) -> Run:
         search_steps=config.search_steps,
     )
     if resumed:
+        outputs.fetch(resume_tag)
         exact = checkpoint.load(engine, out, resume_tag, state.world_size, config.checkpoint.reshard)
         if not exact:  # another world size: new random streams, distinct per rank and from the run's start
             seed_everything(config.train.seed + ds_setup.rank() + 1_000_003 * state.step)
@@ -166,7 +175,8 @@ def setup(config: PretrainConfig) -> Run:
     state.mlflow_run_id = tracker.run_id
     if not resumed:
         tracker.log_configs(config.to_dict(), ds)
-    report(f"output: {out.resolve()}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
+    staged = f" (staged in {out})" if outputs.remote else ""
+    report(f"output: {outputs.where()}{staged}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
     report(
         f"device: {ds_setup.device()}  |  ZeRO stage {ds_setup.zero_stage(ds)}  |  {ds_setup.precision(ds)}",
     )
@@ -183,7 +193,7 @@ def setup(config: PretrainConfig) -> Run:
         )
     if mask_note:
         report(f"warning: {mask_note}")
-    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, lock=lock)
+    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, outputs, lock=lock)
     run.val_reader = open_validation_reader(data_dir, config, reader)
     if run.val_reader is None:
         report(
@@ -351,12 +361,13 @@ def finish(run: Run) -> None:
         tracker.run_id,
         {"step": state.step, **run.validation},
     )
-    tracker.set_tags({"final_model_dir": str(final.resolve()), "final_sparsity": sparsity(final_mask)})
+    run.outputs.push_final(final)
+    tracker.set_tags({"final_model_dir": run.outputs.where("final"), "final_sparsity": sparsity(final_mask)})
     tracker.end()
-    _summarize(run, final, sparsity(final_mask))
+    _summarize(run, run.outputs.where("final"), sparsity(final_mask))
 
 
-def _summarize(run: Run, final: Path, final_sparsity: float) -> None:
+def _summarize(run: Run, final: str, final_sparsity: float) -> None:
     """The closing summary, then the final model filling in ``eval.fill_mask``'s sentences (rank 0 prints)."""
     config, tracker = run.config, run.tracker
     # Every rank runs the examples: under ZeRO-3 a forward pass gathers each layer's weights from all ranks.
@@ -373,7 +384,7 @@ def _summarize(run: Run, final: Path, final_sparsity: float) -> None:
         end=run.validation,
         sparsity=final_sparsity,
         pattern=config.model.mask_spec.name,
-        final_dir=final.resolve(),
+        final_dir=final,
         mlflow={
             "run_id": tracker.run_id or "", "experiment": config.mlflow.experiment, "out": run.out,
             "uri": tracking_uri(config.mlflow.tracking_uri),
@@ -400,14 +411,14 @@ def _save(run: Run) -> None:
             f"{_last_good(run)}: lower train.lr (or check the data) and resume from it"
         )
     state = replace(run.state, reader=run.reader.state_dict())
-    checkpoint.save(
-        run.engine, run.out, state.step, vars(state), run.config.checkpoint.keep_last, run.config.to_dict()
-    )
+    keep = run.config.checkpoint.keep_last
+    tag = checkpoint.save(run.engine, run.out, state.step, vars(state), keep, run.config.to_dict())
+    run.outputs.push_checkpoint(tag, keep)
 
 
 def _last_good(run: Run) -> str:
     tag = checkpoint.latest_tag(run.out)
-    where = checkpoint.checkpoint_dir(run.out)
+    where = run.outputs.where("checkpoints")
     return f"the last good checkpoint is {tag} in {where}" if tag else "no checkpoint was written yet"
 
 
@@ -440,7 +451,7 @@ def _save_rank_mask(out: Path, name: str, mask: torch.Tensor) -> None:
 
 
 def _log_samples(out: Path, step: int, sample_ids: list[int], applied: bool) -> None:
-    with open(out / f"samples.rank{ds_setup.rank()}.jsonl", "a") as f:
+    with open(out / samples_log(ds_setup.rank()), "a") as f:
         f.write(json.dumps({"step": step, "ids": sample_ids, "applied": applied}) + "\n")
 
 

@@ -1,9 +1,13 @@
-"""Shared fixtures: a real local Ray and a real MLflow store, both offline."""
+"""Shared fixtures: a real local Ray, a real MLflow store and a real local S3 server (moto), all offline."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import uuid
 
 import pytest
 
@@ -13,6 +17,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Object storage: the local S3 server of ``s3_server`` (started on first use), never a real one. Set before any
+# process starts (Ray's workers among them: they keep the environment they started with) and with stand-in
+# credentials, so a developer's own never reach a test.
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+os.environ.update(S3_ENV)
+for _key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_key, None)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +74,51 @@ def process_group(monkeypatch):
     from sparsebert import deepspeed_setup
 
     deepspeed_setup.destroy_process_group()
+
+
+class S3Server:
+    """The local S3 server that ``S3_ENV`` points every client at."""
+
+    def use(self, patch: pytest.MonkeyPatch) -> str:
+        """Make sure this process and its subprocesses point at the server (a test may have changed the
+        variables); create a fresh bucket there through boto3, the reference client, and return its name."""
+        import boto3
+
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            patch.delenv(key, raising=False)
+        for key, value in S3_ENV.items():
+            patch.setenv(key, value)
+        bucket = f"test-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        return bucket
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (``moto_server``: the S3 protocol over HTTP) on the port of ``S3_ENV``, for the
+    session (module-scoped fixtures call its ``use`` inside ``pytest.MonkeyPatch.context()``)."""
+    port = int(S3_ENV["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
+            time.sleep(0.2)
+    yield S3Server()
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the local S3 server; ``AWS_ENDPOINT_URL`` and credentials set for this test."""
+    return s3_server.use(monkeypatch)

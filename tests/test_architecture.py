@@ -79,6 +79,7 @@ def test_no_import_cycles():
         ("sparsebert.choices", set()),
         ("sparsebert.faults", set()),
         ("sparsebert.training", set()),
+        ("sparsebert.storage", set()),  # shared with data_prep: a leaf
         ("sparsebert.block_sparse", {"sparsebert.masks"}),
         ("sparsebert.flex_backend", {"sparsebert.masks", "sparsebert.layer_masks"}),
         ("sparsebert.dam", {"sparsebert.masks", "sparsebert.layer_masks"}),
@@ -86,6 +87,14 @@ def test_no_import_cycles():
 )
 def test_lower_layers_import_nothing_above_them(module, may_import):
     assert GRAPH[module] <= may_import, f"{module} imports {sorted(GRAPH[module] - may_import)}"
+
+
+def test_data_prep_uses_only_the_storage_leaf_of_sparsebert():
+    """Corpus preparation shares where data lives (``sparsebert.storage``) and nothing else of the package."""
+    for module, targets in GRAPH.items():
+        if module.startswith("data_prep"):
+            used = {t for t in targets if t.startswith("sparsebert")}
+            assert used <= {"sparsebert.storage"}, f"{module} imports {sorted(used)}"
 
 
 def test_choice_names_need_no_torch():

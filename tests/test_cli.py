@@ -38,6 +38,16 @@ def test_entry_points_import_no_heavy_library(module):
         (["model.attention_pattern=bogus"], "unknown attention pattern 'bogus'"),
         (["--config", "no_such_preset"], "config file 'no_such_preset' not found"),
         (["dam.search_steps=5000"], "'dam.search_steps' must be between 1 and train.max_steps - 1"),
+        (["output_dir=hdfs://nn/runs/x"], "config key 'output_dir': 'hdfs://nn/runs/x' has scheme hdfs://"),
+        (
+            ["output_dir=s3a:/bucket/x"],
+            "config key 'output_dir': 's3a:/bucket/x' is not a supported location",
+        ),
+        (["data.path=http://host/corpus"], "config key 'data.path': 'http://host/corpus' has scheme http://"),
+        (
+            ["model.init_from=s3://bucket/run/final"],
+            "config key 'model.init_from': 's3://bucket/run/final' is in",
+        ),
     ],
 )
 def test_config_errors_are_one_line_and_exit_2(overrides, fragment):

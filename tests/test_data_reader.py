@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -138,7 +139,7 @@ def test_each_rank_reads_only_the_row_groups_of_its_lanes(corpus, world_size):
         )
         for r in range(world_size)
     ]  # fmt: skip
-    footers = {path: pq.read_metadata(path) for path in readers[0]._paths}
+    footers = {path: pq.read_metadata(path) for path in (Path(p.path) for p in readers[0]._paths)}
     groups = {(path, j): md.row_group(j) for path, md in footers.items() for j in range(md.num_row_groups)}
 
     def size(group) -> int:

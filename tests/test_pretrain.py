@@ -278,6 +278,82 @@ def test_killed_run_resumes_to_the_same_loss_and_reads_each_sample_once(launcher
     assert len(everything) == len(set(everything)) == MAX_STEPS * 2 * 4
 
 
+def _objects(bucket: str, prefix: str) -> dict[str, bytes]:
+    """What an S3 bucket holds under ``prefix``, read through boto3 (directory markers left out)."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {
+        o["Key"][len(prefix) :]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in listed
+        if not o["Key"].endswith("/")
+    }
+
+
+def test_a_run_in_object_storage_resumes_exactly_on_a_machine_with_nothing_local(
+    launcher, s3_bucket, tmp_path
+):
+    """Corpus and output_dir on S3 (a local moto server): the run is killed after a checkpoint, then resumed with
+    an empty cache (another machine: no shared filesystem), to the uninterrupted local run's losses, data and
+    weights; the checkpoints, final/, the journal and the sample logs are in the bucket."""
+    from sparsebert import storage
+
+    corpus = f"s3://{s3_bucket}/corpora/c"
+    storage.upload(launcher.corpus, storage.parse(corpus, "test"))
+    name, out = "s3_resumed", f"s3://{s3_bucket}/runs/s3_resumed"
+    machine = {"SPARSEBERT_LEASE_SECONDS": "3"}
+    crashed = launcher.run(
+        name, "cpu_zero2.json", f"data.path={corpus}", f"output_dir={out}",
+        env={**machine, "SPARSEBERT_FAULTS": "crash_after_step=5", "SPARSEBERT_CACHE": str(tmp_path / "one")},
+    )  # fmt: skip
+    assert crashed.returncode != 0
+    stored = _objects(s3_bucket, "runs/s3_resumed/")
+    assert stored["checkpoints/latest"] == b"step00000004" and ".lease" in stored  # killed: the lease stays
+    parts = {k.split("/")[-1] for k in stored if k.startswith("checkpoints/step00000004/")}
+    assert {"rng_rank0.pt", "rng_rank1.pt", "mp_rank_00_model_states.pt", "train_state.json"} <= parts
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= parts
+
+    resumed = launcher.run(
+        name, "cpu_zero2.json", f"data.path={corpus}", f"output_dir={out}",
+        env={**machine, "SPARSEBERT_CACHE": str(tmp_path / "two")},
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step00000004 at step 4" in resumed.stdout
+    reference_out = launcher.completed("cpu_zero2", "cpu_zero2.json")
+    reference, losses = launcher.losses("cpu_zero2"), launcher.losses(name)
+    for step in range(1, MAX_STEPS + 1):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+    stored = _objects(s3_bucket, "runs/s3_resumed/")
+    assert ".lease" not in stored and stored["checkpoints/latest"] == b"step00000008"
+    assert sorted({k.split("/")[1] for k in stored if k.startswith("checkpoints/step")}) == [
+        "step00000006",
+        "step00000008",
+    ]
+    for rank in (0, 1):  # the samples each step read: those of the uninterrupted run
+        local = (reference_out / f"samples.rank{rank}.jsonl").read_text().splitlines()
+        steps = {json.loads(line)["step"]: json.loads(line)["ids"] for line in local}
+        remote = [json.loads(line) for line in stored[f"samples.rank{rank}.jsonl"].decode().splitlines()]
+        assert {r["step"]: r["ids"] for r in remote} == steps
+    assert b'"kind": "end"' in stored["tracking/records.jsonl"]
+
+    final = tmp_path / "final"
+    for key, data in stored.items():
+        if key.startswith("final/"):
+            (final / key.removeprefix("final/")).parent.mkdir(parents=True, exist_ok=True)
+            (final / key.removeprefix("final/")).write_bytes(data)
+    weights, expected = (
+        load_file(final / "model.safetensors"),
+        load_file(reference_out / "final" / "model.safetensors"),
+    )
+    assert weights.keys() == expected.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-4, atol=1e-5)
+    assert SparseBertForPreTraining.from_pretrained(final).config.attention_pattern["frozen"]
+    assert not (REPO / "s3:").exists()
+
+
 def test_skipped_step_moves_neither_schedule_in_a_bf16_autocast_run(launcher):
     """bf16 (torch autocast, fp32 gradient accumulation) ZeRO-2; rank 0's loss is made infinite once, aiming at
     step 3: DeepSpeed skips that update on both ranks, and neither the LR schedule nor the step count that drives

@@ -1,7 +1,9 @@
-"""``CountingFileSystem``: local files through ``pyarrow.fs``, counting what is actually read from them.
+"""``CountingFileSystem``: files through ``pyarrow.fs``, counting what is actually read from them.
 
 Pass ``counting.filesystem`` to ``ShardReader(filesystem=...)`` to measure the bytes and Parquet row groups
-each rank pulls from storage: the counts come from the file reads pyarrow makes, not from the reader.
+each rank pulls from storage: the counts come from the file reads pyarrow makes, not from the reader. Local
+files by default; ``CountingFileSystem(base)`` counts the reads served by another ``pyarrow.fs`` filesystem
+(an object store's, with paths ``bucket/key``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from fsspec.implementations.arrow import ArrowFile, ArrowFSWrapper
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 
@@ -42,12 +45,42 @@ class _CountingLocal(LocalFileSystem):
         return _CountedFile(self._strip_protocol(path), mode, fs=self, counts=self.counts, **kwargs)
 
 
-class CountingFileSystem:
-    """``filesystem``: a ``pyarrow.fs`` file system over local files that records every read it serves."""
+class _CountedArrowFile(ArrowFile):
+    """A file of a ``pyarrow.fs`` filesystem whose ``read`` calls add to the counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, counts: defaultdict, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counts = counts
+
+    def read(self, *args: Any, **kwargs: Any) -> bytes:
+        offset = self.stream.tell()
+        data = self.stream.read(*args, **kwargs)
+        self._counts[self.path].append((offset, len(data)))
+        return data
+
+
+class _CountingArrow(ArrowFSWrapper):
+    cachable = False
+
+    def __init__(self, base: pafs.FileSystem, counts: defaultdict) -> None:
+        super().__init__(base)
+        self.counts = counts
+
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> Any:
+        if "r" not in mode:
+            raise PermissionError(f"{path}: the counting file system is read-only")
+        return _CountedArrowFile(self, self.fs.open_input_file(path), path, mode, counts=self.counts)
+
+
+class CountingFileSystem:
+    """``filesystem``: a ``pyarrow.fs`` file system over local files (or over ``base``) that records every read
+    it serves."""
+
+    def __init__(self, base: pafs.FileSystem | None = None) -> None:
         self.reads: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)  # path -> (offset, bytes)
-        self.filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(_CountingLocal(self.reads)))
+        self.base = base
+        handler = _CountingLocal(self.reads) if base is None else _CountingArrow(base, self.reads)
+        self.filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(handler))
 
     @property
     def total(self) -> int:
@@ -59,8 +92,13 @@ class CountingFileSystem:
 
     def row_groups_read(self, path: str | Path) -> list[int]:
         """The row groups of Parquet file ``path`` at least one of whose column chunks was read whole."""
-        spans = _merged(self.reads.get(_CountingLocal._strip_protocol(str(path)), []))
-        metadata = pq.read_metadata(path)  # the local file, not through the counting file system
+        if self.base is None:
+            spans = _merged(self.reads.get(_CountingLocal._strip_protocol(str(path)), []))
+            metadata = pq.read_metadata(path)  # the local file, not through the counting file system
+        else:
+            spans = _merged(self.reads.get(str(path), []))
+            with self.base.open_input_file(str(path)) as source:  # not through the counting file system
+                metadata = pq.read_metadata(source)
         groups = []
         for g in range(metadata.num_row_groups):
             group = metadata.row_group(g)

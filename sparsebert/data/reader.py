@@ -17,7 +17,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from data_prep.format import SPLITS, check_shards, check_tokenizer, load_manifest, split_section
+from data_prep.format import (
+    SPLITS,
+    check_shards,
+    check_tokenizer,
+    corpus_location,
+    load_manifest,
+    local_tokenizer,
+    open_shard,
+    split_section,
+)
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100  # labels of positions (and NSP labels of rows) that no loss or metric counts
@@ -43,8 +52,15 @@ class ShardReader:
     own blocks: when ``world_size`` divides ``lanes`` a rank reads ``1/world_size`` of the corpus per
     epoch, plus the block it starts in of each of its lanes (a lane that starts or resumes inside a
     block reads it whole). Only the row groups a rank needs are read, through ``filesystem`` when given
-    (any ``pyarrow.fs`` filesystem; the checks on construction read the local paths). A rank holds the
-    current block of each of its lanes: ``lanes / world_size`` row groups.
+    (any ``pyarrow.fs`` filesystem; it serves the footer and row-group reads, while the listing and the
+    manifest come from the location itself). A rank holds the current block of each of its lanes:
+    ``lanes / world_size`` row groups.
+
+    **Object storage.** ``data_dir`` may be an ``s3://`` or ``gs://`` URI (``sparsebert.storage``): the
+    manifest is read and the shards listed there, the tokenizer is downloaded once into this node's cache
+    (``$SPARSEBERT_CACHE/corpora/...``, a directory per tokenizer hash), and the row groups are streamed with
+    ranged reads as the lanes reach them; nothing of the shards is stored on local disk, and memory holds the
+    lanes' current row groups as above.
 
     **Position.** ``state_dict()`` is global and the same on every rank: the epoch and the number of
     samples all ranks together have consumed in it, counted up to the last batch handed to the
@@ -105,17 +121,25 @@ class ShardReader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batch_size < 1 or lanes < 1 or prefetch < 0 or seed < 0:
             raise ValueError("batch_size and lanes must be >= 1, prefetch and seed >= 0")
-        self.data_dir = Path(data_dir)
-        self.manifest: dict[str, Any] = load_manifest(self.data_dir)
+        self.location = corpus_location(data_dir)
+        self.data_dir: str | Path = self.location.uri if self.location.remote else Path(self.location.path)
+        self.manifest: dict[str, Any] = load_manifest(self.location)
         section = split_section(self.manifest, split)
         if section is None:
             raise ValueError(
                 f"{self.data_dir} has no {split} split: prepare the corpus with `python -m data_prep "
                 "--validation-fraction F` (or --validation-input PATH...) to hold out one"
             )
-        check_shards(self.data_dir, self.manifest, verify_checksums=verify_checksums, split=split)
+        # The footers, read once (through ``filesystem`` when given): the reader's block plan comes from them.
+        self._metadata = check_shards(
+            self.location,
+            self.manifest,
+            verify_checksums=verify_checksums,
+            split=split,
+            filesystem=filesystem,
+        )
         self.tokenizer_dir = (
-            Path(tokenizer_dir) if tokenizer_dir else self.data_dir / self.manifest["tokenizer"]["dir"]
+            Path(tokenizer_dir) if tokenizer_dir else local_tokenizer(self.location, self.manifest)
         )
         check_tokenizer(self.tokenizer_dir, self.manifest, self.data_dir)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -128,8 +152,8 @@ class ShardReader:
         self.seq_len: int = self.manifest["seq_len"]
         self.nsp: bool = self.manifest["packing"] == "nsp"
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
-        self._paths = [self.data_dir / section["dir"] / s["file"] for s in section["shards"]]
-        self._metadata = [self._read_metadata(path) for path in self._paths]
+        shard_dir = self.location / section["dir"] if section["dir"] else self.location
+        self._paths = [shard_dir / s["file"] for s in section["shards"]]
         # Blocks: every row group of every shard, in corpus order, as (shard, row group).
         self._blocks = [(k, j) for k, md in enumerate(self._metadata) for j in range(md.num_row_groups)]
         block_rows = [self._metadata[k].row_group(j).num_rows for k, j in self._blocks]
@@ -328,23 +352,13 @@ class ShardReader:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _read_metadata(self, path: Path) -> pq.FileMetaData:
-        try:
-            with self._open(path) as source:
-                return pq.read_metadata(source)
-        except (OSError, pa.ArrowException) as exc:
-            raise ValueError(f"{path}: cannot read the Parquet footer ({exc})") from exc
-
-    def _open(self, path: Path) -> Any:
-        return self.filesystem.open_input_file(str(path)) if self.filesystem else pa.OSFile(str(path))
-
     def _read_block(self, b: int) -> dict[str, np.ndarray]:
         """Block ``b`` (one row group, in corpus order) as dense arrays (ids padded to ``seq_len``)."""
         k, group = self._blocks[b]
         path = self._paths[k]
         columns = ["input_ids", "a_length"] + (["next_sentence_label"] if self.nsp else [])
         try:
-            with self._open(path) as source:
+            with open_shard(path, self.filesystem) as source:
                 # The footer read at construction is reused: only the row group's column chunks are read.
                 table = pq.ParquetFile(source, metadata=self._metadata[k]).read_row_group(
                     group, columns=columns
