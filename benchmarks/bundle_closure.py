@@ -252,9 +252,8 @@ def gpu_imports(loaded: dict[str, Path] | None = None) -> dict[str, list[Importe
                 parents = [
                     (p, f) for i in range(1, len(parts)) if (f := _project_file(p := ".".join(parts[:i])))
                 ]
-                todo += [
-                    (t, f, t not in loaded) for t, f in parents + project
-                ]  # loaded: its module level ran
+                # A module the subprocess loaded ran its module level; any other is reached lazily only.
+                todo += [(t, f, t not in loaded) for t, f in parents + project]
             else:
                 found[top].append(Importer(str(path.relative_to(ROOT)), line, lazy))
     return {top: sorted(found[top], key=lambda i: (i.lazy, i.path, i.line)) for top in sorted(found)}
