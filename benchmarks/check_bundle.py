@@ -2,12 +2,13 @@
 
     python benchmarks/check_bundle.py [--bundle .gpu_bundle] [--python312 PATH]
 
-(a) Dependency closure, for CPython 3.12 on Linux x86_64 (the GPU machine's Python): the third-party
-    packages that the GPU entry points (sparsebert, sparsebert.pretrain, eval.finetune) import at module
-    level, followed through every carried wheel's Requires-Dist (markers evaluated, ``extra ==`` ones
-    skipped), must each be a carried wheel or in the GPU image (benchmarks/gpu_image_packages.txt). Also
-    fails on: a package carried twice, a carried version its dependants exclude, a wheel that does not install
-    on CPython 3.12 manylinux x86_64, a wheel nothing needs, and a deepspeed wheel with prebuilt ops.
+(a) Dependency closure, for CPython 3.12 on Linux x86_64 (the GPU machine's Python): everything the GPU run
+    imports (benchmarks/bundle_closure.py: its entry points and scripts, and every project module they reach,
+    function-level imports included), followed through every carried wheel's Requires-Dist (markers
+    evaluated, ``extra ==`` ones skipped), must be a carried wheel or in the GPU image
+    (benchmarks/gpu_image_packages.txt). Also fails on: a package carried twice, wheels other than those of
+    benchmarks/gpu_bundle_packages.txt, a carried version its dependants exclude, a wheel that does not
+    install on CPython 3.12 manylinux x86_64, a wheel nothing needs, and a deepspeed wheel with prebuilt ops.
 (b) Install rehearsal: the GPU machine's pip command, run with a Python 3.12 here (pyenv's) into a fresh
     directory, then the pure-Python packages that need no torch are imported from it.
 (c) Contents: the bundle's size (under --max-mib), corpus/manifest.json and its shards, tasks/glue and
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
-import importlib.metadata as md
 import json
 import os
 import re
@@ -31,53 +31,26 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections import defaultdict
-from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
-from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parent.parent
-IMAGE_LIST = ROOT / "benchmarks" / "gpu_image_packages.txt"
-# What a GPU run imports: the package, pre-training and a fine-tuning job. Not eval.run / eval.runner (the Ray
-# driver, with MLflow) nor data_prep's pipeline (Ray): the bundle carries their output, not them.
-ENTRY_MODULES = ("sparsebert", "sparsebert.pretrain", "eval.finetune")
-PROJECT_PACKAGES = {"sparsebert", "eval", "data_prep"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bundle_closure import (
+    BUNDLE_LIST,
+    GPU_PYTHON,
+    ROOT,
+    Carried,
+    closure_problems,
+    gpu_imports,
+    read_image_packages,
+    read_list,
+)
 
-GPU_PYTHON = "3.12.3"
-# PEP 508 marker environment of the GPU machine's /opt/torch/.venv/bin/python3.
-GPU_MARKERS = {
-    "implementation_name": "cpython",
-    "implementation_version": GPU_PYTHON,
-    "os_name": "posix",
-    "platform_machine": "x86_64",
-    "platform_python_implementation": "CPython",
-    "platform_release": "",
-    "platform_system": "Linux",
-    "platform_version": "",
-    "python_full_version": GPU_PYTHON,
-    "python_version": "3.12",
-    "sys_platform": "linux",
-    "extra": "",  # no extras asked for: every `extra == ...` requirement evaluates false
-}
 MAX_GLIBC_MINOR = 28  # the newest manylinux_2_N the bundle's `pip download --platform` flags accept
-# Versions seen in the GPU image (/work/.library/device/KINDS.md, its 'pip list, as a session saw it' row,
-# 2026-11); the rest of the image's packages have no known version, so only their presence is checked.
-IMAGE_VERSIONS_SEEN = {
-    "accelerate": "1.15.0",
-    "huggingface-hub": "1.33.0",
-    "numpy": "2.5.2",
-    "safetensors": "0.8.0",
-    "sentencepiece": "0.2.2",
-    "tokenizers": "0.23.2",
-    "torch": "2.11.0",
-    "transformers": "5.17.0",
-    "triton": "3.6.0",
-}
 TORCH_FREE_IMPORTS = (
     "hjson",
     "pydantic",
@@ -90,39 +63,22 @@ GLUE_TASKS = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "W
 MIB = 1 << 20
 
 
-@dataclass
-class Wheel:
-    path: Path
-    name: str  # normalised
-    version: Version
-    requires_python: str | None
-    requires: list[Requirement]
-    needed_by: list[str] = field(default_factory=list)  # why it is carried
-
-
-def read_image_packages(path: Path = IMAGE_LIST) -> set[str]:
-    names = set()
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.add(canonicalize_name(line))
-    return names
-
-
-def read_wheel(path: Path) -> Wheel:
+def read_wheel(path: Path) -> tuple[Carried, str | None]:
+    """The wheel as a carried package, and its Requires-Python."""
     name, version, _, _ = parse_wheel_filename(path.name)
     with zipfile.ZipFile(path) as zf:
         metadata = [n for n in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
         if len(metadata) != 1:
             raise ValueError(f"{path.name}: {len(metadata)} .dist-info/METADATA files")
         meta = HeaderParser().parsestr(zf.read(metadata[0]).decode("utf-8"))
-    return Wheel(
-        path=path,
+    carried = Carried(
         name=canonicalize_name(name),
         version=version,
-        requires_python=meta.get("Requires-Python"),
         requires=[Requirement(r) for r in meta.get_all("Requires-Dist") or []],
+        source=path.name,
+        size=path.stat().st_size,
     )
+    return carried, meta.get("Requires-Python")
 
 
 def installs_on_gpu(path: Path) -> bool:
@@ -144,19 +100,19 @@ def installs_on_gpu(path: Path) -> bool:
     return False
 
 
-def wheel_contents_problems(w: Wheel) -> list[str]:
+def wheel_contents_problems(path: Path, name: str) -> list[str]:
     """A pure (py3-none-any) wheel holds no compiled code; the deepspeed wheel has no op prebuilt."""
     problems = []
-    with zipfile.ZipFile(w.path) as zf:
+    with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
-        pure = all(t.abi == "none" and t.platform == "any" for t in parse_wheel_filename(w.path.name)[3])
+        pure = all(t.abi == "none" and t.platform == "any" for t in parse_wheel_filename(path.name)[3])
         compiled = [n for n in names if n.endswith((".so", ".pyd", ".dylib")) or ".so." in n]
         if pure and compiled:
-            problems.append(f"{w.path.name} is tagged pure Python but holds compiled files: {compiled[:3]}")
-        if w.name == "deepspeed":
+            problems.append(f"{path.name} is tagged pure Python but holds compiled files: {compiled[:3]}")
+        if name == "deepspeed":
             info = "deepspeed/git_version_info_installed.py"
             if info not in names:
-                problems.append(f"{w.path.name}: no {info}, cannot tell which ops were prebuilt")
+                problems.append(f"{path.name}: no {info}, cannot tell which ops were prebuilt")
             else:
                 tree = ast.parse(zf.read(info).decode())
                 ops = {
@@ -169,179 +125,45 @@ def wheel_contents_problems(w: Wheel) -> list[str]:
                 prebuilt = sorted(op for op, built in ops.items() if built)
                 if prebuilt or compiled:
                     problems.append(
-                        f"{w.path.name} has prebuilt ops {prebuilt or compiled[:3]}: "
+                        f"{path.name} has prebuilt ops {prebuilt or compiled[:3]}: "
                         "build it with DS_BUILD_OPS=0"
                     )
     return problems
-
-
-# ---------------------------------------------------------------- what the project's GPU entry points import
-
-
-def _module_file(module: str) -> Path | None:
-    base = ROOT.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _guards_import_errors(node: ast.Try) -> bool:
-    names = set()
-    for handler in node.handlers:
-        if handler.type is None:
-            return True
-        for t in handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]:
-            names.add(ast.unparse(t))
-    return bool(names & {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"})
-
-
-def _module_level_imports(tree: ast.Module, module: str, is_package: bool):
-    """Absolute module names imported when the module is imported (function bodies and optional imports
-    aside), with the names imported from each (a `from pkg import mod` may import a submodule)."""
-    package = module if is_package else module.rpartition(".")[0]
-
-    def walk(body):
-        for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                continue
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    yield alias.name, ()
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    parts = package.split(".")
-                    base = ".".join(parts[: len(parts) - node.level + 1])
-                    name = f"{base}.{node.module}" if node.module else base
-                else:
-                    name = node.module
-                yield name, tuple(a.name for a in node.names)
-            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                yield from walk(node.orelse)
-            elif isinstance(node, ast.Try) and _guards_import_errors(node):
-                yield from walk(node.orelse)
-                yield from walk(node.finalbody)
-            else:
-                for attr in ("body", "orelse", "finalbody", "handlers", "cases"):
-                    sub = getattr(node, attr, None)
-                    if isinstance(sub, list):
-                        yield from walk(sub)
-
-    yield from walk(tree.body)
-
-
-def third_party_imports(entries=ENTRY_MODULES) -> dict[str, str]:
-    """Top-level third-party module name -> the first project file that imports it, following the project's
-    own modules from ``entries`` (and the packages above each module, which Python imports first)."""
-    seen: set[str] = set()
-    todo = list(entries)
-    found: dict[str, str] = {}
-    while todo:
-        module = todo.pop()
-        parts = module.split(".")
-        for i in range(1, len(parts) + 1):  # parents first, as the import system does
-            name = ".".join(parts[:i])
-            if name in seen:
-                continue
-            seen.add(name)
-            path = _module_file(name)
-            if path is None:
-                continue
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            for imported, names in _module_level_imports(tree, name, path.name == "__init__.py"):
-                top = imported.split(".")[0]
-                if top in PROJECT_PACKAGES:
-                    todo.append(imported)
-                    todo.extend(f"{imported}.{n}" for n in names if _module_file(f"{imported}.{n}"))
-                elif top not in sys.stdlib_module_names and top != "__future__":
-                    found.setdefault(top, str(path.relative_to(ROOT)))
-    return found
 
 
 # ---------------------------------------------------------------------------------------------- (a) closure
 
 
 def check_closure(wheels_dir: Path, image: set[str]) -> list[str]:
+    """The wheels themselves (each installs on the GPU's Python, no package twice, exactly the packages of
+    benchmarks/gpu_bundle_packages.txt), then the closure of what the GPU run imports (bundle_closure.py)."""
     problems: list[str] = []
-    wheels: dict[str, Wheel] = {}
+    carried: dict[str, Carried] = {}
     paths = sorted(wheels_dir.glob("*.whl"))
     if not paths:
         return [f"no wheels in {wheels_dir}"]
     for path in paths:
-        w = read_wheel(path)
-        if w.name in wheels:
-            problems.append(f"{w.name} is carried twice: {wheels[w.name].path.name} and {path.name}")
+        w, requires_python = read_wheel(path)
+        if w.name in carried:
+            problems.append(f"{w.name} is carried twice: {carried[w.name].source} and {path.name}")
             continue
-        wheels[w.name] = w
+        carried[w.name] = w
         if not installs_on_gpu(path):
             problems.append(f"{path.name} does not install on CPython 3.12 manylinux x86_64")
-        if w.requires_python and not SpecifierSet(w.requires_python).contains(GPU_PYTHON, prereleases=True):
-            problems.append(f"{path.name} requires Python {w.requires_python}, the GPU has {GPU_PYTHON}")
-        problems += wheel_contents_problems(w)
-
-    from_image: dict[str, list[str]] = defaultdict(list)  # image package -> who needs it (and which versions)
-
-    def need(name: str, spec: SpecifierSet, why: str) -> bool:
-        """Record that ``why`` needs ``name`` (spec); True the first time a carried wheel is reached."""
-        spec_text = f" {spec}" if str(spec) else ""
-        if name in wheels:
-            w = wheels[name]
-            first = not w.needed_by
-            w.needed_by.append(f"{why}{spec_text}")
-            if not spec.contains(w.version, prereleases=True):
-                problems.append(f"{why} needs {name}{spec}, the bundle carries {w.version}")
-            return first
-        if name in image:
-            seen = IMAGE_VERSIONS_SEEN.get(name)
-            from_image[name].append(f"{why}{spec_text}")
-            if seen and not spec.contains(seen, prereleases=True):
-                problems.append(f"{why} needs {name}{spec}, the image was seen with {seen}: carry {name}")
-            return False
-        problems.append(f"{why} needs {name}{spec_text}: neither carried nor in the GPU image")
-        return False
-
-    # Roots: what the GPU entry points import. A module name maps to its distribution(s) through this
-    # environment's metadata (the project is installed here with all its dependencies).
-    module_to_dists = md.packages_distributions()
-    todo: list[Wheel] = []
-    for module, importer in sorted(third_party_imports().items()):
-        dists = sorted({canonicalize_name(d) for d in module_to_dists.get(module, [])})
-        if not dists:
-            problems.append(f"{importer} imports {module}, which no package installed here provides")
-            continue
-        # A module several distributions provide (mlflow: mlflow, mlflow-skinny, ...) is met by any of them.
-        chosen = next((d for d in dists if d in wheels), next((d for d in dists if d in image), dists[0]))
-        if need(chosen, SpecifierSet(), f"{importer} (import {module})"):
-            todo.append(wheels[chosen])
-    while todo:
-        w = todo.pop()
-        for req in w.requires:
-            if req.marker is not None and not req.marker.evaluate(GPU_MARKERS):
-                continue
-            name = canonicalize_name(req.name)
-            if need(name, req.specifier, f"{w.name} {w.version}") and name in wheels:
-                todo.append(wheels[name])
-
-    print(
-        f"(a) dependency closure for CPython {GPU_PYTHON} on Linux x86_64, from the GPU entry points "
-        f"{', '.join(ENTRY_MODULES)}; GPU image: {IMAGE_LIST.relative_to(ROOT)} ({len(image)} packages)"
-    )
-    rows = [("carried", "version", "size", "why")]
-    for w in sorted(wheels.values(), key=lambda w: w.name):
-        why = "; ".join(w.needed_by) or "NOTHING NEEDS IT"
-        if w.name in image:
-            why += "; the image has it too, version unknown: this one shadows it"
-        rows.append((w.name, str(w.version), f"{w.path.stat().st_size / 1024:,.0f} KiB", why))
-        if not w.needed_by:
-            problems.append(f"{w.path.name} is carried but nothing the GPU run imports needs it")
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print(f"    {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
-    print("    met by the image (version seen there, if any, in []):")
-    for name in sorted(from_image):
-        seen = f" [{IMAGE_VERSIONS_SEEN[name]}]" if name in IMAGE_VERSIONS_SEEN else ""
-        print(f"      {name}{seen} <- {', '.join(sorted(set(from_image[name])))}")
-    return problems
+        if requires_python and not SpecifierSet(requires_python).contains(GPU_PYTHON, prereleases=True):
+            problems.append(f"{path.name} requires Python {requires_python}, the GPU has {GPU_PYTHON}")
+        problems += wheel_contents_problems(path, w.name)
+    listed = read_list(BUNDLE_LIST)
+    if sorted(listed) != sorted(carried):
+        problems.append(
+            f"the wheels ({', '.join(sorted(carried))}) are not the packages of "
+            f"{BUNDLE_LIST.relative_to(ROOT)} ({', '.join(sorted(listed))})"
+        )
+    try:
+        imports = gpu_imports()
+    except RuntimeError as err:
+        return [*problems, str(err)]
+    return problems + closure_problems(list(carried.values()), image, imports)
 
 
 # ------------------------------------------------------------------------------------------ (b) install

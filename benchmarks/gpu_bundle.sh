@@ -4,8 +4,9 @@
 # mlflow, and reaches no package registry, so everything else travels in this folder:
 #
 #   wheels/   deepspeed (built here from its sdist, no ops prebuilt: they JIT-compile on the GPU), the
-#             packages it and sparsebert import that the GPU image lacks, for CPython 3.12 manylinux x86_64;
-#             the versions are the ones installed here, so the GPU runs the stack the tests ran with
+#             packages it and sparsebert import that the GPU image lacks, for CPython 3.12 manylinux x86_64
+#             (benchmarks/gpu_bundle_packages.txt); the versions are the ones installed here, so the GPU runs
+#             the stack the tests ran with
 #   corpus/   the embedded Python-docs corpus, prepared as sparsebert.corpus.prepare_default_corpus does
 #   tasks/    glue/ and squad/ from eval/smoke.py's writers (official formats, random sentences), small enough
 #             that fine-tuning a BERT-mini on them takes seconds
@@ -22,11 +23,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 BUNDLE=.gpu_bundle
-# Every package carried; benchmarks/check_bundle.py fails if one is missing from the dependency closure, or
-# carried for no reason. typing-extensions is in the GPU image too, at a version nobody has read there:
-# it is carried because pydantic needs a recent one (>=4.14.1).
-PACKAGES=(deepspeed hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
-  pytorch-optimizer)
+# Every package carried (benchmarks/gpu_bundle_packages.txt, deepspeed first); benchmarks/check_bundle.py fails if
+# one is missing from what the GPU run imports, or carried for no reason.
+mapfile -t PACKAGES < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' benchmarks/gpu_bundle_packages.txt)
+if [[ ${PACKAGES[0]:-} != deepspeed ]]; then
+  echo "gpu_bundle: FAILED: benchmarks/gpu_bundle_packages.txt must list deepspeed first" >&2
+  exit 1
+fi
 GLUE_TRAIN=512 GLUE_DEV=128    # rows per GLUE task and split
 SQUAD_TRAIN=128 SQUAD_DEV=64   # paragraphs (one question each in v1.1) per SQuAD split
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything SparseBERT checks on a GPU, in one run: the fast paths against eager, the benchmarks (tables in
-# benchmarks/results/gpu_*_<gpu>.md, copied to $OUT when that is set), then the end-to-end run
+# benchmarks/results/gpu_*_<gpu>.md, copied to $OUT when that is set; among them the measurement that decides
+# which backend `auto` picks in inference at L <= 128, benchmarks/bench_auto_short.py), then the end-to-end run
 # (benchmarks/gpu_e2e.sh: pre-training under the deepspeed launcher with a kill and a resume, then fine-tuning
 # on GLUE and SQuAD), and pretrain.py's own throughput at L=2048/4096, dense against sparse masks
 # (benchmarks/bench_pretrain_long.py). Expected to take about 8 minutes on an H100/H200, much of it compiling FlexAttention and
@@ -66,6 +67,12 @@ timeout 200 python3 benchmarks/bench_attention.py --device cuda --size base --dt
   --out "$RESULTS/gpu_attention_${GPU}.md" 2>&1 | tee -a "$LOG" \
   || fail "bench_attention (exit ${PIPESTATUS[0]})"
 
+step "auto at L <= 128 in inference: flex (one 128-block) vs the rule without flex, BERT-base bf16, L=64 and 128"
+# auto sends a fixed sparse mask in GPU inference to flex at any length; the decision line in the results file
+# says whether that should stay so at L <= 128 (sparsebert/attention.py's choose_backend).
+timeout 150 python3 benchmarks/bench_auto_short.py --device cuda --out "$RESULTS/gpu_auto_short_${GPU}.md" 2>&1 \
+  | tee -a "$LOG" || fail "bench_auto_short (exit ${PIPESTATUS[0]})"
+
 step "MFU with torch.compile: BERT-base seq 128, reference and dense"
 timeout 180 python3 benchmarks/bench_training.py --device cuda --sizes base --lengths 128 --tokens 16384 \
   --bf16 --compile --rows dense "dense, masked_only" --repeats 5 \
@@ -93,4 +100,5 @@ E2E_OUT=$E2E timeout 300 bash benchmarks/gpu_e2e.sh cuda 2>&1 | tee -a "$LOG" ||
 cp "$E2E/summary.md" "$RESULTS/gpu_e2e_${GPU}.md"
 
 save
-step "done: $RESULTS/gpu_{training,attention,training_compiled,pretrain_long,e2e}_${GPU}.md"
+grep -h "^Decision" "$RESULTS/gpu_auto_short_${GPU}.md" || true
+step "done: $RESULTS/gpu_{training,attention,auto_short,training_compiled,pretrain_long,e2e}_${GPU}.md"
