@@ -194,8 +194,31 @@ def export_final(
                 (tmp / "mlflow_run_id").write_text(mlflow_run_id)
             if metrics:  # the step and held-out numbers of the exported weights
                 (tmp / "pretraining_metrics.json").write_text(json.dumps(metrics, indent=1))
+            _readable_as_umask_allows(tmp)
             _swap_into_place(tmp, out_dir)
     ds_setup.barrier()
+
+
+def _readable_as_umask_allows(directory: Path) -> None:
+    """Give the export's files the mode a plain ``open`` would (0644 under the usual umask 022): safetensors
+    creates its files 0600 whatever the umask, which colleagues on a shared filesystem could not read."""
+    mode = 0o666 & ~_umask()
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (``os.umask`` changes it for every thread, if briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _swap_into_place(new: Path, target: Path) -> None:
