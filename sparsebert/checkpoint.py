@@ -95,10 +95,27 @@ def discard_newer(output_dir: str | Path, tag: str) -> None:
     ds_setup.barrier()
 
 
-def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> None:
-    """Refuse to resume ``tag`` with a config that changes the run, or over newer checkpoints (unless the
-    config's ``checkpoint.allow_config_change`` / ``checkpoint.discard_newer`` say so; the latter deletes them)."""
-    saved = saved_config(output_dir, tag)
+def resume_point(output_dir: str | Path, resume: str) -> dict[str, Any]:
+    """Where a run resumes, as ``output_dir`` holds it: the tag (``checkpoint.resume``: ``auto`` = the newest
+    complete checkpoint, ``never``, or a tag), its train state and saved config, and the complete checkpoints
+    newer than it. The one place a run's decisions are read from ``output_dir``: the trainer reads it on rank 0
+    and hands rank 0's answer to every rank (``agreement.decide``), so no two ranks resume differently."""
+    tag = None if resume == "never" else latest_tag(output_dir) if resume == "auto" else resume
+    if tag is None:
+        return {"tag": None}
+    return {
+        "tag": tag,
+        "train_state": train_state(output_dir, tag),
+        "saved_config": saved_config(output_dir, tag),
+        "newer": newer_tags(output_dir, tag),
+    }
+
+
+def check_resume(output_dir: str | Path, point: dict[str, Any], config: PretrainConfig) -> None:
+    """Refuse to resume ``point`` (:func:`resume_point`) with a config that changes the run, or over newer
+    checkpoints (unless the config's ``checkpoint.allow_config_change`` / ``checkpoint.discard_newer`` say so; the
+    latter deletes them)."""
+    tag, saved, newer = point["tag"], point["saved_config"], point["newer"]
     if saved is not None and not config.checkpoint.allow_config_change:
         changed = run_changes(saved, config)
         if changed:
@@ -107,7 +124,6 @@ def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> No
                 "resuming would mix two runs. Use another output_dir, restore those values, or set "
                 "checkpoint.allow_config_change=true to resume anyway"
             )
-    newer = newer_tags(output_dir, tag)
     if newer and not config.checkpoint.discard_newer:
         raise ConfigError(
             f"checkpoint.resume={tag} is older than {', '.join(newer)} in {output_dir}; continuing from it would "
@@ -249,6 +265,30 @@ def _exchange(a: Path, b: Path) -> bool:
     if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False  # a filesystem or kernel without the exchange
     raise OSError(ctypes.get_errno(), f"cannot swap {a} into place at {b}")
+
+
+# flock's answers on a filesystem without locks: NFS without lockd, Lustre mounted noflock, some FUSE mounts.
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def hold_output_dir(output_dir: str | Path):
+    """Rank 0's hold on ``output_dir`` (:func:`lock_output_dir`), or None where its filesystem offers no file
+    locks: then a warning, and the run goes on unprotected against a second one. Another run holding it is a
+    ``ConfigError`` (one line; the trainer stops every rank with it)."""
+    try:
+        return lock_output_dir(output_dir)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:
+        if err.errno not in NO_LOCKS:
+            raise
+        print(
+            f"warning: cannot lock {output_dir} ({err.strerror}): its filesystem offers no file locks (NFS without "
+            "lockd, Lustre mounted without flock), so a second run on this output_dir would not be refused: "
+            "start none",
+            flush=True,
+        )
+        return None
 
 
 def lock_output_dir(output_dir: str | Path):

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sparsebert import build, checkpoint, console, continuation, run_report, summary
+from sparsebert import agreement, build, checkpoint, console, continuation, run_report, summary
 from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.corpus import open_reader, open_validation_reader, prepare_default_corpus
+from sparsebert.corpus import open_reader, open_validation_reader, training_corpus
 from sparsebert.data import model_inputs
 from sparsebert.faults import step_fault
 from sparsebert.masks import sparsity
@@ -67,6 +67,7 @@ class Run:
     validation: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
     stop: StopRequest = field(default_factory=StopRequest)
     lock: Any = None  # rank 0's hold on output_dir (released when the process ends)
+    resumed_from: str | None = None  # the checkpoint tag the run resumed from
     started: float = field(default_factory=time.monotonic)
     start_validation: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
 
@@ -95,16 +96,35 @@ def pretrain(config: PretrainConfig) -> int:
 
 
 def setup(config: PretrainConfig) -> Run:
-    """Join the process group, open this rank's data, build model and engine, resume from the newest checkpoint
-    (if any), and start (or continue) the MLflow run."""
-    ds_setup.init_distributed()
+    """Meet every rank; then, on every rank or on none (an error on one stops them all, reported once: see
+    :mod:`sparsebert.agreement`), join the process group, open output_dir and this rank's data, build model and
+    engine and resume from the newest checkpoint (if any); then start (or continue) the MLflow run."""
+    ds_setup.launch_env()
+    store = agreement.rendezvous()  # within the set-up timeout, or every rank stops naming the missing ones
+    with agreement.all_or_none():
+        ds_setup.init_distributed(store)
+        run = _prepare(config)
+    _start_tracking(run)
+    run_report.report_attention(run)  # printed, and logged to the MLflow run
+    return run
+
+
+def _prepare(config: PretrainConfig) -> Run:
+    # One command, read alike on every node (each may read its own copy of a config file).
+    agreement.agree(
+        "the config",
+        config.to_dict(),
+        lambda a, b: f"other values of {', '.join(agreement.differing_keys(a, b))}",
+    )
     rank0 = ds_setup.rank() == 0
     seed_everything(config.train.seed)
     ds = ds_setup.deepspeed_config(config)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    data_dir = Path(config.data.path) if config.data.path else prepare_default_corpus(rank0)
+    agreement.check_shared_dir(out, "output_dir")  # every rank writes its checkpoint part there
+    lock = checkpoint.hold_output_dir(out) if rank0 else None
+    # Rank 0 reads what output_dir holds; every rank resumes from what it read.
+    point = agreement.decide("resume point", lambda: checkpoint.resume_point(out, config.checkpoint.resume))
+    data_dir = training_corpus(config)
     reader = open_reader(data_dir, config)  # batches arrive on this rank's device
 
     tokenizer = reader.tokenizer
@@ -113,19 +133,11 @@ def setup(config: PretrainConfig) -> Run:
         raise ConfigError(f"config key 'eval.fill_mask': {missing[0]!r} has no {tokenizer.mask_token}")
     source, mask_note = None, None
     if config.model.init_from:  # continuing (phase 2, long context, any BERT): mask, vocabulary, length
-        source = continuation.locate(config.model.init_from)
+        local = agreement.on_each_node("model.init_from", lambda: continuation.fetch(config.model.init_from))
+        source = continuation.locate(config.model.init_from, local)
         config, mask_note = continuation.resolve_mask(config, source)
         continuation.check_fits(source, tokenizer, reader.tokenizer_dir, reader.seq_len, config)
-    resume_tag = _resume_tag(config, out)
-    if resume_tag:
-        checkpoint.check_resume(out, resume_tag, config)
-    resumed = TrainState(**checkpoint.train_state(out, resume_tag)) if resume_tag else None
-    if resumed and resumed.stage == 1 and resumed.search_steps not in (None, config.search_steps):
-        raise ConfigError(
-            f"checkpoint {resume_tag} is in a DAM search of {resumed.search_steps} steps; this config's search "
-            f"is {config.search_steps} (dam.search_fraction of train.max_steps): set "
-            f"dam.search_steps={resumed.search_steps} to resume it"
-        )
+    resumed = _resumed_state(out, point, config)
     restarted = resumed is not None and resumed.restarted
     model = build.build_model(
         continuation.build_config(config, source, reader.seq_len),
@@ -150,7 +162,7 @@ def setup(config: PretrainConfig) -> Run:
         search_steps=config.search_steps,
     )
     if resumed:
-        exact = checkpoint.load(engine, out, resume_tag, state.world_size, config.checkpoint.reshard)
+        exact = checkpoint.load(engine, out, point["tag"], state.world_size, config.checkpoint.reshard)
         if not exact:  # another world size: new random streams, distinct per rank and from the run's start
             seed_everything(config.train.seed + ds_setup.rank() + 1_000_003 * state.step)
         state.world_size = ds_setup.world_size()
@@ -158,39 +170,50 @@ def setup(config: PretrainConfig) -> Run:
         if state.stage == 2 and not model.mask_frozen:  # the search ended before the checkpoint
             build.freeze_in_place(model, engine, scheduler)
 
-    tracker = RunTracker(enabled=rank0 and config.mlflow.enabled, output_dir=out)
-    tracker.start(
-        config.mlflow.tracking_uri, config.mlflow.experiment, config.mlflow.run_name or out.name,
-        state.mlflow_run_id, _params(config, ds),
-    )  # fmt: skip
-    state.mlflow_run_id = tracker.run_id
-    if not resumed:
-        tracker.log_configs(config.to_dict(), ds)
-    report(f"output: {out.resolve()}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
+    tracker = RunTracker(enabled=rank0 and config.mlflow.enabled, output_dir=out)  # started after set-up
+    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, lock=lock)
+    run.resumed_from = point["tag"] if resumed else None
+    run.val_reader = open_validation_reader(data_dir, config, reader)
+    _report_start(run, data_dir, source, continued_optimizer, mask_note)
+    return run
+
+
+def _report_start(
+    run: Run, data_dir: Path, source, continued_optimizer: str | None, mask_note: str | None
+) -> None:
+    config, state = run.config, run.state
+    report(f"output: {run.out.resolve()}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
     report(
-        f"device: {ds_setup.device()}  |  ZeRO stage {ds_setup.zero_stage(ds)}  |  {ds_setup.precision(ds)}",
+        f"device: {ds_setup.device()}  |  ZeRO stage {ds_setup.zero_stage(run.ds)}  |  {ds_setup.precision(run.ds)}",
     )
-    if resumed:
-        report(f"resumed from {resume_tag} at step {state.step} (stage {state.stage})")
+    if run.resumed_from:
+        report(f"resumed from {run.resumed_from} at step {state.step} (stage {state.stage})")
     elif source is not None:
         moments = (
             f"the optimizer moments of {continued_optimizer}" if continued_optimizer else "a fresh optimizer"
         )
-        frozen = " (frozen)" if model.mask_frozen else ""
+        frozen = " (frozen)" if run.model.mask_frozen else ""
         report(
-            f"continuing from {source.model_dir}: its weights, mask {model.config.mask_spec.name}{frozen}, "
-            f"{moments}; a fresh LR schedule ({config.train.warmup_steps} warm-up steps) at seq_len {reader.seq_len}"
+            f"continuing from {source.model_dir}: its weights, mask {run.model.config.mask_spec.name}{frozen}, "
+            f"{moments}; a fresh LR schedule ({config.train.warmup_steps} warm-up steps) at seq_len {run.seq_len}"
         )
     if mask_note:
         report(f"warning: {mask_note}")
-    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, lock=lock)
-    run.val_reader = open_validation_reader(data_dir, config, reader)
     if run.val_reader is None:
         report(
             f"no held-out evaluation: {data_dir} has no validation split (data_prep --validation-fraction)"
         )
-    run_report.report_attention(run)
-    return run
+
+
+def _start_tracking(run: Run) -> None:
+    config, tracker = run.config, run.tracker
+    tracker.start(
+        config.mlflow.tracking_uri, config.mlflow.experiment, config.mlflow.run_name or run.out.name,
+        run.state.mlflow_run_id, _params(config, run.ds),
+    )  # fmt: skip
+    run.state.mlflow_run_id = tracker.run_id
+    if run.resumed_from is None:
+        tracker.log_configs(config.to_dict(), run.ds)
 
 
 def train(run: Run) -> bool:
@@ -420,17 +443,19 @@ def _stop_on_bad_steps(run: Run, streak: int) -> None:
     )
 
 
-def _lock(out: Path):
-    """Rank 0 holds ``out``'s lock; every rank fails alike when another run holds it."""
-    lock, error = None, None
-    if ds_setup.rank() == 0:
-        try:
-            lock = checkpoint.lock_output_dir(out)
-        except RuntimeError as err:
-            error = err
-    if ds_setup.any_rank(error is not None):
-        raise error or RuntimeError(f"{out} is in use by another training run (rank 0 could not lock it)")
-    return lock
+def _resumed_state(out: Path, point: dict, config: PretrainConfig) -> TrainState | None:
+    """The state of the checkpoint the run resumes (``point``, as rank 0 read it), checked against the config."""
+    if point["tag"] is None:
+        return None
+    checkpoint.check_resume(out, point, config)
+    resumed = TrainState(**point["train_state"])
+    if resumed.stage == 1 and resumed.search_steps not in (None, config.search_steps):
+        raise ConfigError(
+            f"checkpoint {point['tag']} is in a DAM search of {resumed.search_steps} steps; this config's search "
+            f"is {config.search_steps} (dam.search_fraction of train.max_steps): set "
+            f"dam.search_steps={resumed.search_steps} to resume it"
+        )
+    return resumed
 
 
 def _save_rank_mask(out: Path, name: str, mask: torch.Tensor) -> None:
@@ -442,15 +467,6 @@ def _save_rank_mask(out: Path, name: str, mask: torch.Tensor) -> None:
 def _log_samples(out: Path, step: int, sample_ids: list[int], applied: bool) -> None:
     with open(out / f"samples.rank{ds_setup.rank()}.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "ids": sample_ids, "applied": applied}) + "\n")
-
-
-def _resume_tag(config: PretrainConfig, out: Path) -> str | None:
-    mode = config.checkpoint.resume
-    if mode == "never":
-        return None
-    if mode == "auto":
-        return checkpoint.latest_tag(out)
-    return mode  # an explicit tag
 
 
 def _params(config: PretrainConfig, ds: dict) -> dict:

@@ -35,6 +35,23 @@ def test_a_second_run_on_an_output_dir_is_refused_and_a_killed_one_leaves_no_loc
     checkpoint.lock_output_dir(tmp_path).close()  # the kernel dropped the dead holder's lock
 
 
+def test_a_filesystem_without_locks_gets_a_warning_not_a_hang(tmp_path, monkeypatch, capsys):
+    """NFS without lockd answers flock with ENOLCK (Lustre mounted noflock: ENOSYS): the run goes on, warned."""
+    import errno
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    assert checkpoint.hold_output_dir(tmp_path) is None
+    assert f"warning: cannot lock {tmp_path} (No locks available)" in capsys.readouterr().out
+    monkeypatch.undo()
+    held = checkpoint.hold_output_dir(tmp_path)
+    with pytest.raises(ConfigError, match="in use by a running training run"):  # one line, on every rank
+        checkpoint.hold_output_dir(tmp_path)
+    held.close()
+
+
 def _fake_checkpoint(out, step: int, config) -> str:
     tag = f"step{step:08d}"
     path = checkpoint.checkpoint_dir(out) / tag
@@ -48,24 +65,27 @@ def test_resuming_with_a_changed_run_is_refused_naming_the_keys(tmp_path):
     config = load_config("tiny_cpu", [f"output_dir={tmp_path}"])
     tag = _fake_checkpoint(tmp_path, 4, config)
     longer = load_config("tiny_cpu", [f"output_dir={tmp_path}", "train.max_steps=900", "checkpoint.every=7"])
-    checkpoint.check_resume(tmp_path, tag, longer)  # length, cadence, where output goes: neutral
+    point = checkpoint.resume_point(tmp_path, tag)
+    checkpoint.check_resume(tmp_path, point, longer)  # length, cadence, where output goes: neutral
     changed = load_config("tiny_cpu", [f"output_dir={tmp_path}", "train.lr=0.5", "model.size=mini"])
     assert run_changes(config.to_dict(), changed) == ["model.size", "train.lr"]
     with pytest.raises(ConfigError, match=r"model\.size, train\.lr"):
-        checkpoint.check_resume(tmp_path, tag, changed)
+        checkpoint.check_resume(tmp_path, point, changed)
     allowed = load_config(
         "tiny_cpu", [f"output_dir={tmp_path}", "train.lr=0.5", "checkpoint.allow_config_change=true"]
     )
-    checkpoint.check_resume(tmp_path, tag, allowed)
+    checkpoint.check_resume(tmp_path, point, allowed)
 
 
 def test_an_older_tag_keeps_the_newer_checkpoints_unless_asked(tmp_path):
     config = load_config("tiny_cpu", [f"output_dir={tmp_path}"])
     old, new = _fake_checkpoint(tmp_path, 4, config), _fake_checkpoint(tmp_path, 8, config)
+    point = checkpoint.resume_point(tmp_path, old)
+    assert point["newer"] == [new] and point["train_state"] == {"step": 4}
     with pytest.raises(ConfigError, match="step00000008"):
-        checkpoint.check_resume(tmp_path, old, config)
+        checkpoint.check_resume(tmp_path, point, config)
     assert (checkpoint.checkpoint_dir(tmp_path) / new).is_dir()
-    checkpoint.check_resume(tmp_path, old, load_config("tiny_cpu", ["checkpoint.discard_newer=true"]))
+    checkpoint.check_resume(tmp_path, point, load_config("tiny_cpu", ["checkpoint.discard_newer=true"]))
     assert not (checkpoint.checkpoint_dir(tmp_path) / new).exists()
 
 
