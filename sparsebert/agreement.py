@@ -250,6 +250,7 @@ def _wait(store, keys: list[str], timeout: timedelta) -> None:
 
 
 def _key(name: str) -> str:
+    """The store key of the next agreement: ``name`` must be the same on every rank (no node-local paths)."""
     global _SEQUENCE
     _SEQUENCE += 1
     return f"{PREFIX}{_SEQUENCE}/{name}"

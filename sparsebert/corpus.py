@@ -76,7 +76,11 @@ def open_reader(data_dir: Path, config: PretrainConfig):
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{what}: {err}") from err
     corpus = {"shards": reader.dataset_id, "tokenizer": reader.manifest["tokenizer"]["hash"]}
-    agreement.agree(what, corpus, lambda _, __: "other shards or another tokenizer")
+    agreement.agree(  # (the name keys the agreement: the same on every rank, unlike a node's cache path)
+        "the corpus (data.path)" if config.data.path else "the embedded corpus",
+        corpus,
+        lambda _, __: "other shards or another tokenizer",
+    )
     # Masking is a pure function of (seed, epoch, sample), so a resumed run masks as an uninterrupted one.
     reader.collator = MlmCollator(
         reader.tokenizer,

@@ -9,15 +9,18 @@ directory on every node, as it does on a cluster without a shared working direct
 ``root`` plays the shared filesystem. Only ``TORCH_EXTENSIONS_DIR`` is shared, so DeepSpeed's C++ comm op is
 compiled once for every test rather than once per node.
 
-    cluster = SimulatedCluster(tmp_path, nodes=2)
-    cluster.copy_to_nodes(corpus, "data/corpus")  # a node-local copy of the corpus on every node
-    nodes = cluster.run(["--config", "tiny_cpu", "data.path=data/corpus", f"output_dir={tmp_path}/out"],
-                        timeout=120, node_env={1: {"SPARSEBERT_FAULTS": "sigterm_at_step=3"}})
-    assert all(node.returncode == 0 for node in nodes), cluster.transcript()
+    with SimulatedCluster(tmp_path, nodes=2) as cluster:
+        cluster.copy_to_nodes(corpus, "data/corpus")  # a node-local copy of the corpus on every node
+        nodes = cluster.run(["--config", "tiny_cpu", "data.path=data/corpus", f"output_dir={tmp_path}/out"],
+                            timeout=120, node_env={1: {"SPARSEBERT_FAULTS": "sigterm_at_step=3"}})
+        assert all(node.returncode == 0 for node in nodes), cluster.transcript()
 
 ``start`` returns at once (then ``wait``, ``Node.signal``, ``Node.kill``); every node's output (stdout and stderr)
 goes to ``root/node<N>.log`` and is read back with ``Node.output``. Nodes run in their own session, so
-``SimulatedCluster.stop`` (or a timed-out ``wait``) ends each launcher with everything it started.
+``SimulatedCluster.stop`` (or a timed-out ``wait``) ends each launcher with everything it started. Used as a
+context manager (``with SimulatedCluster(...) as cluster:``), it stops the nodes and removes their TMPDIRs at
+the end. A node's TMPDIR is a short directory of its own under /tmp, as on a real node: Ray, which prepares the
+embedded corpus, puts sockets there, and a socket path may not exceed 107 bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +60,9 @@ class Node:
     """One simulated node: its directories, and its launcher once started."""
 
     rank: int  # the launcher's --node_rank
-    root: Path  # root/node<rank>: home/, cache/, tmp/, work/
+    root: Path  # root/node<rank>: home/, cache/, work/
     log: Path
+    tmp: Path  # its TMPDIR
     process: subprocess.Popen | None = None
     started: float = 0.0
     ended: float | None = None
@@ -71,10 +76,6 @@ class Node:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
-
-    @property
-    def tmp(self) -> Path:
-        return self.root / "tmp"
 
     @property
     def work(self) -> Path:
@@ -166,7 +167,15 @@ class SimulatedCluster:
             "TORCH_EXTENSIONS_DIR": shared_torch_extensions_dir(),
             **(env or {}),
         }
-        self.nodes = [Node(n, self.root / f"node{n}", self.root / f"node{n}.log") for n in range(nodes)]
+        self.nodes = [
+            Node(
+                n,
+                self.root / f"node{n}",
+                self.root / f"node{n}.log",
+                Path(tempfile.mkdtemp(prefix=f"node{n}-")),
+            )
+            for n in range(nodes)
+        ]
         for node in self.nodes:
             for path in (node.home, node.cache, node.tmp, node.work):
                 path.mkdir(parents=True, exist_ok=True)
@@ -236,6 +245,14 @@ class SimulatedCluster:
         """Kill whatever still runs (a test's clean-up)."""
         for node in self.nodes:
             node.kill()
+
+    def __enter__(self) -> SimulatedCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        for node in self.nodes:
+            shutil.rmtree(node.tmp, ignore_errors=True)
 
     def transcript(self, tail: int = 4000) -> str:
         """Every node's exit, time and last output: for assertion messages."""
