@@ -87,10 +87,9 @@ def newer_tags(output_dir: str | Path, tag: str) -> list[str]:
     return [t for t in _complete_tags(root) if t > tag] if root.is_dir() else []
 
 
-def discard_newer(output_dir: str | Path, tag: str) -> list[str]:
-    """Delete the checkpoints newer than ``tag`` (rank 0; asked for with ``checkpoint.discard_newer``); returns
-    their tags."""
-    newer = newer_tags(output_dir, tag)
+def discard_newer(output_dir: str | Path, newer: list[str]) -> list[str]:
+    """Delete the checkpoints ``newer`` (rank 0 found them newer than the one resumed; asked for with
+    ``checkpoint.discard_newer``): rank 0 deletes, every rank waits; returns their tags."""
     if ds_setup.rank() == 0:
         for name in newer:
             shutil.rmtree(checkpoint_dir(output_dir) / name)
@@ -98,11 +97,27 @@ def discard_newer(output_dir: str | Path, tag: str) -> list[str]:
     return newer
 
 
-def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> list[str]:
-    """Refuse to resume ``tag`` with a config that changes the run, or over newer checkpoints (unless the
-    config's ``checkpoint.allow_config_change`` / ``checkpoint.discard_newer`` say so; the latter deletes them:
-    their tags are returned)."""
-    saved = saved_config(output_dir, tag)
+def resume_point(output_dir: str | Path, resume: str) -> dict[str, Any]:
+    """Where a run resumes, as ``output_dir`` holds it: the tag (``checkpoint.resume``: ``auto`` = the newest
+    complete checkpoint, ``never``, or a tag), its train state and saved config, and the complete checkpoints
+    newer than it. The one place a run's decisions are read from ``output_dir``: the trainer reads it on rank 0
+    and hands rank 0's answer to every rank (``agreement.decide``), so no two ranks resume differently."""
+    tag = None if resume == "never" else latest_tag(output_dir) if resume == "auto" else resume
+    if tag is None:
+        return {"tag": None}
+    return {
+        "tag": tag,
+        "train_state": train_state(output_dir, tag),
+        "saved_config": saved_config(output_dir, tag),
+        "newer": newer_tags(output_dir, tag),
+    }
+
+
+def check_resume(output_dir: str | Path, point: dict[str, Any], config: PretrainConfig) -> list[str]:
+    """Refuse to resume ``point`` (:func:`resume_point`) with a config that changes the run, or over newer
+    checkpoints (unless the config's ``checkpoint.allow_config_change`` / ``checkpoint.discard_newer`` say so; the
+    latter deletes them: their tags are returned)."""
+    tag, saved, newer = point["tag"], point["saved_config"], point["newer"]
     if saved is not None and not config.checkpoint.allow_config_change:
         changed = run_changes(saved, config)
         if changed:
@@ -111,13 +126,12 @@ def check_resume(output_dir: str | Path, tag: str, config: PretrainConfig) -> li
                 "resuming would mix two runs. Use another output_dir, restore those values, or set "
                 "checkpoint.allow_config_change=true to resume anyway"
             )
-    newer = newer_tags(output_dir, tag)
     if newer and not config.checkpoint.discard_newer:
         raise ConfigError(
             f"checkpoint.resume={tag} is older than {', '.join(newer)} in {output_dir}; continuing from it would "
             "overwrite them. Resume the newest, or set checkpoint.discard_newer=true to delete the newer ones"
         )
-    return discard_newer(output_dir, tag) if newer else []
+    return discard_newer(output_dir, newer) if newer else []
 
 
 def weights_finite(model) -> bool:
@@ -197,8 +211,31 @@ def export_final(
                 (tmp / "mlflow_run_id").write_text(mlflow_run_id)
             if metrics:  # the step and held-out numbers of the exported weights
                 (tmp / "pretraining_metrics.json").write_text(json.dumps(metrics, indent=1))
+            _readable_as_umask_allows(tmp)
             _swap_into_place(tmp, out_dir)
     ds_setup.barrier()
+
+
+def _readable_as_umask_allows(directory: Path) -> None:
+    """Give the export's files the mode a plain ``open`` would (0644 under the usual umask 022): safetensors
+    creates its files 0600 whatever the umask, which colleagues on a shared filesystem could not read."""
+    mode = 0o666 & ~_umask()
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (``os.umask`` changes it for every thread, if briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _swap_into_place(new: Path, target: Path) -> None:
@@ -231,7 +268,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(ctypes.get_errno(), f"cannot swap {a} into place at {b}")
 
 
+# flock's answers on a filesystem without locks: NFS without lockd, Lustre mounted noflock, some FUSE mounts.
 _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def hold_output_dir(output_dir: str | Path):
+    """Rank 0's hold on ``output_dir`` (:func:`lock_output_dir`). Another run holding it, or a filesystem without
+    file locks, is a ``ConfigError`` (one line, which stops every rank during set-up)."""
+    try:
+        return lock_output_dir(output_dir)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
 
 
 def lock_output_dir(output_dir: str | Path):

@@ -56,6 +56,8 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no ANSI colour on Ray's "(pid=...)" prefixes
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its database set-up and system-metrics notes
+    # torch's C++ warnings: a rank retrying to reach the rendezvous before rank 0 has opened it (errors stay)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if not sys.stdout.isatty():
         os.environ.setdefault("NO_COLOR", "1")
 
@@ -68,6 +70,14 @@ def verbose() -> bool:
 def is_rank0() -> bool:
     """Rank 0 of a launched job, or a process started without a launcher."""
     return os.environ.get("RANK", "0") == "0"
+
+
+class Stopped(Exception):
+    """The run stopped, and why was printed already (by this rank or, once, by the one that failed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"stopped with exit status {code}")
+        self.code = code
 
 
 def usage_error(err: BaseException, prog: str = "") -> int:

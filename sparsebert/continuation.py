@@ -32,6 +32,14 @@ from sparsebert.masks import parse_spec
 from sparsebert.train_config import ConfigError, PretrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+# What fetch takes from the hub: config, weights (safetensors), tokenizer; not other frameworks' weights.
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+]
 # Optimizer hyperparameters that belong to the new phase: restored after the old moments are loaded.
 FRESH_HYPERPARAMETERS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 
@@ -60,9 +68,30 @@ class Source:
         return tag is not None and not checkpoint.train_state(self.run_dir, tag).get("restarted", False)
 
 
-def locate(init_from: str) -> Source:
-    """The checkpoint ``model.init_from`` names, with its config; a run's output_dir means its ``final/``."""
-    path = Path(init_from).expanduser()
+def fetch(init_from: str) -> str:
+    """A local directory for ``model.init_from``: the path itself, or a hub model downloaded into this node's
+    cache (the user asked for the network by naming one). The trainer calls this on local rank 0 of every node
+    before any rank reads the model, so each node downloads it once and no rank reads a half-written cache."""
+    if Path(init_from).expanduser().exists():
+        return init_from
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(init_from, allow_patterns=HUB_FILES)
+        if not any(Path(path).glob("*.safetensors")):  # an older checkpoint: PyTorch weights only
+            path = snapshot_download(init_from, allow_patterns=[*HUB_FILES, "pytorch_model*.bin*"])
+    except (OSError, ValueError) as err:  # not found, offline, unreachable, not a hub name
+        raise ConfigError(
+            f"model.init_from={init_from!r} is neither a local directory nor a hub model this node could fetch: "
+            f"{err}"
+        ) from err
+    return path
+
+
+def locate(init_from: str, local: str | None = None) -> Source:
+    """The checkpoint ``model.init_from`` names, with its config; a run's output_dir means its ``final/``.
+    ``local``: where :func:`fetch` found or put it (default: ``init_from`` itself)."""
+    path = Path(local or init_from).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         if checkpoint.latest_tag(path) is None:
             raise ConfigError(

@@ -12,7 +12,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.constants import default_pg_timeout
 
+from sparsebert import agreement
 from sparsebert.train_config import ConfigError, PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,17 +95,37 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def init_distributed() -> None:
-    """Join the process group set up by the ``deepspeed`` launcher, or form a group of one."""
-    if "RANK" not in os.environ:  # plain `python sparsebert/pretrain.py`
+def launch_env() -> None:
+    """A plain ``python sparsebert/pretrain.py`` (no launcher) is a world of one, on a free port."""
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    _prepare_shared_memory_op(int(os.environ["WORLD_SIZE"]))
-    deepspeed.init_distributed(dist_init_required=True)
+
+
+def init_distributed(store: dist.Store | None) -> None:
+    """Form the process group on the rendezvous' ``store`` (``agreement.rendezvous``), with DeepSpeed's collective
+    timeout; nothing when this process already has one (tests form a group of one themselves)."""
+    if dist.is_initialized():
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    _prepare_shared_memory_op(world)
+    backend, local_rank = get_accelerator().communication_backend_name(), int(os.environ["LOCAL_RANK"])
+    # As deepspeed.init_distributed would, but on our store: the rendezvous had the short set-up timeout, the
+    # group keeps the long one. DeepSpeed then wraps the group it finds.
+    extra = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" and world > 1 else {}
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        timeout=default_pg_timeout,
+        **extra,
+    )
+    deepspeed.init_distributed(dist_init_required=True, timeout=default_pg_timeout)
     _unlink_shared_memory_buffer()
     # One device per rank from the start: batches and collectives use it before the engine exists (which
     # would set it too). The CPU accelerator ignores this.
-    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    get_accelerator().set_device(local_rank)
 
 
 def _prepare_shared_memory_op(world_size: int) -> None:
@@ -234,6 +256,7 @@ def destroy_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    agreement.forget()
     _CONTROL_GROUP = None
     _HF_DS_CONFIG = None  # transformers holds it weakly: dropped here, models build unpartitioned again
     groups._WORLD_GROUP = None  # DeepSpeed keeps it across groups and offers no reset

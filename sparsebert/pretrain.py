@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.pretrain(config)
     except ConfigError as err:  # the config, or a file it names (DeepSpeed JSON, a checkpoint's config)
         return console.usage_error(err)
+    except console.Stopped as stop:  # a set-up error, printed once by the rank it happened on (agreement)
+        return stop.code
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

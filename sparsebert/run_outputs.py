@@ -8,11 +8,14 @@ checkpoint there as it would into a local ``output_dir``. The store is the truth
 staging directory from it, so nodes need no shared filesystem and a run may resume on other machines.
 
 * **Start** (:meth:`RunOutputs.open`): rank 0 takes the lease (:mod:`sparsebert.output_lease`); each machine's
-  first rank (``LOCAL_RANK`` 0) replaces its ``checkpoints/`` with the store's index (``latest`` and every tag's
-  ``train_state.json`` and ``train_config.json``), so ``checkpoint``'s resume decisions read it as they read a
-  local ``output_dir``; rank 0 takes the tracking journal (``tracking/``), each rank its sample log.
-* **Resume** (:meth:`fetch`): of the tag chosen, each machine's first rank downloads the files every rank reads
-  (the model states), each rank its own (``rng_rank<r>.pt``, ``*zero_pp_rank_<r>_*``).
+  first rank (``LOCAL_RANK`` 0) empties its ``checkpoints/``, and rank 0 fills its own with the store's index
+  (``latest`` and every tag's ``train_state.json`` and ``train_config.json``), so ``checkpoint.resume_point``
+  reads it as it reads a local ``output_dir`` (on rank 0 only: the trainer hands its answer to every rank);
+  rank 0 takes the tracking journal (``tracking/``), each rank its sample log.
+* **Resume** (:meth:`fetch`): of the tag rank 0 chose, each machine's first rank downloads the files every rank
+  reads (the model states), each rank its own (``rng_rank<r>.pt``, ``*zero_pp_rank_<r>_*``).
+* **Set-up** (start and resume) runs inside ``agreement.all_or_none``: an error is raised on the rank it happens
+  on, which stops every rank; later transfers agree through a vote (:func:`_together`).
 * **Checkpoint** (:meth:`push_checkpoint`, once ``checkpoint.save`` wrote it locally): each machine's first rank
   uploads the parts its ranks wrote; once every machine is done (an agreement that also carries a failure, so no
   rank waits for a dead one), rank 0 uploads ``train_state.json`` (what makes a tag complete), then ``latest``,
@@ -37,6 +40,7 @@ from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.output_lease import Lease
 from sparsebert.run_log import LOCAL_DIR
 from sparsebert.run_report import report
+from sparsebert.train_config import ConfigError
 
 # A checkpoint file of one rank: our RNG state, DeepSpeed's ZeRO partitions (optimizer; model too under ZeRO-3).
 _OWNED = re.compile(r"(?:rng_rank|zero_pp_rank_)(\d+)")
@@ -68,25 +72,23 @@ class RunOutputs:
         """Take the lease (rank 0) and rebuild the staging directory from the store (every rank calls it)."""
         if not self.remote:
             return
-        error = None
         if ds_setup.rank() == 0:
+            lease = Lease(self.location, report=report)
             try:
-                lease = Lease(self.location, report=report)
                 lease.acquire()
-                self.lease = lease
-                atexit.register(lease.release)  # however the process ends, short of being killed
-            except (RuntimeError, ValueError, OSError) as exc:
-                error = exc
-        if ds_setup.any_rank(error is not None):
-            raise error or RuntimeError(f"{self.location} is in use by another training run (see rank 0)")
-        _together(f"reading {self.location}", self._pull)
+            except (RuntimeError, ValueError) as exc:  # held by another run; a bad SPARSEBERT_LEASE_SECONDS
+                raise ConfigError(str(exc)) from None
+            self.lease = lease
+            atexit.register(lease.release)  # however the process ends, short of being killed
+        _in_setup(f"reading {self.location}", self._pull)
 
     def _pull(self) -> None:
-        if _first_on_machine():
-            root = checkpoint.checkpoint_dir(self.local)
+        self.local.mkdir(parents=True, exist_ok=True)
+        root = checkpoint.checkpoint_dir(self.local)
+        if _first_on_machine():  # what an earlier run left on this machine
             shutil.rmtree(root, ignore_errors=True)
+        if ds_setup.rank() == 0:  # the index, which rank 0 alone reads (the trainer's resume point)
             storage.download(self.location / "checkpoints", root, keep=_index_file)
-        if ds_setup.rank() == 0:
             shutil.rmtree(self.local / LOCAL_DIR, ignore_errors=True)
             storage.download(self.location / LOCAL_DIR, self.local / LOCAL_DIR)
         samples = samples_log(ds_setup.rank())
@@ -94,7 +96,8 @@ class RunOutputs:
         storage.download_file(self.location / samples, self.local / samples)
 
     def fetch(self, tag: str) -> None:
-        """Download what this machine's ranks read of checkpoint ``tag`` (every rank calls it)."""
+        """Download what this machine's ranks read of checkpoint ``tag`` (every rank calls it, with the tag rank 0
+        chose)."""
         if not self.remote:
             return
         rank, first = ds_setup.rank(), _first_on_machine()
@@ -105,7 +108,7 @@ class RunOutputs:
 
         local = checkpoint.checkpoint_dir(self.local) / tag
         source = self.location / "checkpoints" / tag
-        _together(
+        _in_setup(
             f"downloading checkpoint {tag} from {self.location}",
             lambda: storage.download(source, local, keep=wanted),
         )
@@ -114,7 +117,7 @@ class RunOutputs:
         """Delete checkpoints from the store too (those ``checkpoint.check_resume`` discarded locally)."""
         if self.remote and tags:
             root = self.location / "checkpoints"
-            _together(
+            _in_setup(
                 f"deleting checkpoints from {self.location}",
                 lambda: [(root / tag).delete() for tag in tags],
                 on=ds_setup.rank() == 0,
@@ -209,6 +212,18 @@ class RunOutputs:
         for name in [samples_log(rank), *masks]:
             if (self.local / name).is_file():
                 storage.upload(self.local / name, self.location / name)
+
+
+def _in_setup(what: str, action: Callable[[], object], on: bool = True) -> None:
+    """Run ``action`` where ``on``, then wait for every rank: during set-up, inside ``agreement.all_or_none``,
+    whose watchdog stops every other rank when one raises. No vote (as :func:`_together` takes): every rank would
+    raise, and the error reported could be another rank's echo instead of the one that happened."""
+    if on:
+        try:
+            action()
+        except Exception as exc:  # the store (StorageError), the local disk
+            raise storage.StorageError(f"{what}: {exc}") from exc
+    ds_setup.barrier()
 
 
 def _together(what: str, action: Callable[[], object], on: bool = True) -> None:

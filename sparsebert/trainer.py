@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sparsebert import build, checkpoint, console, continuation, run_report, summary
+from sparsebert import agreement, build, checkpoint, console, continuation, run_report, summary
 from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.corpus import open_reader, open_validation_reader, prepare_default_corpus
+from sparsebert.corpus import open_reader, open_validation_reader, training_corpus
 from sparsebert.data import model_inputs
 from sparsebert.faults import step_fault
 from sparsebert.masks import sparsity
@@ -71,6 +71,7 @@ class Run:
     validation: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
     stop: StopRequest = field(default_factory=StopRequest)
     lock: Any = None  # rank 0's hold on output_dir (released when the process ends)
+    resumed_from: str | None = None  # the checkpoint tag the run resumed from
     started: float = field(default_factory=time.monotonic)
     start_validation: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
 
@@ -101,18 +102,32 @@ def pretrain(config: PretrainConfig) -> int:
 
 
 def setup(config: PretrainConfig) -> Run:
-    """Join the process group, open this rank's data, build model and engine, resume from the newest checkpoint
-    (if any), and start (or continue) the MLflow run."""
-    ds_setup.init_distributed()
+    """Meet every rank; then, on every rank or on none (an error on one stops them all, reported once: see
+    :mod:`sparsebert.agreement`), join the process group, open output_dir and this rank's data, build model and
+    engine and resume from the newest checkpoint (if any); then start (or continue) the MLflow run."""
+    ds_setup.launch_env()
+    store = agreement.rendezvous()  # within the set-up timeout, or every rank stops naming the missing ones
+    with agreement.all_or_none():
+        ds_setup.init_distributed(store)
+        run = _prepare(config)
+    _start_tracking(run)
+    run_report.report_attention(run)  # printed, and logged to the MLflow run
+    return run
+
+
+def _prepare(config: PretrainConfig) -> Run:
+    # One command, read alike on every node (each may read its own copy of a config file).
+    agreement.agree(
+        "the config",
+        config.to_dict(),
+        lambda a, b: f"other values of {', '.join(agreement.differing_keys(a, b))}",
+    )
     rank0 = ds_setup.rank() == 0
     seed_everything(config.train.seed)
     ds = ds_setup.deepspeed_config(config)
-    outputs = RunOutputs(config.output_dir)
+    outputs, lock, point = _open_output_dir(config)
     out = outputs.local  # output_dir itself, or the staging directory of one in object storage
-    out.mkdir(parents=True, exist_ok=True)
-    lock = None if outputs.remote else _lock(out)  # object storage: the lease that outputs.open() takes
-    outputs.open()
-    data_dir = config.data.path or prepare_default_corpus(rank0)  # a path or a URI
+    data_dir = training_corpus(config)  # a path or a URI
     reader = open_reader(data_dir, config)  # batches arrive on this rank's device
 
     tokenizer = reader.tokenizer
@@ -121,19 +136,11 @@ def setup(config: PretrainConfig) -> Run:
         raise ConfigError(f"config key 'eval.fill_mask': {missing[0]!r} has no {tokenizer.mask_token}")
     source, mask_note = None, None
     if config.model.init_from:  # continuing (phase 2, long context, any BERT): mask, vocabulary, length
-        source = continuation.locate(config.model.init_from)
+        local = agreement.on_each_node("model.init_from", lambda: continuation.fetch(config.model.init_from))
+        source = continuation.locate(config.model.init_from, local)
         config, mask_note = continuation.resolve_mask(config, source)
         continuation.check_fits(source, tokenizer, reader.tokenizer_dir, reader.seq_len, config)
-    resume_tag = _resume_tag(config, out)
-    if resume_tag:
-        outputs.delete_tags(checkpoint.check_resume(out, resume_tag, config))
-    resumed = TrainState(**checkpoint.train_state(out, resume_tag)) if resume_tag else None
-    if resumed and resumed.stage == 1 and resumed.search_steps not in (None, config.search_steps):
-        raise ConfigError(
-            f"checkpoint {resume_tag} is in a DAM search of {resumed.search_steps} steps; this config's search "
-            f"is {config.search_steps} (dam.search_fraction of train.max_steps): set "
-            f"dam.search_steps={resumed.search_steps} to resume it"
-        )
+    resumed = _resumed_state(outputs, point, config)
     restarted = resumed is not None and resumed.restarted
     model = build.build_model(
         continuation.build_config(config, source, reader.seq_len),
@@ -157,50 +164,83 @@ def setup(config: PretrainConfig) -> Run:
         world_size=ds_setup.world_size(),
         search_steps=config.search_steps,
     )
+    tracker = RunTracker(enabled=rank0 and config.mlflow.enabled, output_dir=out)  # started after set-up
+    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, outputs, lock=lock)
     if resumed:
-        outputs.fetch(resume_tag)
-        exact = checkpoint.load(engine, out, resume_tag, state.world_size, config.checkpoint.reshard)
-        if not exact:  # another world size: new random streams, distinct per rank and from the run's start
-            seed_everything(config.train.seed + ds_setup.rank() + 1_000_003 * state.step)
-        state.world_size = ds_setup.world_size()
-        reader.load_state_dict(state.reader)  # a global position: any world size continues from it
-        if state.stage == 2 and not model.mask_frozen:  # the search ended before the checkpoint
-            build.freeze_in_place(model, engine, scheduler)
+        _restore(run, point["tag"])
+    run.val_reader = open_validation_reader(data_dir, config, reader)
+    _report_start(run, data_dir, source, continued_optimizer, mask_note)
+    return run
 
-    tracker = RunTracker(enabled=rank0 and config.mlflow.enabled, output_dir=out)
-    tracker.start(
-        config.mlflow.tracking_uri, config.mlflow.experiment, config.mlflow.run_name or out.name,
-        state.mlflow_run_id, _params(config, ds),
-    )  # fmt: skip
-    state.mlflow_run_id = tracker.run_id
-    if not resumed:
-        tracker.log_configs(config.to_dict(), ds)
-    staged = f" (staged in {out})" if outputs.remote else ""
+
+def _restore(run: Run, tag: str) -> None:
+    """Continue from checkpoint ``tag`` (the one rank 0 chose): weights, optimizer, RNG, data position."""
+    state = run.state
+    run.outputs.fetch(tag)  # what this machine's ranks read of it, from object storage
+    exact = checkpoint.load(run.engine, run.out, tag, state.world_size, run.config.checkpoint.reshard)
+    if not exact:  # another world size: new random streams, distinct per rank and from the run's start
+        seed_everything(run.config.train.seed + ds_setup.rank() + 1_000_003 * state.step)
+    state.world_size = ds_setup.world_size()
+    run.reader.load_state_dict(state.reader)  # a global position: any world size continues from it
+    if state.stage == 2 and not run.model.mask_frozen:  # the search ended before the checkpoint
+        build.freeze_in_place(run.model, run.engine, run.scheduler)
+    run.resumed_from = tag
+
+
+def _open_output_dir(config: PretrainConfig) -> tuple[RunOutputs, Any, dict]:
+    """``output_dir``, held by this run alone, and where the run resumes (:func:`checkpoint.resume_point`, as
+    rank 0 reads it; every rank gets rank 0's answer). A local ``output_dir`` must be one directory on every rank
+    (each writes its checkpoint part there) and rank 0 locks it. One in object storage is staged on each machine
+    by design (no shared filesystem): rank 0 holds its lease and pulls its index, which it reads."""
+    outputs = RunOutputs(config.output_dir)
+    lock = None
+    if outputs.remote:
+        outputs.open()
+    else:
+        agreement.check_shared_dir(outputs.local, "output_dir")
+        lock = checkpoint.hold_output_dir(outputs.local) if ds_setup.rank() == 0 else None
+    resume = config.checkpoint.resume
+    point = agreement.decide("resume point", lambda: checkpoint.resume_point(outputs.local, resume))
+    return outputs, lock, point
+
+
+def _report_start(
+    run: Run, data_dir: str | Path, source, continued_optimizer: str | None, mask_note: str | None
+) -> None:
+    config, state, outputs = run.config, run.state, run.outputs
+    staged = f" (staged in {run.out})" if outputs.remote else ""
     report(f"output: {outputs.where()}{staged}  |  data: {data_dir}  |  world size {ds_setup.world_size()}")
     report(
-        f"device: {ds_setup.device()}  |  ZeRO stage {ds_setup.zero_stage(ds)}  |  {ds_setup.precision(ds)}",
+        f"device: {ds_setup.device()}  |  ZeRO stage {ds_setup.zero_stage(run.ds)}  |  {ds_setup.precision(run.ds)}",
     )
-    if resumed:
-        report(f"resumed from {resume_tag} at step {state.step} (stage {state.stage})")
+    if run.resumed_from:
+        report(f"resumed from {run.resumed_from} at step {state.step} (stage {state.stage})")
     elif source is not None:
         moments = (
             f"the optimizer moments of {continued_optimizer}" if continued_optimizer else "a fresh optimizer"
         )
-        frozen = " (frozen)" if model.mask_frozen else ""
+        frozen = " (frozen)" if run.model.mask_frozen else ""
         report(
-            f"continuing from {source.model_dir}: its weights, mask {model.config.mask_spec.name}{frozen}, "
-            f"{moments}; a fresh LR schedule ({config.train.warmup_steps} warm-up steps) at seq_len {reader.seq_len}"
+            f"continuing from {source.model_dir}: its weights, mask {run.model.config.mask_spec.name}{frozen}, "
+            f"{moments}; a fresh LR schedule ({config.train.warmup_steps} warm-up steps) at seq_len {run.seq_len}"
         )
     if mask_note:
         report(f"warning: {mask_note}")
-    run = Run(config, ds, out, reader, model, engine, scheduler, tracker, state, outputs, lock=lock)
-    run.val_reader = open_validation_reader(data_dir, config, reader)
     if run.val_reader is None:
         report(
             f"no held-out evaluation: {data_dir} has no validation split (data_prep --validation-fraction)"
         )
-    run_report.report_attention(run)
-    return run
+
+
+def _start_tracking(run: Run) -> None:
+    config, tracker = run.config, run.tracker
+    tracker.start(
+        config.mlflow.tracking_uri, config.mlflow.experiment, config.mlflow.run_name or run.out.name,
+        run.state.mlflow_run_id, _params(config, run.ds),
+    )  # fmt: skip
+    run.state.mlflow_run_id = tracker.run_id
+    if run.resumed_from is None:
+        tracker.log_configs(config.to_dict(), run.ds)
 
 
 def train(run: Run) -> bool:
@@ -431,17 +471,20 @@ def _stop_on_bad_steps(run: Run, streak: int) -> None:
     )
 
 
-def _lock(out: Path):
-    """Rank 0 holds ``out``'s lock; every rank fails alike when another run holds it."""
-    lock, error = None, None
-    if ds_setup.rank() == 0:
-        try:
-            lock = checkpoint.lock_output_dir(out)
-        except RuntimeError as err:
-            error = err
-    if ds_setup.any_rank(error is not None):
-        raise error or RuntimeError(f"{out} is in use by another training run (rank 0 could not lock it)")
-    return lock
+def _resumed_state(outputs: RunOutputs, point: dict, config: PretrainConfig) -> TrainState | None:
+    """The state of the checkpoint the run resumes (``point``, as rank 0 read it), checked against the config
+    (newer checkpoints it discards go from the object store too)."""
+    if point["tag"] is None:
+        return None
+    outputs.delete_tags(checkpoint.check_resume(outputs.local, point, config))
+    resumed = TrainState(**point["train_state"])
+    if resumed.stage == 1 and resumed.search_steps not in (None, config.search_steps):
+        raise ConfigError(
+            f"checkpoint {point['tag']} is in a DAM search of {resumed.search_steps} steps; this config's search "
+            f"is {config.search_steps} (dam.search_fraction of train.max_steps): set "
+            f"dam.search_steps={resumed.search_steps} to resume it"
+        )
+    return resumed
 
 
 def _save_rank_mask(out: Path, name: str, mask: torch.Tensor) -> None:
@@ -453,15 +496,6 @@ def _save_rank_mask(out: Path, name: str, mask: torch.Tensor) -> None:
 def _log_samples(out: Path, step: int, sample_ids: list[int], applied: bool) -> None:
     with open(out / samples_log(ds_setup.rank()), "a") as f:
         f.write(json.dumps({"step": step, "ids": sample_ids, "applied": applied}) + "\n")
-
-
-def _resume_tag(config: PretrainConfig, out: Path) -> str | None:
-    mode = config.checkpoint.resume
-    if mode == "never":
-        return None
-    if mode == "auto":
-        return checkpoint.latest_tag(out)
-    return mode  # an explicit tag
 
 
 def _params(config: PretrainConfig, ds: dict) -> dict:

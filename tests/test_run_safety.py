@@ -38,6 +38,9 @@ def test_a_second_run_on_an_output_dir_is_refused_and_a_killed_one_leaves_no_loc
 
 @pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK], ids=["lustre noflock", "nfs without lockd"])
 def test_an_output_dir_whose_filesystem_has_no_flock_is_refused_in_one_line(tmp_path, monkeypatch, code):
+    """lock_output_dir's refusal; hold_output_dir (the trainer's, on rank 0) makes it and a held lock one-line
+    ConfigErrors, which stop every rank during set-up (agreement.all_or_none)."""
+
     def unsupported(fd, operation):  # what such a filesystem answers
         raise OSError(code, os.strerror(code))
 
@@ -47,6 +50,13 @@ def test_an_output_dir_whose_filesystem_has_no_flock_is_refused_in_one_line(tmp_
     ) as raised:
         checkpoint.lock_output_dir(tmp_path)
     assert "Lustre with -o flock" in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: its filesystem does not support flock \("):
+        checkpoint.hold_output_dir(tmp_path)
+    monkeypatch.undo()
+    held = checkpoint.hold_output_dir(tmp_path)
+    with pytest.raises(ConfigError, match="in use by a running training run"):
+        checkpoint.hold_output_dir(tmp_path)
+    held.close()
 
 
 def _fake_checkpoint(out, step: int, config) -> str:
@@ -62,24 +72,27 @@ def test_resuming_with_a_changed_run_is_refused_naming_the_keys(tmp_path):
     config = load_config("tiny_cpu", [f"output_dir={tmp_path}"])
     tag = _fake_checkpoint(tmp_path, 4, config)
     longer = load_config("tiny_cpu", [f"output_dir={tmp_path}", "train.max_steps=900", "checkpoint.every=7"])
-    checkpoint.check_resume(tmp_path, tag, longer)  # length, cadence, where output goes: neutral
+    point = checkpoint.resume_point(tmp_path, tag)
+    checkpoint.check_resume(tmp_path, point, longer)  # length, cadence, where output goes: neutral
     changed = load_config("tiny_cpu", [f"output_dir={tmp_path}", "train.lr=0.5", "model.size=mini"])
     assert run_changes(config.to_dict(), changed) == ["model.size", "train.lr"]
     with pytest.raises(ConfigError, match=r"model\.size, train\.lr"):
-        checkpoint.check_resume(tmp_path, tag, changed)
+        checkpoint.check_resume(tmp_path, point, changed)
     allowed = load_config(
         "tiny_cpu", [f"output_dir={tmp_path}", "train.lr=0.5", "checkpoint.allow_config_change=true"]
     )
-    checkpoint.check_resume(tmp_path, tag, allowed)
+    checkpoint.check_resume(tmp_path, point, allowed)
 
 
 def test_an_older_tag_keeps_the_newer_checkpoints_unless_asked(tmp_path):
     config = load_config("tiny_cpu", [f"output_dir={tmp_path}"])
     old, new = _fake_checkpoint(tmp_path, 4, config), _fake_checkpoint(tmp_path, 8, config)
+    point = checkpoint.resume_point(tmp_path, old)
+    assert point["newer"] == [new] and point["train_state"] == {"step": 4}
     with pytest.raises(ConfigError, match="step00000008"):
-        checkpoint.check_resume(tmp_path, old, config)
+        checkpoint.check_resume(tmp_path, point, config)
     assert (checkpoint.checkpoint_dir(tmp_path) / new).is_dir()
-    checkpoint.check_resume(tmp_path, old, load_config("tiny_cpu", ["checkpoint.discard_newer=true"]))
+    checkpoint.check_resume(tmp_path, point, load_config("tiny_cpu", ["checkpoint.discard_newer=true"]))
     assert not (checkpoint.checkpoint_dir(tmp_path) / new).exists()
 
 

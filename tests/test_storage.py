@@ -128,15 +128,23 @@ def test_local_mirror_is_keyed_by_the_uri(monkeypatch, tmp_path):
     assert storage.local_mirror(parse("runs/x", "t"), "outputs") == Path("runs/x")
 
 
-def test_a_live_lease_is_refused_naming_its_holder_and_a_dead_one_is_taken(s3_bucket):
+def test_a_live_lease_is_refused_naming_its_holder_and_a_dead_one_is_taken(s3_bucket, monkeypatch, tmp_path):
     from sparsebert.output_lease import Lease
+    from sparsebert.run_outputs import RunOutputs
+    from sparsebert.train_config import ConfigError
 
     out = parse(f"s3://{s3_bucket}/runs/x", "test")
     notes = []
     first = Lease(out, ttl=1.5, report=notes.append)
     first.acquire()
-    with pytest.raises(RuntimeError, match=rf"s3://{s3_bucket}/runs/x is in use by .*pid \d+ on "):
+    in_use = rf"^s3://{s3_bucket}/runs/x is in use by .*pid \d+ on "
+    with pytest.raises(RuntimeError, match=in_use):
         Lease(out, ttl=1.5, report=notes.append).acquire()  # first renews while the second watches
+    monkeypatch.setenv("SPARSEBERT_LEASE_SECONDS", "1.5")
+    monkeypatch.setenv("SPARSEBERT_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match=in_use) as refused:  # the trainer's: one line, every rank stops
+        RunOutputs(out.uri).open()
+    assert "\n" not in str(refused.value)
     first._stop.set()  # first dies without a word (killed): its lease stays, no longer renewed
     first._thread.join()
     second = Lease(out, ttl=1.5, report=notes.append)

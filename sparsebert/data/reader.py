@@ -172,6 +172,11 @@ class ShardReader:
         self._epoch, self._position = 0, 0
 
     @property
+    def dataset_id(self) -> str:
+        """The SHA-256 of the split's shard checksums: equal ids, equal samples."""
+        return self._dataset_id
+
+    @property
     def global_batch_size(self) -> int:
         return self.world_size * self.batch_size
 

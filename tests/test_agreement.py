@@ -1,0 +1,123 @@
+"""How ranks set up together (sparsebert/agreement.py), with real processes meeting at a real TCPStore and
+forming a real gloo process group: a missing rank stops the others after the set-up timeout, an error on one
+rank stops another that waits where the failed one will never arrive, and rank 0's decisions reach every rank.
+(The same through the deepspeed launcher on two simulated nodes: tests/test_multinode.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from multinode import REPO, free_port
+
+pytestmark = pytest.mark.slow  # real processes (seconds each)
+
+PRELUDE = """
+import sys, time
+import torch.distributed as dist
+from sparsebert import agreement, console
+from sparsebert.train_config import ConfigError
+def main():
+"""
+
+
+def _ranks(body: str, world: int, ranks: list[int] | None = None, timeout: float = 120, **env: str):
+    """Run ``body`` (the inside of ``main()``) as ranks ``ranks`` of a world of ``world``, one node each; their
+    results (exit status, output), in rank order. ``console.Stopped`` ends a rank with its status, as in
+    pretrain.py."""
+    script = (
+        PRELUDE
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + """
+try:
+    main()
+except console.Stopped as stop:
+    sys.exit(stop.code)
+"""
+    )
+    port = str(free_port())
+    processes = []
+    for rank in ranks if ranks is not None else range(world):
+        environment = {
+            **os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "CROSS_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCH_CPP_LOG_LEVEL": "ERROR", **env,
+        }  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                cwd=REPO,
+                env=environment,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return [(p.wait(timeout=timeout), p.communicate()[0]) for p in processes]
+
+
+def _errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def test_a_rank_that_never_arrives_stops_the_others_naming_it():
+    [(code, output)] = _ranks("agreement.rendezvous()", world=3, ranks=[0], SPARSEBERT_SETUP_TIMEOUT="2")
+    assert code == 1 and _errors(output) == [
+        "error: only 1 of 3 ranks joined at 127.0.0.1:"
+        + output.split("127.0.0.1:")[1].split(" ")[0]
+        + " (MASTER_ADDR:MASTER_PORT) within 2 s (SPARSEBERT_SETUP_TIMEOUT); missing: rank 1, 2. Their node "
+        "was not started, failed before joining (its own output says why), or cannot reach this address"
+    ], output
+    [(code, output)] = _ranks("agreement.rendezvous()", world=2, ranks=[1], SPARSEBERT_SETUP_TIMEOUT="2")
+    assert code == 1 and "error: rank 1 (node_rank 1, host " in output and "could not reach rank 0" in output
+
+
+def test_an_error_on_one_rank_stops_a_rank_that_waits_for_it_elsewhere():
+    """Rank 1 fails; rank 0 is blocked in work that never ends (as in a collective rank 1 will never join).
+    Rank 1 prints its error once, rank 0 one line naming rank 1 and why, and both exit non-zero."""
+    body = """
+    store = agreement.rendezvous()
+    dist.init_process_group("gloo", store=store, rank=agreement.rank(), world_size=agreement.world_size())
+    with agreement.all_or_none():
+        if agreement.rank() == 1:
+            raise ConfigError("data.path 'data/corpus': prepared corpus directory not found: data/corpus")
+        time.sleep(3600)
+    """
+    (code0, output0), (code1, output1) = _ranks(body, world=2, timeout=60)
+    assert code1 == 2 and _errors(output1) == [
+        "error: data.path 'data/corpus': prepared corpus directory not found: data/corpus"
+    ], output1
+    assert code0 == 1, output0
+    [told] = _errors(output0)
+    assert told.startswith("error: rank 1 (node_rank 1, host ") and told.endswith(
+        "failed during set-up: data.path 'data/corpus': prepared corpus directory not found: data/corpus; "
+        "every rank stops"
+    ), told
+    assert "Traceback" not in output0 + output1
+
+
+def test_rank_0_decides_for_every_rank_and_disagreement_is_an_error(tmp_path):
+    """What rank 0 reads is what every rank gets (a file only rank 0's copy of a directory holds), and a value
+    that differs between ranks (here the config) stops them all, naming how it differs."""
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node0" / "latest").write_text("step00000015")
+    body = f"""
+    store = agreement.rendezvous()
+    dist.init_process_group("gloo", store=store, rank=agreement.rank(), world_size=agreement.world_size())
+    with agreement.all_or_none():
+        mine = "{tmp_path}/node" + str(agreement.rank()) + "/latest"
+        tag = agreement.decide("tag", lambda: open(mine).read())
+        print("tag", tag, flush=True)
+        agreement.agree("the config", {{"lr": 0.1 * (1 + agreement.rank())}}, lambda a, b: "another lr")
+    """
+    (code0, output0), (code1, output1) = _ranks(body, world=2, timeout=60)
+    assert "tag step00000015" in output0 and "tag step00000015" in output1  # rank 1 has no such file
+    assert (code0, code1) == (2, 1), output0 + output1
+    [error] = _errors(output0)
+    assert error.startswith("error: the config differs between ranks: rank 1 (node_rank 1, host") and (
+        "another lr" in error
+    ), error
+    [told] = _errors(output1)
+    assert told.startswith("error: rank 0 (node_rank 0, host ") and "the config differs" in told, told
