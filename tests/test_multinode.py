@@ -4,6 +4,9 @@ its own copy of the corpus (``data.path=data/corpus``, relative; or the embedded
 
 * ``output_dir`` on the "shared filesystem", the embedded corpus (each node prepares it in its own cache): SIGTERM
   on node 1 checkpoints both nodes, the same command resumes both and exports;
+* corpus and ``output_dir`` in object storage (a local S3 server), nothing shared but the bucket: the same stop
+  and resume, on nodes whose caches were emptied in between, to the shared-filesystem run's samples and weights,
+  the export in the bucket;
 * ``output_dir`` relative, so each node's own disk: every node stops at set-up, naming output_dir and its path on
   each node (before, rank 0 resumed while rank 1 started afresh, and both hung);
 * node 1 without its copy of the corpus: every node stops, node 1 naming data.path (before, node 0 hung);
@@ -12,12 +15,19 @@ its own copy of the corpus (``data.path=data/corpus``, relative; or the embedded
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from multinode import SimulatedCluster
+import torch
+from multinode import Node, SimulatedCluster
+from safetensors.torch import load_file
+
+from sparsebert import SparseBertForPreTraining
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +35,12 @@ STOP_WITHIN_S = 120  # every node exits on its own within this, or the test fail
 TINY = [
     "--config", "tiny_cpu", "model.max_position_embeddings=64", "train.max_steps=6", "dam.search_steps=3",
     "train.micro_batch_size=4", "train.warmup_steps=1", "eval.every=0", "eval.max_batches=2",
-    "checkpoint.every=2", "mlflow.enabled=false",
+    "checkpoint.every=2", "mlflow.enabled=false", "train.log_every=1", "data.log_sample_ids=true",
+    "deepspeed_config=ds_configs/cpu_zero2.json",  # each rank writes its own optimizer partition
 ]  # fmt: skip
 LOCAL_COPY = "data.path=data/corpus"  # each node's own copy, in its working directory
+SIGTERM_ON_NODE_1 = {1: {"SPARSEBERT_FAULTS": "sigterm_at_step=3"}}  # node 1's rank, after step 3
+EMBEDDED = "python-docs-seq64-v2"  # the embedded corpus in a node's cache
 
 
 @pytest.fixture(scope="module")
@@ -63,32 +76,133 @@ def _errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error: ")]
 
 
-def test_shared_output_dir_stops_resumes_and_exports_on_both_nodes(cluster, tmp_path):
-    out = tmp_path / "shared" / "run"  # every node sees this path: the shared filesystem
-    sigterm = {1: {"SPARSEBERT_FAULTS": "sigterm_at_step=3"}}  # node 1's rank, after step 3
-    cluster.run([*TINY, f"output_dir={out}"], STOP_WITHIN_S * 3, node_env=sigterm)
-    assert [n.returncode for n in cluster.nodes] == [0, 0], cluster.transcript()
-    assert "stopped by a stop signal on another rank at step 3" in cluster.nodes[0].output, (
-        cluster.transcript()
+@dataclass
+class Launch:
+    """What one launch of every node left: exit statuses, outputs, and the transcript for failure messages."""
+
+    codes: list[int | None]
+    outputs: list[str]
+    transcript: str
+
+
+def _launch(cluster: SimulatedCluster, args: list[str], **kwargs) -> Launch:
+    cluster.run(args, STOP_WITHIN_S * 3, **kwargs)
+    return Launch(
+        [n.returncode for n in cluster.nodes], [n.output for n in cluster.nodes], cluster.transcript()
     )
-    assert (out / "checkpoints" / "latest").read_text() == "step00000003" and not (out / "final").exists()
-    for node in cluster.nodes:  # each node prepared the embedded corpus in its own cache
-        assert node.output.count("preparing the embedded corpus") == 1, node.output
-        assert (node.cache / "python-docs-seq64-v2" / "manifest.json").is_file()
 
-    cluster.run([*TINY, f"output_dir={out}"], STOP_WITHIN_S * 3)
-    assert [n.returncode for n in cluster.nodes] == [0, 0], cluster.transcript()
-    assert "resumed from step00000003 at step 3" in cluster.nodes[0].output
+
+@dataclass
+class SharedRun:
+    out: Path
+    nodes: list[Node]
+    stopped: Launch
+    resumed: Launch
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory) -> SharedRun:
+    """``output_dir`` on the shared filesystem, the embedded corpus: stopped by SIGTERM on node 1, then resumed by
+    the same command. Its samples and weights are the reference of the object-storage case."""
+    root = tmp_path_factory.mktemp("shared_run")
+    out = root / "shared" / "run"  # every node sees this path: the shared filesystem
+    with SimulatedCluster(root / "cluster", nodes=2) as cluster:
+        stopped = _launch(cluster, [*TINY, f"output_dir={out}"], node_env=SIGTERM_ON_NODE_1)
+        assert stopped.codes == [0, 0], stopped.transcript
+        return SharedRun(out, cluster.nodes, stopped, _launch(cluster, [*TINY, f"output_dir={out}"]))
+
+
+def test_shared_output_dir_stops_resumes_and_exports_on_both_nodes(shared_run):
+    out, stopped, resumed = shared_run.out, shared_run.stopped, shared_run.resumed
+    assert "stopped by a stop signal on another rank at step 3" in stopped.outputs[0], stopped.transcript
+    for node, output in zip(shared_run.nodes, stopped.outputs, strict=True):  # each prepared it in its cache
+        assert output.count("preparing the embedded corpus") == 1, output
+        assert (node.cache / EMBEDDED / "manifest.json").is_file()
+
+    assert resumed.codes == [0, 0], resumed.transcript
+    assert "resumed from step00000003 at step 3" in resumed.outputs[0]
     assert (out / "checkpoints" / "latest").read_text() == "step00000006"
-    from sparsebert import SparseBertForPreTraining
-
     assert SparseBertForPreTraining.from_pretrained(out / "final").config.attention_pattern["frozen"]
     umask = os.umask(0o022)
     os.umask(umask)
     for path in (out / "final").iterdir():  # readable by colleagues: what the umask allows, not 0600
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
-    assert not (cluster.nodes[1].work / "runs").exists()  # nothing went to node 1's own disk
-    assert not any("preparing the embedded corpus" in node.output for node in cluster.nodes)  # cached
+    assert not (shared_run.nodes[1].work / "runs").exists()  # nothing went to node 1's own disk
+    assert not any("preparing the embedded corpus" in output for output in resumed.outputs)  # cached
+
+
+def test_object_storage_needs_nothing_shared_but_the_bucket(shared_run, s3_bucket, tmp_path):
+    """Corpus (the embedded one, uploaded) and output_dir in S3: SIGTERM on node 1 leaves each node's parts of the
+    checkpoint in the bucket; the same command on nodes whose caches were emptied (other machines) resumes from
+    the bucket to the shared-filesystem run's samples and weights, continues its MLflow run, and exports there."""
+    from mlflow.tracking import MlflowClient
+
+    from sparsebert import storage
+
+    corpus, out = f"s3://{s3_bucket}/corpora/docs", f"s3://{s3_bucket}/runs/two"
+    storage.upload(shared_run.nodes[0].cache / EMBEDDED, storage.parse(corpus, "the corpus"))
+    args = [*TINY, f"data.path={corpus}", f"output_dir={out}", "mlflow.enabled=true"]
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with SimulatedCluster(tmp_path / "cluster", nodes=2, env={"MLFLOW_TRACKING_URI": mlflow_uri}) as cluster:
+        stopped = _launch(cluster, args, node_env=SIGTERM_ON_NODE_1)
+        assert stopped.codes == [0, 0], stopped.transcript
+        stored = _objects(s3_bucket, "runs/two/")
+        assert stored["checkpoints/latest"] == b"step00000003" and ".lease" not in stored, sorted(stored)
+        parts = {k.split("/")[-1] for k in stored if k.startswith("checkpoints/step00000003/")}
+        assert {"rng_rank0.pt", "rng_rank1.pt", "mp_rank_00_model_states.pt", "train_state.json"} <= parts
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= parts  # one from each node
+        for node in cluster.nodes:  # other machines: nothing of the first launch stays
+            shutil.rmtree(node.cache)
+            node.cache.mkdir()
+        resumed = _launch(cluster, args)
+        assert resumed.codes == [0, 0], resumed.transcript
+        assert "resumed from step00000003 at step 3" in resumed.outputs[0], resumed.transcript
+        assert not any((node.work / "s3:").exists() for node in cluster.nodes)
+
+    stored = _objects(s3_bucket, "runs/two/")
+    assert ".lease" not in stored and stored["checkpoints/latest"] == b"step00000006"
+    assert sorted({k.split("/")[1] for k in stored if k.startswith("checkpoints/step")}) == [
+        "step00000004",
+        "step00000006",
+    ]
+    for rank in (0, 1):  # the samples each step read: those of the shared-filesystem run
+        local = (shared_run.out / f"samples.rank{rank}.jsonl").read_text().splitlines()
+        remote = stored[f"samples.rank{rank}.jsonl"].decode().splitlines()
+        assert {r["step"]: r["ids"] for r in map(json.loads, remote)} == {
+            r["step"]: r["ids"] for r in map(json.loads, local)
+        }
+    assert b'"kind": "end"' in stored["tracking/records.jsonl"]
+    final = tmp_path / "final"
+    for key, data in stored.items():
+        if key.startswith("final/"):
+            (final / key.removeprefix("final/")).parent.mkdir(parents=True, exist_ok=True)
+            (final / key.removeprefix("final/")).write_bytes(data)
+    weights, expected = (
+        load_file(final / "model.safetensors"),
+        load_file(shared_run.out / "final/model.safetensors"),
+    )
+    assert weights.keys() == expected.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-4, atol=1e-5)
+    assert SparseBertForPreTraining.from_pretrained(final).config.attention_pattern["frozen"]
+
+    client = MlflowClient(mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("sparsebert-pretrain").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["final_model_dir"] == f"{out}/final"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, 7))
+
+
+def _objects(bucket: str, prefix: str) -> dict[str, bytes]:
+    """What an S3 bucket holds under ``prefix``, read through boto3 (directory markers left out)."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {
+        o["Key"][len(prefix) :]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in listed
+        if not o["Key"].endswith("/")
+    }
 
 
 def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, corpus):
