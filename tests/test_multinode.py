@@ -2,11 +2,11 @@
 --node_rank N`` launcher with its own HOME, cache, TMPDIR and working directory, one CPU rank each, and reads
 its own copy of the corpus (``data.path=data/corpus``, relative; or the embedded corpus in its own cache).
 
-* ``output_dir`` on the "shared filesystem", the embedded corpus (each node prepares it in its own cache): SIGTERM
-  on node 1 checkpoints both nodes, the same command resumes both and exports;
-* corpus and ``output_dir`` in object storage (a local S3 server), nothing shared but the bucket: the same stop
-  and resume, on nodes whose caches were emptied in between, to the shared-filesystem run's samples and weights,
-  the export in the bucket;
+* ``output_dir`` on the "shared filesystem", the embedded corpus (each node prepares it in its own cache): both
+  nodes train and export;
+* corpus (that one, uploaded) and ``output_dir`` in object storage (a local S3 server), nothing shared but the
+  bucket: SIGTERM on node 1 checkpoints both nodes, the same command on nodes whose caches were emptied resumes
+  both, to the uninterrupted run's samples and weights, and exports into the bucket;
 * ``output_dir`` relative, so each node's own disk: every node stops at set-up, naming output_dir and its path on
   each node (before, rank 0 resumed while rank 1 started afresh, and both hung);
 * node 1 without its copy of the corpus: every node stops, node 1 naming data.path (before, node 0 hung);
@@ -96,31 +96,25 @@ def _launch(cluster: SimulatedCluster, args: list[str], **kwargs) -> Launch:
 class SharedRun:
     out: Path
     nodes: list[Node]
-    stopped: Launch
-    resumed: Launch
+    launch: Launch
 
 
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory) -> SharedRun:
-    """``output_dir`` on the shared filesystem, the embedded corpus: stopped by SIGTERM on node 1, then resumed by
-    the same command. Its samples and weights are the reference of the object-storage case."""
+    """``output_dir`` on the shared filesystem, the embedded corpus, uninterrupted: the reference of the
+    object-storage case, which is stopped and resumed."""
     root = tmp_path_factory.mktemp("shared_run")
     out = root / "shared" / "run"  # every node sees this path: the shared filesystem
     with SimulatedCluster(root / "cluster", nodes=2) as cluster:
-        stopped = _launch(cluster, [*TINY, f"output_dir={out}"], node_env=SIGTERM_ON_NODE_1)
-        assert stopped.codes == [0, 0], stopped.transcript
-        return SharedRun(out, cluster.nodes, stopped, _launch(cluster, [*TINY, f"output_dir={out}"]))
+        return SharedRun(out, cluster.nodes, _launch(cluster, [*TINY, f"output_dir={out}"]))
 
 
-def test_shared_output_dir_stops_resumes_and_exports_on_both_nodes(shared_run):
-    out, stopped, resumed = shared_run.out, shared_run.stopped, shared_run.resumed
-    assert "stopped by a stop signal on another rank at step 3" in stopped.outputs[0], stopped.transcript
-    for node, output in zip(shared_run.nodes, stopped.outputs, strict=True):  # each prepared it in its cache
+def test_a_shared_output_dir_trains_and_exports_on_both_nodes(shared_run):
+    out, launch = shared_run.out, shared_run.launch
+    assert launch.codes == [0, 0], launch.transcript
+    for node, output in zip(shared_run.nodes, launch.outputs, strict=True):  # each prepared it in its cache
         assert output.count("preparing the embedded corpus") == 1, output
         assert (node.cache / EMBEDDED / "manifest.json").is_file()
-
-    assert resumed.codes == [0, 0], resumed.transcript
-    assert "resumed from step00000003 at step 3" in resumed.outputs[0]
     assert (out / "checkpoints" / "latest").read_text() == "step00000006"
     assert SparseBertForPreTraining.from_pretrained(out / "final").config.attention_pattern["frozen"]
     umask = os.umask(0o022)
@@ -128,17 +122,20 @@ def test_shared_output_dir_stops_resumes_and_exports_on_both_nodes(shared_run):
     for path in (out / "final").iterdir():  # readable by colleagues: what the umask allows, not 0600
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     assert not (shared_run.nodes[1].work / "runs").exists()  # nothing went to node 1's own disk
-    assert not any("preparing the embedded corpus" in output for output in resumed.outputs)  # cached
 
 
-def test_object_storage_needs_nothing_shared_but_the_bucket(shared_run, s3_bucket, tmp_path):
-    """Corpus (the embedded one, uploaded) and output_dir in S3: SIGTERM on node 1 leaves each node's parts of the
-    checkpoint in the bucket; the same command on nodes whose caches were emptied (other machines) resumes from
-    the bucket to the shared-filesystem run's samples and weights, continues its MLflow run, and exports there."""
+def test_in_object_storage_two_nodes_stop_and_resume_exactly_sharing_only_the_bucket(
+    shared_run, s3_bucket, tmp_path
+):
+    """Corpus (the embedded one, uploaded) and output_dir in S3: SIGTERM on node 1 stops both nodes and leaves
+    each node's parts of the checkpoint in the bucket; the same command on nodes whose caches were emptied (other
+    machines) resumes from the bucket exactly (the uninterrupted shared-filesystem run's samples and weights),
+    continues its MLflow run, and exports to the bucket."""
     from mlflow.tracking import MlflowClient
 
     from sparsebert import storage
 
+    assert shared_run.launch.codes == [0, 0], shared_run.launch.transcript  # the reference
     corpus, out = f"s3://{s3_bucket}/corpora/docs", f"s3://{s3_bucket}/runs/two"
     storage.upload(shared_run.nodes[0].cache / EMBEDDED, storage.parse(corpus, "the corpus"))
     args = [*TINY, f"data.path={corpus}", f"output_dir={out}", "mlflow.enabled=true"]
@@ -146,6 +143,7 @@ def test_object_storage_needs_nothing_shared_but_the_bucket(shared_run, s3_bucke
     with SimulatedCluster(tmp_path / "cluster", nodes=2, env={"MLFLOW_TRACKING_URI": mlflow_uri}) as cluster:
         stopped = _launch(cluster, args, node_env=SIGTERM_ON_NODE_1)
         assert stopped.codes == [0, 0], stopped.transcript
+        assert "stopped by a stop signal on another rank at step 3" in stopped.outputs[0], stopped.transcript
         stored = _objects(s3_bucket, "runs/two/")
         assert stored["checkpoints/latest"] == b"step00000003" and ".lease" not in stored, sorted(stored)
         parts = {k.split("/")[-1] for k in stored if k.startswith("checkpoints/step00000003/")}
@@ -165,7 +163,7 @@ def test_object_storage_needs_nothing_shared_but_the_bucket(shared_run, s3_bucke
         "step00000004",
         "step00000006",
     ]
-    for rank in (0, 1):  # the samples each step read: those of the shared-filesystem run
+    for rank in (0, 1):  # the samples each step read: those of the uninterrupted run
         local = (shared_run.out / f"samples.rank{rank}.jsonl").read_text().splitlines()
         remote = stored[f"samples.rank{rank}.jsonl"].decode().splitlines()
         assert {r["step"]: r["ids"] for r in map(json.loads, remote)} == {
