@@ -28,7 +28,7 @@ assert "HF_HUB_OFFLINE" not in os.environ, "the image must not switch the hub of
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), uid {os.getuid()}, {os.getcwd()} writable")
 EOF
 
-step "the demo, offline (-e HF_HUB_OFFLINE=1, as README says to opt out of the hub)"
+step "the demo, offline (-e HF_HUB_OFFLINE=1, as docs/cluster.md says to opt out of the hub)"
 run -e HF_HUB_OFFLINE=1 "$tag" bash -c 'python sparsebert/pretrain.py && test -f runs/demo/final/config.json'
 
 step "a launcher test: cluster/pretrain.sbatch on 2 CPU ranks, USR1, checkpoint, resume"
