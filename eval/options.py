@@ -85,14 +85,14 @@ class EvalOptions:
         _ = self.task_names  # an unknown task: an error naming the key now, not when the jobs start
         if self.labels is not None and self.checkpoint and len(self.labels) != len(self.checkpoint):
             raise ConfigError(
-                f"config key 'labels' (--labels) names {len(self.labels)} rows for {len(self.checkpoint)} "
-                "checkpoints: give one label per checkpoint"
+                f"config key 'labels' (--labels) gives {len(self.labels)} labels for {len(self.checkpoint)} "
+                "checkpoints: give one per checkpoint"
             )
         if not self.ray and (given := [k for k in _RAY_ONLY if getattr(self, k) != _default(k)]):
-            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+            keys = ", ".join(f"{k!r} (--{k.replace('_', '-')})" for k in given)
             raise ConfigError(
-                f"config keys {', '.join(map(repr, given))} ({flags}) only apply to Ray: not allowed with "
-                "--no-ray (ray: false)"
+                f"config key{'s' if len(given) > 1 else ''} {keys} only for Ray: not allowed with --no-ray "
+                "(ray: false)"
             )
 
     @classmethod
@@ -117,13 +117,16 @@ class EvalOptions:
             )
         if self.data.hub:
             return
-        kinds = {TASKS[name].kind for name in self.task_names}
-        missing = [key for key, kind in (("glue_dir", "glue"), ("squad_dir", "squad")) if kind in kinds]
-        missing = [key for key in missing if getattr(self.data, key) is None]
+        missing: dict[str, list[str]] = {}
+        for name in self.task_names:
+            key = "glue_dir" if TASKS[name].kind == "glue" else "squad_dir"
+            if getattr(self.data, key) is None:
+                missing.setdefault(key, []).append(name)
         if missing:
-            flags = " and ".join(f"--{key.replace('_', '-')}" for key in missing)
+            key, names = next(iter(missing.items()))
             raise ConfigError(
-                f"config key {missing[0]!r} is needed for the tasks named: give {flags}, or --hub (hub: true)"
+                f"config key {key!r} (--{key.replace('_', '-')}) is needed by {', '.join(names)}: give it, or "
+                "hub: true (--hub) to download the tasks"
             )
 
 
