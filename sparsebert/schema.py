@@ -1,19 +1,12 @@
-"""Config schemas: dataclasses whose fields carry their default and meaning, read alike from YAML files, command
-lines and Python, with one-line errors that name the key.
+"""Settings declared once: dataclasses whose fields carry their default and meaning, read alike from YAML files,
+command lines and Python, with one-line errors that name the key. Pre-training (``sparsebert.train_config``),
+``data_prep.options.PrepOptions`` and ``eval.options.EvalOptions`` are declared this way.
 
-Every entry point declares its settings this way: pre-training (``sparsebert.train_config``), corpus preparation
-(``data_prep.options.PrepOptions``) and evaluation (``eval.options.EvalOptions``).
-
-* :func:`setting` declares a field: its default, a one-line help, what it accepts (``choices``, ``bounds``) and,
-  where the entry point has flags, its command-line spelling; :func:`section` nests a dataclass (``flat``: its keys
-  sit at the parent's level).
-* :func:`build` makes the dataclass tree from a mapping (a YAML file, overrides, flags); :func:`validate` checks an
-  instance made in Python (call it from ``__post_init__``). Both raise a :class:`ConfigError` naming the key.
-* :func:`describe` renders ``--help-config``; :func:`add_flags` and :func:`flag_values` derive argparse flags from
-  the fields, so a default is declared once, on its field.
-
-A leaf of the package: it imports no torch and nothing of ``sparsebert``, so ``data_prep`` shares it
-(docs/ARCHITECTURE.md).
+:func:`setting` declares a field (default, help, accepted values, command-line spelling), :func:`section` nests a
+dataclass; :func:`build` makes one from a mapping and :func:`validate` checks one made in Python, both raising a
+:class:`ConfigError` naming the key; :func:`describe` renders ``--help-config``; :func:`add_flags` and
+:func:`flag_values` derive argparse flags from the fields. A leaf: no torch, nothing of ``sparsebert``, so
+``data_prep`` shares it (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -55,32 +48,16 @@ def setting(
     exclusive: bool = False,
     **extra: Any,
 ) -> Any:
-    """A documented field.
+    """A documented field. Accepted values: ``choices`` (a list is read when a value is checked, so names
+    registered later count); ``bounds`` (min, max), inclusive, None for no limit (a list's items are checked);
+    ``convert`` turns what a user writes (YAML, a flag's words, a Python value) into the field's type first.
 
-    Accepted values: ``choices`` (a list is read when a value is checked, so names registered later count);
-    ``bounds``, (min, max) with None for no limit, inclusive (a list's items are checked one by one);
-    ``convert`` turns what a user writes (a YAML value, a flag's words, a Python value) into the field's type
-    before it is checked, raising ``TypeError`` or ``ValueError``.
-
-    The command line, with ``cli`` (a dict adds ``add_argument`` keywords): ``flag`` (default ``--field-name``),
-    ``metavar``, ``group`` (a section of ``--help``), ``sep`` (a list given as one word, ``--lrs 2e-5,3e-5``;
-    without it a list takes several words), ``scale`` (the flag counts units of ``scale``: ``--unit-mb``) and
-    ``exclusive`` (with the group's other exclusive flags). ``extra`` is kept in the metadata for the schema's
-    owner (``neutral``, ``manifest``)."""
-    metadata = {
-        "help": help,
-        "choices": choices,
-        "bounds": bounds,
-        "convert": convert,
-        "cli": cli,
-        "flag": flag,
-        "metavar": metavar,
-        "group": group,
-        "sep": sep,
-        "scale": scale,
-        "exclusive": exclusive,
-        **extra,
-    }
+    A flag with ``cli`` (a dict adds ``add_argument`` keywords): ``flag`` (default ``--field-name``), ``metavar``,
+    ``group`` (of ``--help``), ``sep`` (a list in one word: ``--lrs 2e-5,3e-5``; else several words), ``scale``
+    (the flag counts units of it: ``--unit-mb``), ``exclusive`` (with the group's other exclusive flags).
+    ``extra`` stays in the metadata for the schema's owner (``neutral``, ``manifest``)."""
+    metadata = dict(help=help, choices=choices, bounds=bounds, convert=convert, cli=cli, flag=flag, metavar=metavar,
+                    group=group, sep=sep, scale=scale, exclusive=exclusive, **extra)  # fmt: skip
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -93,10 +70,9 @@ def section(cls: type, *, flat: bool = False) -> Any:
 
 
 def build(cls: type, data: Any, prefix: str = "") -> Any:
-    """An instance of the dataclass ``cls`` from ``data``, a mapping of its keys (sections nest, flat ones not);
-    keys not given keep their defaults. An unknown key, a value of the wrong type or outside its ``choices`` or
-    ``bounds`` is a :class:`ConfigError` naming the dotted key (``prefix`` + key). Values are read as YAML writes
-    them: ``"1e-4"`` (YAML 1.1 reads it as a string) is a float."""
+    """The dataclass ``cls`` from ``data``, a mapping of its keys (sections nest, flat ones not), defaults for the
+    rest. An unknown key, a wrong type, a value outside ``choices`` or ``bounds``: a :class:`ConfigError` naming
+    the dotted key. Values as YAML writes them: ``"1e-4"`` (a string to YAML 1.1) is a float."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a section (mapping)")
     data, known = dict(data), _keys(cls)
@@ -120,10 +96,9 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def validate(obj: Any) -> None:
-    """Check every field of the dataclass instance ``obj`` as :func:`build` does, for an instance made in Python:
-    call it from ``__post_init__``. Values count as given (``"1e-4"`` is no float here); an int where a float is
-    declared becomes a float and a list where a tuple is declared a tuple (frozen instances too). A section must
-    be an instance of its dataclass, which checks itself."""
+    """Check the fields of ``obj``, a dataclass made in Python, as :func:`build` does (call it from
+    ``__post_init__``; ``"1e-4"`` is no float here). An int becomes a declared float, a list a declared tuple
+    (frozen instances too); a section must be an instance of its dataclass, which checks itself."""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         hint, value = hints[f.name], getattr(obj, f.name)
@@ -174,7 +149,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     return data
@@ -190,7 +165,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: not a YAML value ({' '.join(str(err).split())})") from None
+            raise ConfigError(f"override {item!r}: not a YAML value ({_one_line(err)})") from None
         *parents, leaf = key.strip().split(".")
         node = data
         for i, part in enumerate(parents):
@@ -202,10 +177,9 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | None = None) -> None:
-    """One flag per command-line field of ``cls`` (``setting(..., cli=...)``; flat sections included), under its
-    ``group`` of ``--help`` (``groups`` holds the argument groups made so far, by name; new ones are added to it).
-    A flag stores its words only when given (:func:`flag_values` types them), so a config file's value or the
-    field's default stands otherwise; ``--help`` shows that default."""
+    """A flag per field of ``cls`` with ``cli`` (flat sections included), in its ``group`` (``groups``: those made
+    so far, by name). A flag stores its words only when given (:func:`flag_values` types them): otherwise a
+    config file's value or the default (which ``--help`` shows) stands."""
     groups = {} if groups is None else groups
     exclusive: dict[str, Any] = {}
     for _, f, hint, _ in _leaves(cls, None):
@@ -225,9 +199,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, Any]
 
 
 def flag_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The flags given on the command line (``add_flags``), by key, typed from their words as the fields declare
-    (numbers parsed, a ``sep`` list split, a ``scale`` applied, ``{...}`` read as a mapping); :func:`build` checks
-    them. A word that is not of the field's type is a :class:`ConfigError` naming the key and the flag."""
+    """The flags given, by key, typed from their words (numbers parsed, ``sep`` lists split, ``scale`` applied,
+    ``{...}`` read as a mapping) for :func:`build` to check; a bad word is a :class:`ConfigError` naming both."""
     given = vars(args)
     return {
         key: _from_words(_name(key, f), hint, given[f.name], f.metadata)
@@ -363,6 +336,10 @@ def _type_name(hint: Any) -> str:
     return " or ".join(names)
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -380,10 +357,10 @@ def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     if hint is bool:
         kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
     else:
-        allowed = meta["choices"]
-        numbers = {int, float} & set(_options(hint))
-        kwargs["metavar"] = meta["metavar"] or ("{" + ",".join(allowed) + "}" if allowed else None)
-        kwargs["metavar"] = kwargs["metavar"] or ("N" if numbers else None)
+        allowed, numbers = meta["choices"], {int, float} & set(_options(hint))
+        kwargs["metavar"] = meta["metavar"] or (
+            "{" + ",".join(allowed) + "}" if allowed else "N" if numbers else None
+        )
         if allowed and meta["metavar"]:
             kwargs["help"] += f" (one of: {', '.join(allowed)})"
         if not meta["sep"] and any(typing.get_origin(o) in (list, tuple) for o in _options(hint)):
@@ -424,9 +401,9 @@ def _from_word(name: str, hint: Any, options: Iterable[Any], word: str, scale: i
         try:
             return yaml.safe_load(word)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{name}: {word!r} is not a mapping ({' '.join(str(err).split())})") from None
+            raise ConfigError(f"{name}: {word!r} is not a mapping ({_one_line(err)})") from None
     for option in options:
-        if option is str or not isinstance(option, type) or option not in (int, float):
+        if option not in (int, float):
             return word  # text, or a type the field's convert reads from text
         try:
             return int(float(word) * scale) if scale else option(word)
