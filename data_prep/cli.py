@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(schema.describe(options, given))
             return 0
-        _check_locations(args)
+        _check_locations(args, options)
     except ValueError as exc:  # a setting (ConfigError), a location (UnsupportedLocation)
         return _usage_error(exc)
     logging.basicConfig(
@@ -119,9 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _check_locations(args: argparse.Namespace) -> None:
+def _check_locations(args: argparse.Namespace, options: PrepOptions) -> None:
     """Something to read and a place to write that ``sparsebert.storage`` knows, before any work."""
-    if not args.input and "hf_datasets" not in vars(args):
+    if not args.input and not options.hf_datasets:
         raise ConfigError("give --input PATH... and/or --hf-dataset NAME")
     if not args.output:
         raise ConfigError("give --output DIR: where the corpus goes")
