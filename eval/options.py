@@ -101,6 +101,10 @@ class EvalOptions:
         :class:`~sparsebert.schema.ConfigError` naming the key."""
         return schema.build(cls, data)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The options as :meth:`from_dict` (and a YAML file) takes them: ``from_dict(o.to_dict()) == o``."""
+        return schema.to_dict(self)
+
     @property
     def task_names(self) -> list[str]:
         """The registered tasks ``tasks`` names (``glue`` and ``all`` expanded, aliases resolved)."""

@@ -125,6 +125,21 @@ def describe(obj: Any, source: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The keys of the dataclass ``obj`` as :func:`build` reads them back (flat sections at their parent's level),
+    in plain values for a YAML file or a record: tuples as lists, dataclasses as mappings."""
+    out: dict[str, Any] = {}
+    for key, _, _, value in _leaves(type(obj), obj):
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, tuple):
+            value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        node[leaf] = value
+    return out
+
+
 def default_of(f: dataclasses.Field) -> Any:
     """A field's default value."""
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()

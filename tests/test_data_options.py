@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from data_prep import HfSource, PrepOptions, prepare_corpus
 from data_prep.cli import build_parser, main, options_from_args
+from sparsebert import schema
 
 
 def _cli(*flags: str) -> PrepOptions:
@@ -191,6 +193,7 @@ def test_a_config_file_and_flags_make_the_same_options(tmp_path):
         seq_len=32, packing="full_sentences", unit_bytes=1 << 20, vocab_size=100,
         hf_datasets=[HfSource("a", config="cfg"), HfSource("b", split="validation")],
     )  # fmt: skip
+    assert schema.build(PrepOptions, yaml.safe_load(yaml.safe_dump(schema.to_dict(options)))) == options
 
 
 def test_option_errors_are_one_line_exit_2_and_import_nothing_heavy(tmp_path):

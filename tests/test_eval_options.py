@@ -45,6 +45,9 @@ def test_yaml_keys_are_the_flags_names():
     assert from_yaml.finetune == FinetuneConfig(epochs=2.0) and from_yaml.data.squad_dir == "data/squad"
     assert from_yaml.task_names[-2:] == ["squad", "squad_v2"] and "mnli" in from_yaml.task_names
     from_yaml.check_runnable()
+    assert (
+        EvalOptions.from_dict(yaml.safe_load(yaml.safe_dump(from_yaml.to_dict()))) == from_yaml
+    )  # round trip
 
 
 def test_defaults_are_declared_once():

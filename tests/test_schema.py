@@ -182,6 +182,13 @@ def test_yaml_files_and_dotted_overrides(tmp_path):
         schema.read_yaml(path)
 
 
+def test_to_dict_gives_back_the_keys_build_reads():
+    options = schema.build(Options, {"names": ["x"], "lr": 0.5, "log": {"every": 2}, "pattern": {"n": 1}})
+    data = schema.to_dict(options)
+    assert data["names"] == ["x"] and data["lr"] == 0.5 and data["log"] == {"every": 2}  # flat, nested, plain
+    assert schema.build(Options, data) == options
+
+
 def test_list_defaults_are_not_shared_between_instances():
     @dataclass
     class Holder:
