@@ -209,7 +209,13 @@ def _examples(job: Job, task: TaskSpec) -> tuple[list, dict[str, list]]:
     return train, {"": load_squad(task, "", src.squad_dir, src.hub, cfg.max_eval_samples)}
 
 
-def _finetune_glue(model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job, device: torch.device):
+# What fine-tuning one task gives: optimizer steps, the loss history, dev metrics, artifacts to record.
+_Trained = tuple[int, list, dict[str, float], dict[str, Any]]
+
+
+def _finetune_glue(
+    model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job, device: torch.device
+) -> _Trained:
     """Train on a GLUE-format task, then score each dev set: steps, loss history, metrics, no artifacts."""
     cfg = job.config
     steps, history = train(model, _glue_tensors(tokenizer, task, train_ex, cfg.max_seq_len), job, device)
@@ -222,7 +228,9 @@ def _finetune_glue(model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job,
     return steps, history, metrics, {}
 
 
-def _finetune_squad(model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job, device: torch.device):
+def _finetune_squad(
+    model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job, device: torch.device
+) -> _Trained:
     """Train on a SQuAD task, then score dev with the official scorer of its version: steps, loss history,
     metrics, and the predictions (and v2.0 null odds) as artifacts."""
     cfg = job.config
