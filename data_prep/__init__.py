@@ -1,7 +1,7 @@
 """Corpus preparation for BERT pre-training on Ray: text → tokenizer + Parquet shards + manifest.
 
-``python -m data_prep --help`` for the command line; ``prepare_corpus`` and ``PrepOptions`` (every
-setting, with its default and help) for Python. The on-disk format lives in ``data_prep.format`` and is
+``python -m data_prep --help`` for the command line (``--help-config`` for every option's value); ``prepare_corpus``
+and ``PrepOptions`` (every setting, with its default and help) for Python. The on-disk format lives in ``data_prep.format`` and is
 read back by ``sparsebert.data.ShardReader``.
 
 Attributes are imported lazily so the training ranks, which only need ``data_prep.format``, do not

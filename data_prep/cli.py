@@ -11,13 +11,12 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import Field, fields
-from typing import Any, get_args, get_type_hints
+from dataclasses import replace
+from typing import Any
 
 from data_prep.options import PrepOptions
-
-_FIELDS = [f for f in fields(PrepOptions) if f.metadata["cli"] is not False]
-_HINTS = get_type_hints(PrepOptions)
+from sparsebert import schema
+from sparsebert.schema import ConfigError
 
 _EPILOG = """\
 examples:
@@ -31,8 +30,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: ``--input``, ``--output``, ``--hf-column``, ``--quiet`` and one flag per field of
-    ``PrepOptions`` (its help, default, choices and group)."""
+    """The command line: ``--input``, ``--output``, ``--config``, ``--help-config``, ``--hf-column``, ``--quiet``
+    and one flag per field of ``PrepOptions`` (derived from the field: its help, default, choices and group)."""
     p = argparse.ArgumentParser(
         prog="python -m data_prep",
         description="Turn text into a BERT pre-training corpus: a tokenizer directory, Parquet shards of "
@@ -41,9 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    groups = {
-        name: p.add_argument_group(name) for name in dict.fromkeys(f.metadata["group"] for f in _FIELDS)
-    }
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="read the options from this YAML file (the keys --help-config lists); flags given override it",
+    )
+    p.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every option: its value with these flags (and --config), its meaning and its default",
+    )
+    groups = {name: p.add_argument_group(name) for name in ("input", "output")}
     groups["input"].add_argument(
         "--input",
         nargs="+",
@@ -54,20 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups["output"].add_argument(
         "--output",
-        required=True,
         metavar="DIR",
         help="directory to create (must not exist or be empty): a local path, or s3://bucket/path or "
         "gs://bucket/path (pip install -e '.[s3]'; built locally under $SPARSEBERT_CACHE, then uploaded with "
-        "manifest.json last)",
+        "manifest.json last); required",
     )
-    exclusive: dict[str, Any] = {}
-    for f in _FIELDS:
-        group = groups[f.metadata["group"]]
-        if f.metadata["exclusive"]:
-            if f.metadata["group"] not in exclusive:
-                exclusive[f.metadata["group"]] = group.add_mutually_exclusive_group()
-            group = exclusive[f.metadata["group"]]
-        group.add_argument(_flag(f), **_argument(f))
+    schema.add_flags(p, PrepOptions, groups)
     groups["input"].add_argument(
         "--hf-column",
         default=None,
@@ -80,72 +79,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag(f: Field) -> str:
-    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
-
-
-def _argument(f: Field) -> dict[str, Any]:
-    """``add_argument`` keywords for a field: its help and default (in the flag's unit), typed."""
-    meta = f.metadata
-    default = f.default / meta["scale"] if meta["scale"] else f.default
-    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"]}
-    if isinstance(f.default, bool):
-        kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
-    else:
-        kinds = [k for k in get_args(_HINTS[f.name]) or (_HINTS[f.name],) if k is not type(None)]
-        kwargs |= {"type": float if meta["scale"] else kinds[0], "metavar": meta["metavar"]}
-        kwargs["choices"] = meta["choices"]
-    if f.default is True:
-        kwargs["help"] += f" (default: {_flag(f)})"
-    elif not (f.default is None or f.default is False or f.default == ()):
-        kwargs["help"] += (
-            f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
-        )
-    if isinstance(meta["cli"], dict):
-        kwargs |= meta["cli"]
-    return kwargs
-
-
 def options_from_args(args: argparse.Namespace) -> PrepOptions:
-    """The ``PrepOptions`` a parsed command line asks for."""
-    values = {f.name: getattr(args, f.name) for f in _FIELDS}
-    for f in _FIELDS:
-        if f.metadata["scale"]:
-            values[f.name] = int(values[f.name] * f.metadata["scale"])
-    values["hf_datasets"] = [
-        tokens
-        if args.hf_column is None or any(t.startswith("column=") for t in tokens)
-        else [*tokens, f"column={args.hf_column}"]
-        for tokens in args.hf_datasets
-    ]
-    values["progress"] = args.progress and not args.quiet
-    return PrepOptions(**values)
+    """The ``PrepOptions`` a parsed command line asks for: the defaults, then ``--config``'s keys, then the flags
+    given. Raises :class:`~sparsebert.schema.ConfigError` naming the key (and flag) of a bad value."""
+    values: dict[str, Any] = schema.read_yaml(args.config) if args.config else {}
+    values |= schema.flag_values(PrepOptions, args)
+    options = schema.build(PrepOptions, values)
+    if args.hf_column is not None:
+        sources = tuple(s if s.column else replace(s, column=args.hf_column) for s in options.hf_datasets)
+        options = replace(options, hf_datasets=sources)
+    return replace(options, progress=False) if args.quiet else options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        options = options_from_args(args)
+        if args.help_config:
+            given = (
+                f"{args.config} and the flags given" if args.config else "the defaults and the flags given"
+            )
+            print(schema.describe(options, given))
+            return 0
+        _check_locations(args, options)
+    except ValueError as exc:  # a setting (ConfigError), a location (UnsupportedLocation)
+        return _usage_error(exc)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
-    if not args.input and not args.hf_datasets:
-        print("error: give --input PATH... and/or --hf-dataset NAME", file=sys.stderr)
-        return 2
-    from sparsebert.storage import UnsupportedLocation, parse
-
-    try:
-        parse(args.output, "--output")
-    except UnsupportedLocation as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     # Ray's notice that a local cluster has token authentication on: it stays on, the notice needs no action.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     from data_prep.pipeline import prepare_corpus
 
     try:
-        manifest = prepare_corpus(args.input, args.output, options_from_args(args))
+        manifest = prepare_corpus(args.input, args.output, options)
     except (ValueError, OSError) as exc:  # the inputs, the settings, the output (local or object storage)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(exc)
+    _print_summary(manifest, args.output)
+    return 0
+
+
+def _check_locations(args: argparse.Namespace, options: PrepOptions) -> None:
+    """Something to read and a place to write that ``sparsebert.storage`` knows, before any work."""
+    if not args.input and not options.hf_datasets:
+        raise ConfigError("give --input PATH... and/or --hf-dataset NAME")
+    if not args.output:
+        raise ConfigError("give --output DIR: where the corpus goes")
+    from sparsebert.storage import parse  # pyarrow's filesystems: not for --help
+
+    parse(args.output, "--output")
+
+
+def _usage_error(exc: BaseException) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _print_summary(manifest: dict[str, Any], output: str) -> None:
     summary = {k: manifest[k] for k in ("counts", "skipped", "repaired")}
     summary["tokenizer"] = {k: manifest["tokenizer"][k] for k in ("source", "vocab_size", "hash")}
     held = manifest.get("validation")
@@ -154,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["validation"] = held["counts"]
         wrote += f"; validation: {held['counts']['samples']} samples, {held['counts']['shards']} shards"
     print(json.dumps(summary, indent=2))
-    print(f"wrote {args.output} ({wrote})")
-    return 0
+    print(f"wrote {output} ({wrote})")
 
 
 if __name__ == "__main__":

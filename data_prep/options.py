@@ -1,22 +1,24 @@
 """``PrepOptions``: every setting of a corpus preparation, declared once.
 
-Each field carries its default, a one-line help, its command-line spelling (``data_prep.cli`` builds its
-parser from these fields), where the manifest records it and the values it accepts; ``__post_init__``
-checks them all, so a bad value is an error naming the field before any work starts.
+Each field is a :func:`sparsebert.schema.setting`: its default, a one-line help, the values it accepts, its
+command-line spelling (``data_prep.cli`` derives its flags from these fields) and where the manifest records it.
+``__post_init__`` checks them all, so a bad value is an error naming the field (and its flag) before any work
+starts; a YAML file of these keys (``--config``) is read by the same schema.
 
 This module imports neither Ray nor transformers: the command line builds its parser from it.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, get_args, get_type_hints
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from data_prep.format import PACKINGS
 from data_prep.hub import HfSource
 from data_prep.text import SENTENCE_SPLITTERS
 from data_prep.tokenizer import TOKENIZER_KINDS
+from sparsebert import schema
+from sparsebert.schema import ConfigError
 
 MB = 1 << 20
 # Where the manifest records a setting: "top" (a key of the manifest itself), "config", "run" (the part
@@ -27,39 +29,24 @@ SECTIONS = ("top", "config", "run", "validation")
 
 
 def _opt(
-    default: Any,
-    help: str,
-    *,
-    group: str,
-    manifest: str | None = None,
-    choices: tuple[str, ...] | None = None,
-    bounds: tuple[float, float | None] | None = None,
-    metavar: str | None = None,
-    flag: str | None = None,
-    scale: int | None = None,
-    exclusive: bool = False,
-    cli: dict[str, Any] | bool = True,
+    default: Any, help: str, *, group: str, manifest: str | None = None, cli: Any = True, **kwargs: Any
 ) -> Any:
-    """A field documented in its ``metadata``: ``help``, ``group`` (of the command line's help), ``manifest``
-    (the section recording it), accepted values (``choices``; ``bounds``: min and max or None), and its
-    command-line spelling: ``metavar``, ``flag`` (default ``--field-name``), ``scale`` (the flag counts
-    units of ``scale`` bytes), ``exclusive`` (mutually exclusive with the group's other exclusive flags),
-    ``cli`` (``False``: not on the command line; a dict: extra ``add_argument`` keywords)."""
+    """A setting (:func:`sparsebert.schema.setting`) in a ``group`` of the command line's help, recorded in the
+    manifest's section ``manifest`` (or nowhere); ``cli=False`` keeps it off the command line."""
     if manifest not in (None, *SECTIONS):
         raise ValueError(f"manifest must be one of {SECTIONS} or None, got {manifest!r}")
-    metadata = {
-        "help": help,
-        "group": group,
-        "manifest": manifest,
-        "choices": choices,
-        "bounds": bounds,
-        "metavar": metavar,
-        "flag": flag,
-        "scale": scale,
-        "exclusive": exclusive,
-        "cli": cli,
-    }
-    return field(default=default, metadata=metadata)
+    return schema.setting(default, help, group=group, manifest=manifest, cli=cli, **kwargs)
+
+
+def _sources(value: Any) -> Any:
+    """Hub datasets as users write them (``NAME [CONFIG] [key=value ...]`` words, a mapping of HfSource's
+    fields, or an HfSource), parsed; anything but a list is left for the type check to refuse."""
+    if isinstance(value, (str, HfSource)) or not isinstance(value, (list, tuple)):
+        return value
+    return tuple(
+        s if isinstance(s, HfSource) else HfSource(**s) if isinstance(s, dict) else HfSource.parse(s)
+        for s in value
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,19 +89,14 @@ class PrepOptions:
     )
     hf_datasets: tuple[HfSource, ...] = _opt(
         (),
-        "Hugging Face datasets, streamed by the workers (network; only when given), each an HfSource or "
-        "NAME [CONFIG] [key=value ...] with keys split (train), column, revision, rows_per_document; "
-        "repeat --hf-dataset for several",
+        "Hugging Face datasets, streamed by the workers (network; only when given), each an HfSource, a "
+        "mapping of its fields or NAME [CONFIG] [key=value ...] with keys split (train), column, revision, "
+        "rows_per_document; repeat --hf-dataset for several",
         group="input",
         manifest="config",
+        convert=_sources,
         flag="--hf-dataset",
-        cli={
-            "nargs": "+",
-            "action": "append",
-            "default": [],
-            "type": str,
-            "metavar": ("NAME", "CONFIG|KEY=VALUE"),
-        },
+        cli={"nargs": "+", "action": "append", "metavar": ("NAME", "CONFIG|KEY=VALUE")},
     )
     sentence_splitter: str = _opt(
         "sentencex",
@@ -142,6 +124,7 @@ class PrepOptions:
         None,
         "use this transformers tokenizer (a local directory, or a hub name) instead of training one",
         group="tokenizer",
+        convert=schema.paths,
         metavar="DIR",
         exclusive=True,
     )
@@ -219,9 +202,10 @@ class PrepOptions:
         "holding out a fraction of the input",
         group="validation",
         manifest="validation",
+        convert=schema.paths,
         flag="--validation-input",
+        metavar="PATH",
         exclusive=True,
-        cli={"nargs": "+", "default": [], "type": str, "metavar": "PATH"},
     )
     # execution
     num_workers: int | None = _opt(
@@ -252,35 +236,18 @@ class PrepOptions:
     progress: bool = _opt(True, "show progress bars", group="execution")
 
     def __post_init__(self) -> None:
-        # Normalised first, so the checks (and the manifest) see plain values: a path as a string, hub
-        # datasets parsed, which makes a malformed NAME [CONFIG] [key=value ...] fail before any work.
-        if isinstance(self.tokenizer, os.PathLike):
-            object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
-        sources = self.hf_datasets
-        if isinstance(sources, (str, HfSource)) or not isinstance(sources, (list, tuple)):
-            raise TypeError(f"hf_datasets must be a list of datasets, got {sources!r}")
-        parsed = tuple(s if isinstance(s, HfSource) else HfSource.parse(s) for s in sources)
-        object.__setattr__(self, "hf_datasets", parsed)
-        paths = self.validation_inputs
-        if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)):
-            raise TypeError(f"validation_inputs must be a list of paths, got {paths!r}")
-        if not all(isinstance(path, (str, os.PathLike)) for path in paths):
-            raise TypeError(f"validation_inputs must be a list of paths, got {paths!r}")
-        object.__setattr__(self, "validation_inputs", tuple(os.fspath(path) for path in paths))
-        hints = get_type_hints(type(self))
-        for f in fields(self):
-            if f.name not in ("hf_datasets", "validation_inputs"):
-                _check(f.name, getattr(self, f.name), hints[f.name], f.metadata)
-        object.__setattr__(self, "validation_fraction", float(self.validation_fraction))
+        # Types, choices and bounds; values normalised on the way, so the manifest sees plain ones: a path as a
+        # string, hub datasets parsed (a malformed NAME [CONFIG] [key=value ...] fails before any work).
+        schema.validate(self)
         if self.validation_fraction >= 1:
-            raise ValueError(
-                f"validation_fraction must be < 1 (some documents must stay for training), "
-                f"got {self.validation_fraction!r}"
+            raise ConfigError(
+                "config key 'validation_fraction' (--validation-fraction) must be < 1 (some documents must "
+                f"stay for training), got {self.validation_fraction!r}"
             )
         if self.validation_fraction > 0 and self.validation_inputs:
-            raise ValueError(
-                "validation_fraction and validation_inputs are alternatives: hold out a fraction of the "
-                "input, or read the validation split from its own input, not both"
+            raise ConfigError(
+                "config keys 'validation_fraction' and 'validation_inputs' are alternatives: hold out a "
+                "fraction of the input, or read the validation split from its own input, not both"
             )
 
     @property
@@ -298,31 +265,3 @@ class PrepOptions:
             for f in fields(self)
             if f.metadata["manifest"] == section
         }
-
-
-def _check(name: str, value: Any, hint: Any, meta: Any) -> None:
-    """Raise an error naming ``name`` unless ``value`` has its type, is one of its choices and in bounds."""
-    allowed = get_args(hint) or (hint,)
-    if not any(_is(value, kind) for kind in allowed):
-        names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
-        raise TypeError(f"{name} must be {names}, got {value!r}")
-    if value is None:
-        return
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise ValueError(f"{name} must be one of {meta['choices']}, got {value!r}")
-    if meta["bounds"] is not None:
-        low, high = meta["bounds"]
-        if value < low or (high is not None and value > high):
-            span = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"{name} must be {span}, got {value!r}")
-
-
-def _is(value: Any, kind: type) -> bool:
-    """``isinstance`` as a setting means it: a bool is not a number, an int is a float."""
-    if kind is type(None) or kind is bool:
-        return isinstance(value, kind)
-    if isinstance(value, bool):
-        return False
-    if kind is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, kind)

@@ -187,82 +187,63 @@ def plan_units(
     """Cut the inputs into units (cheap: sizes, a few reads near the cut points, Parquet footers)."""
     plan = Plan()
     files, plan.skipped_files = resolve_files(inputs)
-    pending_text_files: list[str] = []
-    pending_bytes = 0
-
-    def add(kind: str, **kwargs: Any) -> None:
-        plan.units.append(Unit(index=len(plan.units), kind=kind, **kwargs))
-
-    def flush_text_files() -> None:
-        nonlocal pending_text_files, pending_bytes
-        if pending_text_files:
-            add("text_files", paths=tuple(pending_text_files))
-        pending_text_files, pending_bytes = [], 0
-
+    reading = {"column": text_column, "rows_per_document": rows_per_document}
+    batch: list[str] = []  # one-document-per-file texts, gathered into units of about unit_bytes
+    batch_bytes = 0
     for path in files:
-        kind = _kind_of(path)
-        size = path.stat().st_size
+        kind, size = _kind_of(path), path.stat().st_size
         if size == 0:
             plan.skipped_files.append({"path": str(path), "reason": "empty file"})
             continue
         if kind == "text" and doc_per_file:
-            pending_text_files.append(str(path))
-            pending_bytes += size
-            if pending_bytes >= unit_bytes:
-                flush_text_files()
+            batch.append(str(path))
+            batch_bytes += size
+            if batch_bytes >= unit_bytes:
+                _add(plan, "text_files", paths=tuple(batch))
+                batch, batch_bytes = [], 0
         elif kind in ("text", "jsonl"):
             for start, stop in _split_file(path, kind, unit_bytes, max_line_length):
-                add(
-                    kind,
-                    paths=(str(path),),
-                    start=start,
-                    stop=stop,
-                    column=text_column,
-                    rows_per_document=rows_per_document,
-                )
-        else:
-            try:
-                metadata = pq.read_metadata(path)
-                schema = metadata.schema.to_arrow_schema()
-            except (OSError, pa.ArrowException) as exc:
-                plan.skipped_files.append({"path": str(path), "reason": f"unreadable Parquet file: {exc}"})
-                continue
-            if schema.get_field_index(text_column) < 0:
-                plan.skipped_files.append(
-                    {"path": str(path), "reason": f"no column {text_column!r} (columns: {schema.names})"}
-                )
-                continue
-            if not pa.types.is_string(schema.field(text_column).type) and not pa.types.is_large_string(
-                schema.field(text_column).type
-            ):
-                plan.skipped_files.append(
-                    {"path": str(path), "reason": f"column {text_column!r} is not text"}
-                )
-                continue
-            for row_group in range(metadata.num_row_groups):
-                add(
-                    "parquet",
-                    paths=(str(path),),
-                    start=row_group,
-                    column=text_column,
-                    rows_per_document=rows_per_document,
-                )
+                _add(plan, kind, paths=(str(path),), start=start, stop=stop, **reading)
+        elif not _add_parquet(plan, path, reading):
+            continue
         plan.sources.append({"type": kind, "path": str(path), "bytes": size})
-    flush_text_files()
+    if batch:
+        _add(plan, "text_files", paths=tuple(batch))
     for source in hf_sources:
         shards, entry = hub_shards(source, column=source.column or text_column)
+        rows = source.rows_per_document or rows_per_document
         for shard in shards:
-            plan.units.append(
-                Unit(
-                    index=len(plan.units),
-                    kind="hf",
-                    column=entry["column"],
-                    rows_per_document=source.rows_per_document or rows_per_document,
-                    hf_shard=shard,
-                )
-            )
+            _add(plan, "hf", column=entry["column"], rows_per_document=rows, hf_shard=shard)
         plan.sources.append(entry)
     return plan
+
+
+def _add(plan: Plan, kind: str, **fields: Any) -> None:
+    plan.units.append(Unit(index=len(plan.units), kind=kind, **fields))
+
+
+def _add_parquet(plan: Plan, path: Path, reading: dict[str, Any]) -> bool:
+    """A unit per row group of a Parquet file; False (and the file listed as skipped) if it cannot be read or
+    has no text column."""
+    column = reading["column"]
+    try:
+        metadata = pq.read_metadata(path)
+        schema = metadata.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as exc:
+        plan.skipped_files.append({"path": str(path), "reason": f"unreadable Parquet file: {exc}"})
+        return False
+    if schema.get_field_index(column) < 0:
+        plan.skipped_files.append(
+            {"path": str(path), "reason": f"no column {column!r} (columns: {schema.names})"}
+        )
+        return False
+    kind = schema.field(column).type
+    if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
+        plan.skipped_files.append({"path": str(path), "reason": f"column {column!r} is not text"})
+        return False
+    for row_group in range(metadata.num_row_groups):
+        _add(plan, "parquet", paths=(str(path),), start=row_group, **reading)
+    return True
 
 
 def _group_rows(values: Iterable[str], rows_per_document: int) -> Iterator[str]:

@@ -139,41 +139,9 @@ def train_tokenizer(
             vocab=vocab, do_lower_case=lowercase, model_max_length=_model_max_length(seq_len)
         )
     elif kind == "sentencepiece":
-        import sentencepiece as spm
-        from transformers import AlbertTokenizer
-
-        model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type="unigram",
-            pad_id=0,
-            unk_id=1,
-            bos_id=-1,
-            eos_id=-1,
-            pad_piece="[PAD]",
-            unk_piece="[UNK]",
-            control_symbols=list(SPECIAL_TOKENS[2:]),
-            character_coverage=0.9999,
-            normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
-            hard_vocab_limit=False,  # a small corpus may not support the requested size
-            num_threads=_SPM_THREADS,
-            minloglevel=2,
+        tokenizer = _sentencepiece(
+            texts, out_dir, vocab_size=vocab_size, lowercase=lowercase, seq_len=seq_len
         )
-        with tempfile.TemporaryDirectory() as staging:
-            Path(staging, "spiece.model").write_bytes(model.getvalue())
-            # ALBERT's tokenizer class is transformers' SentencePiece-unigram BERT tokenizer ([CLS]/[SEP]/[MASK]).
-            tokenizer = AlbertTokenizer.from_pretrained(
-                staging,
-                unk_token="[UNK]",
-                pad_token="[PAD]",
-                do_lower_case=lowercase,
-                keep_accents=True,
-                model_max_length=_model_max_length(seq_len),
-            )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "spiece.model").write_bytes(model.getvalue())
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose from {TOKENIZER_KINDS}")
     info = describe(tokenizer, f"trained:{kind}")
@@ -181,3 +149,46 @@ def train_tokenizer(
     tokenizer.save_pretrained(str(out_dir))
     logger.info("trained a %s tokenizer with %d tokens", kind, info["vocab_size"])
     return info
+
+
+def _sentencepiece(
+    texts: Iterable[str], out_dir: Path, *, vocab_size: int, lowercase: bool, seq_len: int
+) -> Any:
+    """A unigram SentencePiece model trained on ``texts`` (its ``spiece.model`` written to ``out_dir``), as
+    transformers' tokenizer around it."""
+    import sentencepiece as spm
+    from transformers import AlbertTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=-1,
+        pad_piece="[PAD]",
+        unk_piece="[UNK]",
+        control_symbols=list(SPECIAL_TOKENS[2:]),
+        character_coverage=0.9999,
+        normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+        hard_vocab_limit=False,  # a small corpus may not support the requested size
+        num_threads=_SPM_THREADS,
+        minloglevel=2,
+    )
+    with tempfile.TemporaryDirectory() as staging:
+        Path(staging, "spiece.model").write_bytes(model.getvalue())
+        # ALBERT's tokenizer class is transformers' SentencePiece-unigram BERT tokenizer ([CLS]/[SEP]/[MASK]).
+        tokenizer = AlbertTokenizer.from_pretrained(
+            staging,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            do_lower_case=lowercase,
+            keep_accents=True,
+            model_max_length=_model_max_length(seq_len),
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spiece.model").write_bytes(model.getvalue())
+    return tokenizer

@@ -171,13 +171,7 @@ def run_job(
     if not console.verbose():
         transformers.logging.disable_progress_bar()  # one "Loading weights" bar per job and worker otherwise
     tokenizer = transformers.AutoTokenizer.from_pretrained(job.checkpoint)
-    src = job.data
-    if task.kind == "glue":
-        train_ex = load_glue(task, "train", src.glue_dir, src.hub, cfg.max_train_samples)
-        dev_ex = {s: load_glue(task, s, src.glue_dir, src.hub, cfg.max_eval_samples) for s in task.dev_splits}
-    else:
-        train_ex = load_squad(task, "train", src.squad_dir, src.hub, cfg.max_train_samples)
-        dev_ex = {"": load_squad(task, "", src.squad_dir, src.hub, cfg.max_eval_samples)}
+    train_ex, dev_ex = _examples(job, task)
     if attempt <= fail_attempts:
         raise InjectedFailure(f"{job.key}: failure injected for attempt {attempt} (fault eval_fail)")
 
@@ -185,28 +179,8 @@ def run_job(
     model = load_for_task(
         job.checkpoint, task, cfg.attention_pattern, cfg.attention_backend, cfg.trust_remote_code
     ).to(device)
-    metrics: dict[str, float] = {}
-    predictions: dict[str, Any] = {}
-    if task.kind == "glue":
-        steps, history = train(model, _glue_tensors(tokenizer, task, train_ex, cfg.max_seq_len), job, device)
-        for split, examples in dev_ex.items():
-            data = _glue_tensors(tokenizer, task, examples, cfg.max_seq_len)
-            (logits,) = predict(model, data, cfg.eval_batch_size, device, cfg.bf16)
-            preds = logits[:, 0] if task.labels is None else logits.argmax(-1)
-            metrics.update(task.compute_metrics(preds, data["labels"].numpy(), suffix=split))
-    else:
-        feat_args = (cfg.squad_max_seq_len, cfg.doc_stride, cfg.max_query_len)
-        train_feats = prepare_features(tokenizer, train_ex, *feat_args, train=True)
-        steps, history = train(model, _squad_tensors(train_feats, train=True), job, device)
-        examples = dev_ex[""]
-        feats = prepare_features(tokenizer, examples, *feat_args, train=False)
-        start, end = predict(model, _squad_tensors(feats, train=False), cfg.eval_batch_size, device, cfg.bf16)
-        preds, null_diff = postprocess(
-            examples, feats, start, end, task.version_2, cfg.n_best, cfg.max_answer_len, cfg.null_threshold
-        )
-        gold = {ex.id: list(ex.answers) for ex in examples}
-        metrics = squad_v2_scores(gold, preds, null_diff) if task.version_2 else squad_v1_scores(gold, preds)
-        predictions = {"predictions.json": preds, **({"null_odds.json": null_diff} if task.version_2 else {})}
+    finetune = _finetune_glue if task.kind == "glue" else _finetune_squad
+    steps, history, metrics, predictions = finetune(model, tokenizer, task, train_ex, dev_ex, job, device)
     return {
         "job_key": job.key,
         "attempt": attempt,
@@ -221,3 +195,55 @@ def run_job(
         "end_time": time.time(),
         "artifacts": predictions,
     }
+
+
+def _examples(job: Job, task: TaskSpec) -> tuple[list, dict[str, list]]:
+    """The task's training examples and its dev sets' (by metric suffix), capped for smoke runs."""
+    src, cfg = job.data, job.config
+    if task.kind == "glue":
+        train = load_glue(task, "train", src.glue_dir, src.hub, cfg.max_train_samples)
+        return train, {
+            s: load_glue(task, s, src.glue_dir, src.hub, cfg.max_eval_samples) for s in task.dev_splits
+        }
+    train = load_squad(task, "train", src.squad_dir, src.hub, cfg.max_train_samples)
+    return train, {"": load_squad(task, "", src.squad_dir, src.hub, cfg.max_eval_samples)}
+
+
+# What fine-tuning one task gives: optimizer steps, the loss history, dev metrics, artifacts to record.
+_Trained = tuple[int, list, dict[str, float], dict[str, Any]]
+
+
+def _finetune_glue(
+    model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job, device: torch.device
+) -> _Trained:
+    """Train on a GLUE-format task, then score each dev set: steps, loss history, metrics, no artifacts."""
+    cfg = job.config
+    steps, history = train(model, _glue_tensors(tokenizer, task, train_ex, cfg.max_seq_len), job, device)
+    metrics: dict[str, float] = {}
+    for split, examples in dev_ex.items():
+        data = _glue_tensors(tokenizer, task, examples, cfg.max_seq_len)
+        (logits,) = predict(model, data, cfg.eval_batch_size, device, cfg.bf16)
+        preds = logits[:, 0] if task.labels is None else logits.argmax(-1)
+        metrics.update(task.compute_metrics(preds, data["labels"].numpy(), suffix=split))
+    return steps, history, metrics, {}
+
+
+def _finetune_squad(
+    model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job, device: torch.device
+) -> _Trained:
+    """Train on a SQuAD task, then score dev with the official scorer of its version: steps, loss history,
+    metrics, and the predictions (and v2.0 null odds) as artifacts."""
+    cfg = job.config
+    feat_args = (cfg.squad_max_seq_len, cfg.doc_stride, cfg.max_query_len)
+    train_feats = prepare_features(tokenizer, train_ex, *feat_args, train=True)
+    steps, history = train(model, _squad_tensors(train_feats, train=True), job, device)
+    examples = dev_ex[""]
+    feats = prepare_features(tokenizer, examples, *feat_args, train=False)
+    start, end = predict(model, _squad_tensors(feats, train=False), cfg.eval_batch_size, device, cfg.bf16)
+    preds, null_diff = postprocess(
+        examples, feats, start, end, task.version_2, cfg.n_best, cfg.max_answer_len, cfg.null_threshold
+    )
+    gold = {ex.id: list(ex.answers) for ex in examples}
+    metrics = squad_v2_scores(gold, preds, null_diff) if task.version_2 else squad_v1_scores(gold, preds)
+    predictions = {"predictions.json": preds, **({"null_odds.json": null_diff} if task.version_2 else {})}
+    return steps, history, metrics, predictions

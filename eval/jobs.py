@@ -5,46 +5,73 @@ Kept free of torch so the driver can plan, resume and report without loading a m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsebert import choices, schema
+
 DEVICES = ("auto", "cuda", "cpu")
 # Where a job runs, not what it computes: left out of the evaluation key (so --resume can finish an evaluation
 # on another kind of machine) and of the parent run's params (which MLflow never lets change on resume).
 RUNTIME_FIELDS = ("device", "trust_remote_code")
+
+# A setting of the evaluation (eval.options.EvalOptions reads these sections' keys at its own level): a flag of
+# ``python -m eval.run`` too.
+_hp = functools.partial(schema.setting, cli=True, group="fine-tuning")
+_smoke = functools.partial(schema.setting, cli=True, group="smoke runs", bounds=(1, None), metavar="N")
+_data = functools.partial(schema.setting, cli=True, group="data")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Hyper-parameters shared by every job of an evaluation (BERT's recipe by default)."""
 
-    epochs: float = 3.0
-    batch_size: int = 32
-    max_seq_len: int = 128  # GLUE; the paper's table is at 128
-    squad_max_seq_len: int = 384
-    doc_stride: int = 128  # tokens shared by consecutive SQuAD windows
-    max_query_len: int = 64
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    eval_batch_size: int = 128
-    n_best: int = 20
-    max_answer_len: int = 30
-    null_threshold: float = 0.0  # SQuAD v2.0: predict "" when null beats the best span by more than this
-    max_steps: int | None = None  # smoke runs: stop after this many optimizer steps
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    attention_pattern: str | dict | None = None  # None: the checkpoint's own (frozen) mask
-    attention_backend: str = "auto"
-    bf16: bool = False  # autocast to bfloat16 on GPU
-    device: str = "auto"  # "auto": CUDA if torch sees a GPU, else CPU; "cuda": a GPU is required; "cpu"
-    trust_remote_code: bool = False  # a checkpoint whose mask pattern is "pkg.module:fn" may import it
+    epochs: float = _hp(3.0, "training epochs of each job", bounds=(0, None))
+    batch_size: int = _hp(32, "training batch size", bounds=(1, None))
+    max_seq_len: int = _hp(128, "GLUE sequence length (the paper's table is at 128)", bounds=(8, None))
+    squad_max_seq_len: int = _hp(384, "SQuAD window length, question included", bounds=(8, None))
+    doc_stride: int = _hp(128, "SQuAD: tokens shared by consecutive windows of a context", bounds=(1, None))
+    max_query_len: int = _hp(64, "SQuAD: questions are cut to this many tokens", bounds=(1, None))
+    warmup_ratio: float = _hp(0.1, "share of the steps the learning rate warms up over", bounds=(0, 1))
+    weight_decay: float = _hp(0.01, "AdamW weight decay (not on biases and LayerNorm)", bounds=(0, None))
+    eval_batch_size: int = _hp(128, "batch size of the dev predictions", bounds=(1, None))
+    n_best: int = _hp(20, "SQuAD: start and end positions tried per window", bounds=(1, None))
+    max_answer_len: int = _hp(30, "SQuAD: longest answer, in tokens", bounds=(1, None))
+    null_threshold: float = _hp(
+        0.0, "SQuAD v2.0: predict no answer when its score beats the best span's by more than this"
+    )
+    max_steps: int | None = _smoke(None, "stop each job after this many optimizer steps")
+    max_train_samples: int | None = _smoke(None, "train on the first N examples of each task only")
+    max_eval_samples: int | None = _smoke(None, "score the first N dev examples of each task only")
+    attention_pattern: str | dict | None = _hp(
+        None,
+        "replace the checkpoint's mask: a pattern name or spec ({name: longformer, window: 4}; JSON on the "
+        "command line); null = the checkpoint's own mask (a DAM mask frozen)",
+        metavar="NAME|JSON",
+    )
+    attention_backend: str = _hp(
+        "auto",
+        "attention implementation; auto picks per mask and device",
+        choices=choices.ATTENTION_BACKENDS,  # registered backends join this list
+        metavar="NAME",
+    )
+    bf16: bool = _hp(False, "bfloat16 autocast on GPU")
+    device: str = _hp(
+        "auto",
+        "auto: the GPU if torch sees one (on Ray: always, when jobs get GPUs), else the CPU; cuda: fail rather "
+        "than run on the CPU; cpu: never use a GPU",
+        choices=DEVICES,
+    )
+    trust_remote_code: bool = _hp(
+        False, "let a checkpoint whose mask pattern is a 'package.module:function' path import that code"
+    )
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        schema.validate(self)
 
 
 def recipe(config: FinetuneConfig) -> dict[str, Any]:
@@ -56,9 +83,24 @@ def recipe(config: FinetuneConfig) -> dict[str, Any]:
 class DataSource:
     """Where task data comes from: local official files, or the Hugging Face hub when ``hub``."""
 
-    glue_dir: str | None = None
-    squad_dir: str | None = None
-    hub: bool = False
+    glue_dir: str | None = _data(
+        None,
+        "GLUE distribution dir (CoLA/, SST-2/, MNLI/, ... with train/dev TSVs)",
+        convert=schema.paths,
+        metavar="DIR",
+    )
+    squad_dir: str | None = _data(
+        None,
+        "dir with train-v1.1.json, dev-v1.1.json, train-v2.0.json, dev-v2.0.json",
+        convert=schema.paths,
+        metavar="DIR",
+    )
+    hub: bool = _data(
+        False, "download nyu-mll/glue, rajpurkar/squad, rajpurkar/squad_v2 instead of local files"
+    )
+
+    def __post_init__(self) -> None:
+        schema.validate(self)
 
 
 @dataclass(frozen=True)

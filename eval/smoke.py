@@ -125,89 +125,45 @@ def write_glue(out: str | Path, n_train: int = 24, n_dev: int = 12, seed: int = 
     """All nine GLUE tasks in the GLUE distribution's layout, each with its own columns."""
     rng = random.Random(seed)
     out = Path(out)
-    s = lambda: _sentence(rng)  # noqa: E731
     for split, n in (("train", n_train), ("dev", n_dev)):
-        b = lambda: str(rng.randint(0, 1))  # noqa: E731
-        _tsv(out / "CoLA" / f"{split}.tsv", [["gj04", b(), "", s()] for _ in range(n)])
-        _tsv(out / "SST-2" / f"{split}.tsv", [["sentence", "label"]] + [[s(), b()] for _ in range(n)])
-        _tsv(
-            out / "MRPC" / f"{split}.tsv",
-            [["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]]
-            + [[b(), str(i), str(i + 1), s(), s()] for i in range(n)],
-        )
-        _tsv(
-            out / "STS-B" / f"{split}.tsv",
-            [
-                [
-                    "index",
-                    "genre",
-                    "filename",
-                    "year",
-                    "old_index",
-                    "source1",
-                    "source2",
-                    "sentence1",
-                    "sentence2",
-                    "score",
-                ]
-            ]
-            + [
-                [
-                    str(i),
-                    "main-news",
-                    "x",
-                    "2012",
-                    str(i),
-                    "none",
-                    "none",
-                    s(),
-                    s(),
-                    f"{rng.uniform(0, 5):.3f}",
-                ]
-                for i in range(n)
-            ],
-        )
-        _tsv(
-            out / "QQP" / f"{split}.tsv",
-            [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]]
-            + [[str(i), str(2 * i), str(2 * i + 1), s(), s(), b()] for i in range(n)],
-        )
-        nli = lambda: rng.choice(["entailment", "not_entailment"])  # noqa: E731
-        for task, cols in (
-            ("QNLI", ["index", "question", "sentence", "label"]),
-            ("RTE", ["index", "sentence1", "sentence2", "label"]),
-        ):
-            _tsv(out / task / f"{split}.tsv", [cols] + [[str(i), s(), s(), nli()] for i in range(n)])
-        _tsv(
-            out / "WNLI" / f"{split}.tsv",
-            [["index", "sentence1", "sentence2", "label"]] + [[str(i), s(), s(), b()] for i in range(n)],
-        )
-    mnli_cols = [
-        "index",
-        "promptID",
-        "pairID",
-        "genre",
-        "sentence1_binary_parse",
-        "sentence2_binary_parse",
-        "sentence1_parse",
-        "sentence2_parse",
-        "sentence1",
-        "sentence2",
-    ]
+        for task, rows in _glue_split(rng, n):
+            _tsv(out / task / f"{split}.tsv", rows)
     label = lambda: rng.choice(["entailment", "neutral", "contradiction"])  # noqa: E731
-    _tsv(
-        out / "MNLI" / "train.tsv",
-        [[*mnli_cols, "label1", "gold_label"]]
-        + [
-            [str(i), "1", "1e", "fiction", "(", "(", "(", "(", s(), s(), (g := label()), g]
-            for i in range(n_train)
-        ],
-    )
+    s = lambda: _sentence(rng)  # noqa: E731
+    _tsv(out / "MNLI" / "train.tsv", [[*_MNLI_COLUMNS, "label1", "gold_label"]]
+         + [[str(i), *_MNLI_PARSES, s(), s(), (g := label()), g] for i in range(n_train)])  # fmt: skip
     for name in ("dev_matched.tsv", "dev_mismatched.tsv"):
-        _tsv(out / "MNLI" / name, [[*mnli_cols, *(f"label{k}" for k in range(1, 6)), "gold_label"]]
-             + [[str(i), "1", "1e", "fiction", "(", "(", "(", "(", s(), s(), *(label() for _ in range(5)), label()]
-                for i in range(n_dev)])  # fmt: skip
+        _tsv(out / "MNLI" / name, [[*_MNLI_COLUMNS, *(f"label{k}" for k in range(1, 6)), "gold_label"]]
+             + [[str(i), *_MNLI_PARSES, s(), s(), *(label() for _ in range(5)), label()] for i in range(n_dev)])  # fmt: skip
     return out
+
+
+_STSB_COLUMNS = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+                 "score"]  # fmt: skip
+_MNLI_COLUMNS = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                 "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]  # fmt: skip
+_MNLI_PARSES = ["1", "1e", "fiction", "(", "(", "(", "("]  # promptID ... sentence2_parse
+
+
+def _glue_split(rng: random.Random, n: int) -> list[tuple[str, list[list[str]]]]:
+    """One split of the GLUE tasks but MNLI: (directory, rows with the header if the task has one), drawn from
+    ``rng`` in this order."""
+    s = lambda: _sentence(rng)  # noqa: E731
+    b = lambda: str(rng.randint(0, 1))  # noqa: E731
+    nli = lambda: rng.choice(["entailment", "not_entailment"])  # noqa: E731
+    return [
+        ("CoLA", [["gj04", b(), "", s()] for _ in range(n)]),
+        ("SST-2", [["sentence", "label"]] + [[s(), b()] for _ in range(n)]),
+        ("MRPC", [["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]]
+                 + [[b(), str(i), str(i + 1), s(), s()] for i in range(n)]),
+        ("STS-B", [_STSB_COLUMNS] + [[str(i), "main-news", "x", "2012", str(i), "none", "none", s(), s(),
+                                      f"{rng.uniform(0, 5):.3f}"] for i in range(n)]),
+        ("QQP", [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]]
+                + [[str(i), str(2 * i), str(2 * i + 1), s(), s(), b()] for i in range(n)]),
+        ("QNLI", [["index", "question", "sentence", "label"]] + [[str(i), s(), s(), nli()] for i in range(n)]),
+        ("RTE", [["index", "sentence1", "sentence2", "label"]] + [[str(i), s(), s(), nli()] for i in range(n)]),
+        ("WNLI", [["index", "sentence1", "sentence2", "label"]] + [[str(i), s(), s(), b()] for i in range(n)]),
+    ]  # fmt: skip
 
 
 def write_squad(out: str | Path, n_train: int = 12, n_dev: int = 8, seed: int = 0) -> Path:

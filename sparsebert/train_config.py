@@ -1,6 +1,7 @@
 """The pre-training config: one schema, documented defaults, YAML files and ``dotted.key=value`` overrides.
 
-Every key lives in a dataclass below with its default and a one-line ``help``; ``python
+Every key lives in a dataclass below with its default and a one-line ``help`` (the schema machinery, shared with
+data_prep's and eval's options, is :mod:`sparsebert.schema`); ``python
 sparsebert/pretrain.py --help-config`` prints them all. Unknown keys and values of the wrong type are
 errors that name the key. Batch sizes, gradient accumulation and clipping live here only: the DeepSpeed
 JSON must not repeat them (see :func:`sparsebert.deepspeed_setup.deepspeed_config`).
@@ -10,15 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from sparsebert import choices
+from sparsebert import choices, schema
+from sparsebert.schema import ConfigError
 
 if TYPE_CHECKING:
     from sparsebert.masks import MaskSpec
@@ -38,13 +37,10 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 
 
 def _f(default: Any, help: str, one_of: Any = None, neutral: bool = False) -> Any:
-    """A documented config field; ``one_of`` (a list of names, read when a config is loaded) restricts it;
-    ``neutral`` fields (where output goes, how often to log or save, how long to train) may change when a run
-    resumes, every other field changes what the run computes (:func:`run_changes`)."""
-    metadata = {"help": help, "choices": one_of, "neutral": neutral}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    """A documented config field (:func:`sparsebert.schema.setting`); ``one_of`` (a list of names, read when a
+    config is loaded) restricts it; ``neutral`` fields (where output goes, how often to log or save, how long to
+    train) may change when a run resumes, every other field changes what the run computes (:func:`run_changes`)."""
+    return schema.setting(default, help, choices=one_of, neutral=neutral)
 
 
 @dataclass
@@ -242,23 +238,12 @@ class PretrainConfig:
         return min(max(1, round(self.dam.search_fraction * self.train.max_steps)), self.train.max_steps - 1)
 
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key."""
-
-
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> PretrainConfig:
     """Defaults ← preset/YAML file ← ``dotted.key=value`` overrides, validated."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_yaml(_resolve_path(path))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    config = _build(PretrainConfig, data, prefix="")
+    data = schema.read_yaml(_resolve_path(path)) if path is not None else {}
+    config = schema.build(PretrainConfig, schema.apply_overrides(data, overrides))
     _check_semantics(config)
     return config
 
@@ -274,38 +259,17 @@ def run_changes(saved: dict[str, Any], config: PretrainConfig) -> list[str]:
             key, value = f"{prefix}{f.name}", getattr(new, f.name)
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], old.get(f.name, {}), value, f"{key}.")
-            elif not f.metadata.get("neutral") and old.get(f.name, _default(f)) != value:
+            elif not f.metadata.get("neutral") and old.get(f.name, schema.default_of(f)) != value:
                 changed.append(key)
 
     walk(PretrainConfig, saved, config, "")
     return changed
 
 
-def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-
-
 def describe(config: PretrainConfig | None = None, source: str | None = None) -> str:
     """Every key with its type, meaning and value, for ``--help-config``: the value ``config`` (loaded from
     ``source``) gives it, marked where that differs from the built-in default."""
-    config = config or PretrainConfig()
-    lines = [f"config: {source}" if source else "config: the built-in defaults"]
-
-    def walk(cls, values, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            value = getattr(values, f.name)
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], value, f"{prefix}{f.name}.")
-                continue
-            default = _default(f)
-            differs = f"   (default: {default!r})" if value != default else ""
-            allowed = f.metadata.get("choices")
-            names = f" (one of: {', '.join(allowed)})" if allowed is not None else ""
-            lines.append(f"{prefix}{f.name} = {value!r}{differs}\n    {f.metadata.get('help', '')}{names}")
-
-    walk(PretrainConfig, config, "")
-    return "\n".join(lines)
+    return schema.describe(config or PretrainConfig(), source)
 
 
 def presets() -> list[str]:
@@ -323,78 +287,6 @@ def _resolve_path(path: str | Path) -> Path:
     if preset.is_file():
         return preset
     raise ConfigError(f"config file {str(path)!r} not found (presets: {', '.join(presets())})")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
-    return data
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = data
-    for i, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config key {'.'.join(parents[: i + 1])!r} is not a section")
-    node[leaf] = value
-
-
-def _build(cls, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a section (mapping)")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; known keys here: {', '.join(sorted(names))}"
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, f"{prefix}{name}.")
-            continue
-        values[name] = _check_type(f"{prefix}{name}", hint, value)
-        allowed = fields[name].metadata.get("choices")
-        if allowed is not None and values[name] not in allowed:
-            raise ConfigError(
-                f"config key {prefix + name!r} must be one of {', '.join(allowed)}, got {values[name]!r}"
-            )
-    return cls(**values)
-
-
-def _check_type(key: str, hint: Any, value: Any) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        origin = typing.get_origin(option) or option
-        if option is type(None) and value is None:
-            return None
-        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if origin is float and isinstance(value, str) and _is_float(value):  # YAML 1.1 reads 1e-4 as a string
-            return float(value)
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin in (str, bool, list, dict) and isinstance(value, origin):
-            return value
-    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_semantics(config: PretrainConfig) -> None:

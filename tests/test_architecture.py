@@ -80,6 +80,7 @@ def test_no_import_cycles():
         ("sparsebert.faults", set()),
         ("sparsebert.training", set()),
         ("sparsebert.storage", set()),  # shared with data_prep: a leaf
+        ("sparsebert.schema", set()),  # the config schemas of every entry point, data_prep's too: a leaf
         ("sparsebert.block_sparse", {"sparsebert.masks"}),
         ("sparsebert.flex_backend", {"sparsebert.masks", "sparsebert.layer_masks"}),
         ("sparsebert.dam", {"sparsebert.masks", "sparsebert.layer_masks"}),
@@ -89,12 +90,21 @@ def test_lower_layers_import_nothing_above_them(module, may_import):
     assert GRAPH[module] <= may_import, f"{module} imports {sorted(GRAPH[module] - may_import)}"
 
 
-def test_data_prep_uses_only_the_storage_leaf_of_sparsebert():
-    """Corpus preparation shares where data lives (``sparsebert.storage``) and nothing else of the package."""
+def test_data_prep_uses_only_the_storage_and_schema_leaves_of_sparsebert():
+    """Corpus preparation shares where data lives (``sparsebert.storage``) and how settings are declared
+    (``sparsebert.schema``), and nothing else of the package."""
     for module, targets in GRAPH.items():
         if module.startswith("data_prep"):
             used = {t for t in targets if t.startswith("sparsebert")}
-            assert used <= {"sparsebert.storage"}, f"{module} imports {sorted(used)}"
+            assert used <= {"sparsebert.storage", "sparsebert.schema"}, f"{module} imports {sorted(used)}"
+
+
+def test_the_schema_needs_no_torch():
+    """Every entry point reads its settings through ``sparsebert.schema`` before anything heavy is imported."""
+    tree = ast.parse((ROOT / "sparsebert" / "schema.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "transformers", "numpy", "ray")}
 
 
 def test_choice_names_need_no_torch():

@@ -4,12 +4,16 @@ are built from (no Ray needed here)."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from data_prep import HfSource, PrepOptions, prepare_corpus
 from data_prep.cli import build_parser, main, options_from_args
+from sparsebert import schema
 
 
 def _cli(*flags: str) -> PrepOptions:
@@ -162,3 +166,56 @@ def test_prepare_corpus_takes_options_and_keyword_settings(tmp_path):
         prepare_corpus([tmp_path / "x.txt"], tmp_path / "out", not_a_setting=1)
     with pytest.raises(FileNotFoundError, match=r"x\.txt"):  # valid settings: on to the inputs
         prepare_corpus([tmp_path / "x.txt"], tmp_path / "out", PrepOptions(seq_len=64), progress=False)
+
+
+def test_help_config_lists_every_option_and_needs_no_input(capsys):
+    assert main(["--help-config", "--seq-len", "256", "--unit-mb", "2", "--no-lowercase"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config: the defaults and the flags given\n")
+    assert "seq_len = 256   (default: 128)" in out and "    tokens per sample incl. special tokens" in out
+    assert "unit_bytes = 2097152   (default: 8388608)" in out and "[--unit-mb MB]" in out
+    assert "lowercase = False   (default: True)" in out and "[--lowercase / --no-lowercase]" in out
+    assert all(
+        f"\n{f.name} = " in out for f in dataclasses.fields(PrepOptions)
+    )  # every option, even flagless
+
+
+def test_a_config_file_and_flags_make_the_same_options(tmp_path):
+    config = tmp_path / "prep.yaml"
+    config.write_text(
+        "seq_len: 64\npacking: full_sentences\nunit_bytes: 1048576\n"
+        "hf_datasets: [[a, cfg], {name: b, split: validation}]\n"
+    )
+    options = _cli(
+        "--config", str(config), "--vocab-size", "100", "--seq-len", "32"
+    )  # flags override the file
+    assert options == PrepOptions(
+        seq_len=32, packing="full_sentences", unit_bytes=1 << 20, vocab_size=100,
+        hf_datasets=[HfSource("a", config="cfg"), HfSource("b", split="validation")],
+    )  # fmt: skip
+    assert schema.build(PrepOptions, yaml.safe_load(yaml.safe_dump(schema.to_dict(options)))) == options
+
+
+def test_option_errors_are_one_line_exit_2_and_import_nothing_heavy(tmp_path):
+    probe = (
+        "import sys; from data_prep.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, sorted({'torch', 'ray', 'transformers', 'datasets'} & set(sys.modules)))"
+    )
+    for argv, line in [
+        (
+            ["--input", "x", "--output", "y", "--seq-len", "abc"],
+            "error: config key 'seq_len' (--seq-len) must be int",
+        ),
+        (
+            ["--help-config", "--packing", "roberta"],
+            "error: config key 'packing' (--packing) must be one of nsp, ",
+        ),
+        (["--input", "x.txt"], "error: give --output DIR: where the corpus goes"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert result.stdout.strip() == "2 []", result.stderr
+        [error] = result.stderr.splitlines()
+        assert error.startswith(line), error
+    assert list(tmp_path.iterdir()) == []

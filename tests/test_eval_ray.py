@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from eval.inputs import check_inputs
 from eval.jobs import DataSource, FinetuneConfig, Job, evaluation_key, expand_jobs
+from eval.options import EvalOptions
 from eval.run import main
 from eval.runner import parse_fail_spec, run_evaluation
 from eval.smoke import write_glue, write_squad, write_tiny_checkpoint
@@ -194,8 +195,11 @@ def test_each_job_checks_its_paths_on_its_node_and_names_both(
     shutil.move(glue, tmp_path / "only-on-the-head")  # ... and the jobs' node does not
     config = FinetuneConfig(max_steps=1, batch_size=4, max_seq_len=32)
     outcome = run_evaluation(
-        [str(dense)], ["rte"], [1e-3], [1], config, source, max_retries=0, output_dir=tmp_path / "out"
-    )
+        EvalOptions(
+            checkpoint=[str(dense)], tasks=["rte"], lrs=[1e-3], seeds=[1], finetune=config, data=source,
+            max_retries=0, output=str(tmp_path / "out"),
+        )
+    )  # fmt: skip
     (failure,) = outcome.failures
     node = rf"{re.escape(socket.gethostname())} \([\d.]+\)"  # under Ray: the host and the node's address
     assert re.fullmatch(

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 
 from eval.jobs import DataSource, FinetuneConfig, evaluation_key
 from eval.metrics import accuracy
+from eval.options import EvalOptions
 from eval.runner import run_evaluation
 from eval.smoke import write_glue, write_tiny_checkpoint
 from eval.tasks import TASKS, TableColumns, register_task
@@ -358,8 +359,10 @@ def test_evaluation_survives_mlflow_dying_and_resume_records_the_rest(
 
     def evaluate(uri: str, resume: bool):
         return run_evaluation(
-            [ckpt], ["sst2", "outage", "rte"], [1e-3], [1], config, data, tracking_uri=uri, resume=resume,
-            output_dir=out, use_ray=False,
+            EvalOptions(
+                checkpoint=[ckpt], tasks=["sst2", "outage", "rte"], lrs=[1e-3], seeds=[1], finetune=config,
+                data=data, tracking_uri=uri, resume=resume, output=str(out), ray=False,
+            )
         )  # fmt: skip
 
     server.start()
