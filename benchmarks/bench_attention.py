@@ -12,7 +12,7 @@ Attention dropout is off so that every backend computes the same function (flex 
 
 Columns: ``density`` = allowed fraction of the L×L map; ``work`` = fraction of dense attention's scores the
 backend computes (flex: the block tiles holding any allowed position; block_sparse: its plan's gathered
-blocks, see sparsebert/block_sparse.py; eager and sdpa compute all of them); ``× ref`` = reference time /
+blocks, see sparsebert/model/block_sparse.py; eager and sdpa compute all of them); ``× ref`` = reference time /
 our time (> 1 is faster; the median over pairs of calls made a moment apart, see common.py);
 ``% ideal`` = (× ref) / (1 / density); ``mem`` = CUDA peak memory of forward + backward, or on CPU the
 tensors autograd saves for backward (MiB).
@@ -44,12 +44,12 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from sparsebert import SparseBertConfig
-from sparsebert.attention import block_plan, choose_backend
-from sparsebert.dam import DamMask
-from sparsebert.flex_backend import block_density, flex_block_size
-from sparsebert.layer_masks import LayerMasks
-from sparsebert.mask_source import PatternMask
-from sparsebert.masks import parse_spec
+from sparsebert.model.attention import block_plan, choose_backend
+from sparsebert.model.dam import DamMask
+from sparsebert.model.flex_backend import block_density, flex_block_size
+from sparsebert.model.layer_masks import LayerMasks
+from sparsebert.model.mask_source import PatternMask
+from sparsebert.model.masks import parse_spec
 
 PATTERNS = ["dense", "no_diagonal", "longformer", "bigbird", "fixed", "star", "dam_s"]
 BACKENDS = ["eager", "sdpa", "flex", "block_sparse"]

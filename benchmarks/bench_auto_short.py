@@ -8,7 +8,7 @@ what ``auto`` picks otherwise (``block_sparse`` where its plan leaves at most BL
 else ``sdpa``: "the rule without flex" below). This times one attention layer's forward (no grad) per mask and
 length with flex, sdpa and block_sparse, interleaved (common.time_paired, sdpa the reference), and writes the
 decision under the table: keep flex, unless the rule without flex is at least ``--margin`` faster over the
-geometric mean of every mask and length. benchmarks/gpu_check.sh runs it; sparsebert/attention.py's
+geometric mean of every mask and length. benchmarks/gpu_check.sh runs it; sparsebert/model/attention.py's
 ``choose_backend`` is where the rule would change.
 """
 
@@ -36,7 +36,7 @@ from common import (
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from sparsebert import SparseBertConfig
-from sparsebert.attention import block_plan, choose_backend
+from sparsebert.model.attention import block_plan, choose_backend
 
 PATTERNS = ["longformer", "bigbird", "star", "dam_s"]
 BACKENDS = ["flex", "sdpa", "block_sparse"]

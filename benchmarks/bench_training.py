@@ -10,7 +10,7 @@ reference step (see ``common.py``): tokens/s come from the median step time, ``�
 the paired ratios. Rows: the reference, our model with several masks (``auto`` backend unless named), the
 DAM_s search step next to the frozen DAM_s step, and the opt-in ``mlm_logits="masked_only"``.
 
-On CUDA, MFU = model FLOPs / time / peak, FLOPs by ``sparsebert.flops`` (the formula the trainer reports MFU
+On CUDA, MFU = model FLOPs / time / peak, FLOPs by ``sparsebert.train.flops`` (the formula the trainer reports MFU
 with): 6·N·T + 12·layers·hidden·L·T, less the MLM head's share on unmasked tokens with masked-only logits.
 Sparse rows are credited with the dense model's FLOPs (so MFU compares times).
 """
@@ -40,7 +40,8 @@ from common import (
 )
 from transformers import BertConfig, BertForPreTraining
 
-from sparsebert import SparseBertConfig, SparseBertForPreTraining, flops
+from sparsebert import SparseBertConfig, SparseBertForPreTraining
+from sparsebert.train import flops
 
 # (row name, attention_pattern, attention_backend, mlm_logits, DAM searching)
 CANDIDATES = [
@@ -76,7 +77,7 @@ def batch_for(vocab: int, batch: int, seq_len: int, device: torch.device, seed: 
 
 
 def model_flops(model: torch.nn.Module, cfg, batch: dict, masked_only: bool) -> float:
-    """FLOPs of one step (sparsebert.flops' formula, shared with the trainer)."""
+    """FLOPs of one step (sparsebert.train.flops' formula, shared with the trainer)."""
     masked = int((batch["labels"] != -100).sum()) if masked_only else None
     return flops.model_flops(model, batch["input_ids"].numel(), batch["input_ids"].shape[1], masked)
 

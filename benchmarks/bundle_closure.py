@@ -44,8 +44,8 @@ BUNDLE_LIST = ROOT / "benchmarks" / "gpu_bundle_packages.txt"
 # with MLflow) nor data_prep's pipeline (Ray): the bundle carries their output, not them.
 GPU_ENTRY_MODULES = (
     "sparsebert.pretrain",  # the script the deepspeed launcher runs...
-    "sparsebert.trainer",  # ...and the run its main() imports
-    "sparsebert.modeling",  # the export gpu_e2e.sh loads (the package's public names load it lazily)
+    "sparsebert.train.trainer",  # ...and the run its main() imports
+    "sparsebert.model.modeling",  # the export gpu_e2e.sh loads (the package's public names load it lazily)
     "eval.finetune",  # fine-tuning jobs, run in-process there (run_job)
     "eval.jobs",
 )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-# BERT's official sizes (layers, hidden, heads), as in sparsebert.train_config.
+# BERT's official sizes (layers, hidden, heads), as in sparsebert.train.config.
 SIZES = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "base": (12, 768, 12)}
 VOCAB = 30522  # BERT's WordPiece vocabulary: the MLM head's real cost
 

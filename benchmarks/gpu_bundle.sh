@@ -7,7 +7,7 @@
 #             packages it and sparsebert import that the GPU image lacks, for CPython 3.12 manylinux x86_64
 #             (benchmarks/gpu_bundle_packages.txt); the versions are the ones installed here, so the GPU runs
 #             the stack the tests ran with
-#   corpus/   the embedded Python-docs corpus, prepared as sparsebert.corpus.prepare_default_corpus does
+#   corpus/   the embedded Python-docs corpus, prepared as sparsebert.train.corpus.prepare_default_corpus does
 #   tasks/    glue/ and squad/ from eval/smoke.py's writers (official formats, random sentences), small enough
 #             that fine-tuning a BERT-mini on them takes seconds
 #
@@ -75,7 +75,7 @@ quiet "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUTDIR/wheels" "${PINS[@]:1}"
 
 step "preparing the embedded Python-docs corpus (wordpiece 8192, seq 128, seed 0, 4096 samples a shard)"
-# The parameters of sparsebert.corpus.prepare_default_corpus, so this is the demo's corpus.
+# The parameters of sparsebert.train.corpus.prepare_default_corpus, so this is the demo's corpus.
 "$PY" -c 'import sys; from data_prep import write_python_docs_corpus; write_python_docs_corpus(sys.argv[1])' \
   "$STAGE/src/python_docs.txt"
 quiet "$PY" -m data_prep --input "$STAGE/src/python_docs.txt" --output "$OUTDIR/corpus" \

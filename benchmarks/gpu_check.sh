@@ -69,7 +69,7 @@ timeout 200 python3 benchmarks/bench_attention.py --device cuda --size base --dt
 
 step "auto at L <= 128 in inference: flex (one 128-block) vs the rule without flex, BERT-base bf16, L=64 and 128"
 # auto sends a fixed sparse mask in GPU inference to flex at any length; the decision line in the results file
-# says whether that should stay so at L <= 128 (sparsebert/attention.py's choose_backend).
+# says whether that should stay so at L <= 128 (sparsebert/model/attention.py's choose_backend).
 timeout 150 python3 benchmarks/bench_auto_short.py --device cuda --out "$RESULTS/gpu_auto_short_${GPU}.md" 2>&1 \
   | tee -a "$LOG" || fail "bench_auto_short (exit ${PIPESTATUS[0]})"
 

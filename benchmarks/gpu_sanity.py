@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sparsebert, installed or not
 from sparsebert import SparseBertConfig, SparseBertForMaskedLM
-from sparsebert.attention import choose_backend
+from sparsebert.model.attention import choose_backend
 
 SMALL = dict(
     vocab_size=512,

@@ -85,7 +85,7 @@ def _cell(text: str) -> str:
 
 
 def training_page() -> str:
-    from sparsebert.train_config import DEFAULT_PRESET, PretrainConfig, presets
+    from sparsebert.train.config import DEFAULT_PRESET, PretrainConfig, presets
 
     intro = f"""
 Every key of the pre-training config (`python sparsebert/pretrain.py`), with its built-in default. A run takes

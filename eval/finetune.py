@@ -29,7 +29,7 @@ from eval.squad_metrics import squad_v1_scores, squad_v2_scores
 from eval.squad_postprocess import SquadFeatures, postprocess, prepare_features
 from eval.tasks import TASKS, TaskSpec
 from sparsebert import console
-from sparsebert.training import parameter_groups, seed_everything, warmup_decay_schedule
+from sparsebert.train.recipe import parameter_groups, seed_everything, warmup_decay_schedule
 
 
 class InjectedFailure(RuntimeError):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from eval.tasks import TASKS, TaskSpec
 
-# The file in which a pre-training export (sparsebert.checkpoint) records the MLflow run that produced it.
+# The file in which a pre-training export (sparsebert.train.checkpoint) records the MLflow run that produced it.
 _RUN_ID_FILE = "mlflow_run_id"
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from eval.jobs import Job, job_params
 from eval.table import JobRecord
-from sparsebert.mlflow_store import MlflowStore, brief_error, short_http_retries
+from sparsebert.track.mlflow_store import MlflowStore, brief_error, short_http_retries
 
 log = logging.getLogger("eval")
 
@@ -28,7 +28,7 @@ KIND, EVAL_KEY, JOB_KEY, CHECKPOINT = (
     "sparsebert.kind",
     "sparsebert.eval_key",
     "sparsebert.job_key",
-    "sparsebert.checkpoint",
+    "sparsebert.train.checkpoint",
 )
 PARENT = "mlflow.parentRunId"
 
@@ -117,7 +117,7 @@ class Recorder:
     """A :class:`Tracker` whose failures never stop the evaluation: the first one (MLflow unreachable, or
     failing mid-run) is logged once as a warning, and from then on every call does nothing and returns None,
     without waiting on the server again. MLflow's HTTP retries are kept short
-    (:func:`sparsebert.mlflow_store.short_http_retries`)."""
+    (:func:`sparsebert.track.mlflow_store.short_http_retries`)."""
 
     def __init__(self, experiment: str, uri: str | None = None):
         short_http_retries()

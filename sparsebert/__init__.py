@@ -10,18 +10,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _PUBLIC = {
-    "SparseBertConfig": "sparsebert.modeling",
-    "SparseBertForMaskedLM": "sparsebert.modeling",
-    "SparseBertForPreTraining": "sparsebert.modeling",
-    "SparseBertForQuestionAnswering": "sparsebert.modeling",
-    "SparseBertForSequenceClassification": "sparsebert.modeling",
-    "SparseBertModel": "sparsebert.modeling",
-    "available_patterns": "sparsebert.masks",
-    "build_mask": "sparsebert.masks",
-    "register_pattern": "sparsebert.masks",
-    "sparsity": "sparsebert.masks",
-    "register_backend": "sparsebert.attention",
-    "extend_position_embeddings": "sparsebert.positions",
+    "SparseBertConfig": "sparsebert.model.modeling",
+    "SparseBertForMaskedLM": "sparsebert.model.modeling",
+    "SparseBertForPreTraining": "sparsebert.model.modeling",
+    "SparseBertForQuestionAnswering": "sparsebert.model.modeling",
+    "SparseBertForSequenceClassification": "sparsebert.model.modeling",
+    "SparseBertModel": "sparsebert.model.modeling",
+    "available_patterns": "sparsebert.model.masks",
+    "build_mask": "sparsebert.model.masks",
+    "register_pattern": "sparsebert.model.masks",
+    "sparsity": "sparsebert.model.masks",
+    "register_backend": "sparsebert.model.attention",
+    "extend_position_embeddings": "sparsebert.model.positions",
 }
 
 __all__ = [
@@ -40,9 +40,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sparsebert.attention import register_backend
-    from sparsebert.masks import available_patterns, build_mask, register_pattern, sparsity
-    from sparsebert.modeling import (
+    from sparsebert.model.attention import register_backend
+    from sparsebert.model.masks import available_patterns, build_mask, register_pattern, sparsity
+    from sparsebert.model.modeling import (
         SparseBertConfig,
         SparseBertForMaskedLM,
         SparseBertForPreTraining,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
         SparseBertForSequenceClassification,
         SparseBertModel,
     )
-    from sparsebert.positions import extend_position_embeddings
+    from sparsebert.model.positions import extend_position_embeddings
 
 
 def __getattr__(name: str) -> Any:

@@ -1,19 +1,23 @@
 """The names a config or a command line may choose from, in one place that imports no torch.
 
 Config validation, ``--help-config`` and the command lines read the names here; each name's implementation is
-registered where it lives, under the same name: attention backends in :mod:`sparsebert.attention` (users add
-theirs with ``sparsebert.register_backend``, which extends this list), optimizers in :mod:`sparsebert.optim`.
+registered where it lives, under the same name: attention backends in :mod:`sparsebert.model.attention` (users add
+theirs with ``sparsebert.register_backend``, which extends this list), optimizers in :mod:`sparsebert.train.optim`.
 A test checks that every registry and its list of names agree (docs/ARCHITECTURE.md: "Names in one place").
 """
 
 from __future__ import annotations
 
-# "auto" picks one of the others per mask, device and training mode (sparsebert.attention.choose_backend).
+# "auto" picks one of the others per mask, device and training mode (sparsebert.model.attention.choose_backend).
 ATTENTION_BACKENDS: list[str] = ["auto", "eager", "sdpa", "flex", "block_sparse"]
 OPTIMIZERS: tuple[str, ...] = ("lamb", "adamw")
 LR_DECAYS: tuple[str, ...] = ("linear", "polynomial", "constant")
 MLM_LOGITS: tuple[str, ...] = ("masked_only", "all")
-INIT_MASKS: tuple[str, ...] = ("auto", "checkpoint", "config")  # model.init_mask: sparsebert.continuation
+INIT_MASKS: tuple[str, ...] = (
+    "auto",
+    "checkpoint",
+    "config",
+)  # model.init_mask: sparsebert.train.continuation
 
 
 def check(what: str, value: str, names) -> str:

@@ -5,7 +5,7 @@ Python documentation text, on CPU, in about two minutes). ``--config PRESET_OR_Y
 ``dotted.key=value`` arguments override it; ``--help-config`` lists every key with the value it would take.
 
 This file is the command line: ``--help``, ``--help-config`` and config errors answer before torch, transformers
-and DeepSpeed are imported. The run itself reads top to bottom in :mod:`sparsebert.trainer`.
+and DeepSpeed are imported. The run itself reads top to bottom in :mod:`sparsebert.train.trainer`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if __package__ in (
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sparsebert import console
-from sparsebert.train_config import DEFAULT_PRESET, ConfigError, describe, load_config, presets
+from sparsebert.train.config import DEFAULT_PRESET, ConfigError, describe, load_config, presets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.help_config:
             print(describe(config, source))
             return 0
-        from sparsebert import trainer  # torch, transformers, DeepSpeed: only once there is a run to do
+        from sparsebert.train import trainer  # torch, transformers, DeepSpeed: only once there is a run to do
 
         return trainer.pretrain(config)
     except ConfigError as err:  # the config, or a file it names (DeepSpeed JSON, a checkpoint's config)

@@ -1,5 +1,5 @@
 """Settings declared once: dataclasses whose fields carry their default and meaning, read alike from YAML files,
-command lines and Python, with one-line errors that name the key. Pre-training (``sparsebert.train_config``),
+command lines and Python, with one-line errors that name the key. Pre-training (``sparsebert.train.config``),
 ``data_prep.options.PrepOptions`` and ``eval.options.EvalOptions`` are declared this way.
 
 :func:`setting` declares a field (default, help, accepted values, command-line spelling), :func:`section` nests a

@@ -71,7 +71,7 @@ def process_group(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    from sparsebert import deepspeed_setup
+    from sparsebert.train import distributed as deepspeed_setup
 
     deepspeed_setup.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""How ranks set up together (sparsebert/agreement.py), with real processes meeting at a real TCPStore and
+"""How ranks set up together (sparsebert/train/agreement.py), with real processes meeting at a real TCPStore and
 forming a real gloo process group: a missing rank stops the others after the set-up timeout, an error on one
 rank stops another that waits where the failed one will never arrive, and rank 0's decisions reach every rank.
 (The same through the deepspeed launcher on two simulated nodes: tests/test_multinode.py.)"""
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow  # real processes (seconds each)
 PRELUDE = """
 import sys, time
 import torch.distributed as dist
-from sparsebert import agreement, console
-from sparsebert.train_config import ConfigError
+from sparsebert.train import agreement
+from sparsebert import console
+from sparsebert.train.config import ConfigError
 def main():
 """
 

@@ -71,23 +71,61 @@ def test_no_import_cycles():
     assert not cycles, f"modules on an import cycle: {cycles}"
 
 
+BASE = ("sparsebert.choices", "sparsebert.console", "sparsebert.faults", "sparsebert.storage", "sparsebert.schema")
+
+# One rule per package (docs/ARCHITECTURE.md, "Module map"): the package prefixes its modules may import, besides
+# their own package. Below: base ← model ← track ← train ← pretrain; data ← train; eval and data_prep beside.
+LAYERS = {
+    "sparsebert.model": (*BASE,),
+    "sparsebert.data": (*BASE, "data_prep.format"),  # the shards' on-disk format, defined once where it is written
+    "sparsebert.track": (*BASE, "sparsebert.model"),
+    "sparsebert.train": (*BASE, "sparsebert.model", "sparsebert.data", "sparsebert.track", "data_prep"),
+    "sparsebert.pretrain": ("sparsebert.console", "sparsebert.train"),
+    "eval": (*BASE, "sparsebert.model", "sparsebert.track.mlflow_store", "sparsebert.train.recipe"),
+    "data_prep": ("sparsebert.storage", "sparsebert.schema"),
+}
+
+
+def _in(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_each_package_imports_only_the_layers_below_it(package):
+    allowed = (package, *LAYERS[package])
+    broken = {
+        module: sorted(t for t in targets if not _in(t, allowed))
+        for module, targets in GRAPH.items()
+        if _in(module, (package,))
+    }
+    broken = {module: targets for module, targets in broken.items() if targets}
+    assert not broken, f"{package} may import only {sorted(LAYERS[package])}: {broken}"
+
+
 @pytest.mark.parametrize(
     ("module", "may_import"),
     [
-        ("sparsebert.masks", set()),  # the pattern library and its tensor helpers: a leaf
-        ("sparsebert.layer_masks", set()),
+        ("sparsebert.model.masks", set()),  # the pattern library and its tensor helpers: a leaf
+        ("sparsebert.model.layer_masks", set()),
         ("sparsebert.choices", set()),
         ("sparsebert.faults", set()),
-        ("sparsebert.training", set()),
+        ("sparsebert.console", set()),
+        ("sparsebert.train.recipe", set()),
         ("sparsebert.storage", set()),  # shared with data_prep: a leaf
         ("sparsebert.schema", set()),  # the config schemas of every entry point, data_prep's too: a leaf
-        ("sparsebert.block_sparse", {"sparsebert.masks"}),
-        ("sparsebert.flex_backend", {"sparsebert.masks", "sparsebert.layer_masks"}),
-        ("sparsebert.dam", {"sparsebert.masks", "sparsebert.layer_masks"}),
+        ("sparsebert.model.block_sparse", {"sparsebert.model.masks"}),
+        ("sparsebert.model.flex_backend", {"sparsebert.model.masks", "sparsebert.model.layer_masks"}),
+        ("sparsebert.model.dam", {"sparsebert.model.masks", "sparsebert.model.layer_masks"}),
     ],
 )
-def test_lower_layers_import_nothing_above_them(module, may_import):
+def test_leaves_import_nothing_above_them(module, may_import):
     assert GRAPH[module] <= may_import, f"{module} imports {sorted(GRAPH[module] - may_import)}"
+
+
+def test_no_module_sits_outside_the_layers():
+    """A new module under sparsebert/ goes into a layer package (or the base) so that a rule above covers it."""
+    stray = [m for m in GRAPH if m.startswith("sparsebert") and not _in(m, (*BASE, *LAYERS))]
+    assert not stray, f"modules outside every layer: {stray}"
 
 
 def test_data_prep_uses_only_the_storage_and_schema_leaves_of_sparsebert():
@@ -117,7 +155,10 @@ def test_choice_names_need_no_torch():
 
 def test_every_registry_matches_its_names():
     """A name a config may choose has an implementation, and an implementation has a name to choose it by."""
-    from sparsebert import attention, choices, optim, training
+    from sparsebert import choices
+    from sparsebert.model import attention
+    from sparsebert.train import optim
+    from sparsebert.train import recipe as training
 
     assert ["auto", *attention._BACKENDS] == choices.ATTENTION_BACKENDS
     assert set(optim.OPTIMIZERS) == set(choices.OPTIMIZERS)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sparsebert import console
-from sparsebert.train_config import ConfigError, load_config
+from sparsebert.train.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "sparsebert" / "pretrain.py"

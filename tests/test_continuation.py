@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from sparsebert import SparseBertForPreTraining
-from sparsebert.masks import build_mask
-from sparsebert.optim import build_scheduler
-from sparsebert.train_config import ConfigError, load_config
+from sparsebert.model.masks import build_mask
+from sparsebert.train.config import ConfigError, load_config
+from sparsebert.train.optim import build_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "sparsebert" / "pretrain.py"
@@ -89,13 +89,13 @@ def rank_env():
         ).items():
             patch.setenv(key, value)
         yield
-        from sparsebert import deepspeed_setup
+        from sparsebert.train import distributed as deepspeed_setup
 
         deepspeed_setup.destroy_process_group()
 
 
 def _setup(out: Path, data: Path, *overrides: str):
-    from sparsebert import trainer as pretrain
+    from sparsebert.train import trainer as pretrain
 
     config = load_config(None, [f"output_dir={out}", f"data.path={data}", *QUIET, *overrides])
     return pretrain, pretrain.setup(config)

@@ -9,7 +9,7 @@ import torch
 from tiny_bert import TINY
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining, SparseBertForQuestionAnswering
-from sparsebert.masks import alpha_to_mask, expand_alpha
+from sparsebert.model.masks import alpha_to_mask, expand_alpha
 
 SEARCHED = 8
 

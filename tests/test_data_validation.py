@@ -270,8 +270,8 @@ def test_evaluation_over_a_pass_does_not_depend_on_the_world_size(prepared, monk
     """What the trainer runs: the validation reader into ``evaluate``. Three ranks (padding rows included,
     combined as ``all_mean`` would) give what one rank gives."""
     from sparsebert import SparseBertConfig, SparseBertForPreTraining
-    from sparsebert import deepspeed_setup as ds_setup
-    from sparsebert.validation import evaluate
+    from sparsebert.train import distributed as ds_setup
+    from sparsebert.train.validation import evaluate
 
     out = prepared / "w2"
     torch.manual_seed(0)

@@ -14,12 +14,12 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.build import build_model
-from sparsebert.corpus import open_reader
 from sparsebert.data import model_inputs
-from sparsebert.meter import Meter
-from sparsebert.train_config import load_config
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.build import build_model
+from sparsebert.train.config import load_config
+from sparsebert.train.corpus import open_reader
+from sparsebert.train.meter import Meter
 
 ACCELERATOR = torch.device("meta")
 

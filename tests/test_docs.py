@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsebert import attention, choices, masks
-from sparsebert.train_config import DEFAULT_PRESET, load_config
+from sparsebert import choices
+from sparsebert.model import attention, masks
+from sparsebert.train.config import DEFAULT_PRESET, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))

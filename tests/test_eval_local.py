@@ -67,7 +67,9 @@ def test_no_ray_records_retries_table_and_resume(mlflow_uri, inputs, tmp_path, m
     client = MlflowClient(mlflow_uri)
     (parent,), jobs = _runs(client)
     pid = parent.info.run_id
-    assert parent.info.status == "FINISHED" and parent.data.tags["sparsebert.checkpoint"] == str(inputs[0])
+    assert parent.info.status == "FINISHED" and parent.data.tags["sparsebert.train.checkpoint"] == str(
+        inputs[0]
+    )
     assert "device" not in parent.data.params  # where jobs ran is not part of the evaluation's recipe
     assert {a.path for a in client.list_artifacts(pid)} >= {"results.md", "results.csv", "selection.csv"}
     assert all(r.data.tags["mlflow.parentRunId"] == pid for r in jobs)

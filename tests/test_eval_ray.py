@@ -80,7 +80,7 @@ def test_parallel_evaluation_retries_reports_and_resumes(
     exp = client.get_experiment_by_name("sparsebert-eval")
     runs = _runs(client, exp.experiment_id)
     parents = {
-        r.data.tags["sparsebert.checkpoint"]: r
+        r.data.tags["sparsebert.train.checkpoint"]: r
         for r in runs
         if r.data.tags.get("sparsebert.kind") == "evaluation"
     }

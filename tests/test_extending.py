@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from tiny_bert import TINY
 
-from sparsebert import SparseBertConfig, SparseBertModel, attention, choices, register_backend
-from sparsebert.train_config import ConfigError, load_config
+from sparsebert import SparseBertConfig, SparseBertModel, choices, register_backend
+from sparsebert.model import attention
+from sparsebert.train.config import ConfigError, load_config
 
 
 def masked_softmax_attention(module, query, key, value, masks, slot, padding, scaling, dropout):

@@ -33,7 +33,9 @@ def test_the_gpu_run_needs_only_carried_or_image_packages_and_every_carried_one(
 
 def test_imports_inside_functions_and_modules_reached_only_through_them_count(imports):
     where = {module: {i.path for i in importers} for module, importers in imports.items()}
-    assert "sparsebert/deepspeed_setup.py" in where["deepspeed"]  # the trainer's, reached from pretrain.main
+    assert (
+        "sparsebert/train/distributed.py" in where["deepspeed"]
+    )  # the trainer's, reached from pretrain.main
     lazy = {(i.path, i.lazy) for i in imports["sklearn"]}
     assert lazy == {("eval/metrics.py", True)}  # imported when a metric is first computed
     assert ("eval/finetune.py", False) in {(i.path, i.lazy) for i in imports["numpy"]}  # at module level
@@ -52,8 +54,8 @@ def test_a_package_neither_carried_nor_in_the_image_is_named_with_its_importer(i
 
 def test_a_module_level_import_of_a_package_kept_off_the_gpu_is_a_problem(imports):
     """NOT_ON_GPU excuses lazy imports only: a module-level one runs whenever the GPU run imports its module."""
-    definite = {**imports, "mlflow": [closure.Importer("sparsebert/trainer.py", 1, lazy=False)]}
+    definite = {**imports, "mlflow": [closure.Importer("sparsebert/train/trainer.py", 1, lazy=False)]}
     problems = closure.closure_problems(carried(), closure.read_image_packages(), definite, False)
     assert problems == [
-        "sparsebert/trainer.py:1 (import mlflow) needs mlflow: neither carried nor in the GPU image"
+        "sparsebert/train/trainer.py:1 (import mlflow) needs mlflow: neither carried nor in the GPU image"
     ]

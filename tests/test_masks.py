@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from sparsebert.masks import (
+from sparsebert.model.masks import (
     available_patterns,
     build_mask,
     code_reference,

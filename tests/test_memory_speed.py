@@ -10,10 +10,10 @@ import torch
 from tiny_bert import TINY
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining
-from sparsebert.build import build_engine, build_model, enable_checkpointing
-from sparsebert.deepspeed_setup import deepspeed_config
-from sparsebert.tracking import flatten
-from sparsebert.train_config import load_config
+from sparsebert.track.tracker import flatten
+from sparsebert.train.build import build_engine, build_model, enable_checkpointing
+from sparsebert.train.config import load_config
+from sparsebert.train.distributed import deepspeed_config
 
 DAM_SEARCH = {"name": "dam_s", "lambda": 0.01}
 PATTERNS = [("dense", "sdpa"), (DAM_SEARCH, "sdpa"), ({"name": "longformer", "window": 2}, "block_sparse")]

@@ -12,10 +12,10 @@ import torch
 from mlflow import MlflowClient
 
 from eval.tracking import Recorder
-from sparsebert import mask_plots
-from sparsebert.masks import build_mask, distance_matrix, sparsity
-from sparsebert.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MlflowStore
-from sparsebert.tracking import RunTracker
+from sparsebert.model.masks import build_mask, distance_matrix, sparsity
+from sparsebert.track import mask_plots
+from sparsebert.track.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MlflowStore
+from sparsebert.track.tracker import RunTracker
 
 L = 128
 

@@ -219,8 +219,8 @@ def _padded_with_empty_row():
 
 def test_empty_row_rule_is_zero_attention_output():
     """The rule itself: a query with no allowed key gets a zero attention output on every backend."""
-    from sparsebert.attention import sparse_attention
-    from sparsebert.layer_masks import LayerMasks
+    from sparsebert.model.attention import sparse_attention
+    from sparsebert.model.layer_masks import LayerMasks
 
     q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
     hard = torch.ones(1, 2, 3, 3, dtype=torch.bool)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining
-from sparsebert.optim import DAM_GROUP, build_optimizer, build_scheduler, stop_dam_updates
-from sparsebert.train_config import load_config
+from sparsebert.train.config import load_config
+from sparsebert.train.optim import DAM_GROUP, build_optimizer, build_scheduler, stop_dam_updates
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 

@@ -24,9 +24,9 @@ from sparsebert import (
     block_sparse,
     flex_backend,
 )
-from sparsebert.layer_masks import LayerMasks
-from sparsebert.mask_source import PatternMask
-from sparsebert.masks import parse_spec
+from sparsebert.model.layer_masks import LayerMasks
+from sparsebert.model.mask_source import PatternMask
+from sparsebert.model.masks import parse_spec
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +110,7 @@ def _ids(batch=2, seq_len=24, pad_from=None):
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "block_sparse"])
 def test_masks_are_built_once_and_reused_across_passes(monkeypatch, backend):
-    import sparsebert.mask_source as mask_source
+    import sparsebert.model.mask_source as mask_source
 
     builds = _spy(monkeypatch, mask_source, "build_mask")
     derived = _spy(monkeypatch, LayerMasks, "head_shared")  # called when a layer's mask is (re)derived

@@ -1,4 +1,4 @@
-"""Position embeddings extended by copying (sparsebert.positions), for long-context pre-training."""
+"""Position embeddings extended by copying (sparsebert.model.positions), for long-context pre-training."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tiny_bert import TINY
 from transformers import BertConfig, BertForPreTraining
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining
-from sparsebert.positions import extend_position_embeddings
+from sparsebert.model.positions import extend_position_embeddings
 
 OLD, NEW = TINY["max_position_embeddings"], 160  # 160 = 2.5 copies: a partial last copy too
 

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from sparsebert import checkpoint
-from sparsebert.optim import GuardedSteps
-from sparsebert.train_config import ConfigError, load_config, run_changes
+from sparsebert.train import checkpoint
+from sparsebert.train.config import ConfigError, load_config, run_changes
+from sparsebert.train.optim import GuardedSteps
 
 
 def test_a_second_run_on_an_output_dir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):

@@ -205,7 +205,12 @@ def test_dockerignore_keeps_local_state_and_secrets_out():
         ".git/config",
     ]:
         assert _dockerignored(path, patterns), path
-    for path in ["sparsebert/data/reader.py", "sparsebert/modeling.py", "eval/run.py", "pyproject.toml"]:
+    for path in [
+        "sparsebert/data/reader.py",
+        "sparsebert/model/modeling.py",
+        "eval/run.py",
+        "pyproject.toml",
+    ]:
         assert not _dockerignored(path, patterns), path
 
 

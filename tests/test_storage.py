@@ -129,9 +129,9 @@ def test_local_mirror_is_keyed_by_the_uri(monkeypatch, tmp_path):
 
 
 def test_a_live_lease_is_refused_naming_its_holder_and_a_dead_one_is_taken(s3_bucket, monkeypatch, tmp_path):
-    from sparsebert.output_lease import Lease
-    from sparsebert.run_outputs import RunOutputs
-    from sparsebert.train_config import ConfigError
+    from sparsebert.train.config import ConfigError
+    from sparsebert.train.output_lease import Lease
+    from sparsebert.train.run_outputs import RunOutputs
 
     out = parse(f"s3://{s3_bucket}/runs/x", "test")
     notes = []

@@ -31,8 +31,8 @@ from eval.options import EvalOptions
 from eval.runner import run_evaluation
 from eval.smoke import write_glue, write_tiny_checkpoint
 from eval.tasks import TASKS, TableColumns, register_task
-from sparsebert.run_log import LOCAL_ID_TAG, RunLog
-from sparsebert.tracking import RunTracker
+from sparsebert.track.run_log import LOCAL_ID_TAG, RunLog
+from sparsebert.track.tracker import RunTracker
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "sparsebert" / "pretrain.py"
@@ -120,7 +120,7 @@ def _local_metrics(out: Path, key: str) -> list[tuple[int, float]]:
 
 def _resync(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **FAST_FAIL, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "sparsebert.resync", str(out), *args]
+    cmd = [sys.executable, "-m", "sparsebert.track.resync", str(out), *args]
     return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -168,7 +168,7 @@ def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(cor
     (tmp_path / "launch.log").write_text(output)
     assert result.returncode == 0, output[-4000:]
     assert output.count(WARNING) == 1, output[-4000:]  # one warning, however many records failed
-    assert f"python -m sparsebert.resync {out}" in output
+    assert f"python -m sparsebert.track.resync {out}" in output
 
     # Everything is on disk: params, every step's metrics, tags, the artifact files, the end.
     records = RunLog.find(out).read()
@@ -284,7 +284,7 @@ def test_a_resumed_run_sends_what_an_earlier_process_could_not(fast_fail, tmp_pa
 HANGING = textwrap.dedent(
     """
     import sys, time
-    from sparsebert.tracking import RunTracker
+    from sparsebert.track.tracker import RunTracker
 
     uri, out, mode = sys.argv[1:]
     tracker = RunTracker(True, out, start_wait=1, end_wait=2)

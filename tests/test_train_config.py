@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sparsebert.deepspeed_setup import deepspeed_config, guards_steps
-from sparsebert.train_config import ConfigError, describe, load_config, presets
+from sparsebert.train.config import ConfigError, describe, load_config, presets
+from sparsebert.train.distributed import deepspeed_config, guards_steps
 
 
 @pytest.mark.parametrize("name", presets())

@@ -1,4 +1,4 @@
-"""``sparsebert.validation.evaluate`` on a tiny ``SparseBertForPreTraining``, in one process: metrics weighted by
+"""``sparsebert.train.validation.evaluate`` on a tiny ``SparseBertForPreTraining``, in one process: metrics weighted by
 masked tokens and samples, deterministic (DAM's deterministic mask too), the train mode restored, padding rows
 ignored, ranks combined by one collective of device tensors."""
 
@@ -15,8 +15,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.validation import evaluate
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.validation import evaluate
 
 MASK_ID, L = 4, 16
 KEYS = {"val/mlm_loss", "val/mlm_accuracy", "val/nsp_loss", "val/nsp_accuracy", "val/loss"}

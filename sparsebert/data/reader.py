@@ -91,7 +91,7 @@ class ShardReader:
     each reads only its lanes' row groups. Nothing is dropped: every rank gets ``steps_per_epoch =
     ceil(n / G)`` batches of ``batch_size`` rows, the positions past the end of the split being **padding
     rows** (copies of the split's first samples with ``sample_index`` -1, ``next_sentence_label`` -100 and, once collated,
-    ``labels`` all -100), which the model's losses and ``sparsebert.validation.evaluate`` ignore. Batches
+    ``labels`` all -100), which the model's losses and ``sparsebert.train.validation.evaluate`` ignore. Batches
     have the training batches' keys and shapes; ``epoch`` is always 0, so a collator with a fixed seed masks
     every pass identically, whatever the world size.
     """

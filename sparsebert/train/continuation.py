@@ -26,10 +26,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sparsebert import checkpoint
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.masks import parse_spec
-from sparsebert.train_config import ConfigError, PretrainConfig
+from sparsebert.model.masks import parse_spec
+from sparsebert.train import checkpoint
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.config import ConfigError, PretrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 # What fetch takes from the hub: config, weights (safetensors), tokenizer; not other frameworks' weights.
@@ -180,7 +180,7 @@ def build_config(config: PretrainConfig, source: Source | None, seq_len: int) ->
     """The config to build the model from: ``source``'s model directory; its position embeddings as they are
     when they cover ``seq_len``, else extended to ``model.max_position_embeddings``; and, when the moments of a
     DAM mask searched and frozen in place are loaded (its α kept its place in the optimizer, at lr 0), α
-    trainable, so the optimizer has the same layout; :func:`sparsebert.build.freeze_in_place` freezes it before
+    trainable, so the optimizer has the same layout; :func:`sparsebert.train.build.freeze_in_place` freezes it before
     any step."""
     if source is None:
         return config

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsebert.mlflow_store import MlflowStore
+from sparsebert.track.mlflow_store import MlflowStore
 
 LOCAL_DIR = "tracking"  # a run's local records: output_dir/tracking/
 LOCAL_ID_TAG = "sparsebert.local_run_id"  # the MLflow run's tag naming the local records it came from
@@ -111,7 +111,7 @@ class RunLog:
         return ids | {t["run_id"] for t in self._targets().values() if t.get("run_id")}
 
     def archive(self) -> Path:
-        """Move the records aside (``tracking.<time>``), still there for ``sparsebert.resync``."""
+        """Move the records aside (``tracking.<time>``), still there for ``sparsebert.track.resync``."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target, n = self.root.with_name(f"{self.root.name}.{stamp}"), 1
         while target.exists():

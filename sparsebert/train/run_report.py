@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from deepspeed.accelerator import get_accelerator
 
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert import flops
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train import flops
 
 
 def report(message: str) -> None:
@@ -36,7 +36,7 @@ def state_metrics(run) -> dict[str, float]:
 
 
 def with_mfu(run, metrics: dict[str, float]) -> dict[str, float]:
-    """``metrics`` plus MFU: model FLOPs per second (sparsebert.flops) over every rank's peak FLOP/s (the
+    """``metrics`` plus MFU: model FLOPs per second (sparsebert.train.flops) over every rank's peak FLOP/s (the
     device's, or ``train.peak_tflops``); none where the peak is unknown (CPU, an unlisted GPU)."""
     peak = flops.peak_flops(ds_setup.device(), run.config.train.peak_tflops)
     if peak:

@@ -4,7 +4,7 @@ resume, tracking) → :func:`train` ((stage 1, DAM patterns only) search the mas
 :func:`train_step` at a time, checkpointing every ``checkpoint.every`` steps) → :func:`finish` (the last
 checkpoint, the export to ``output_dir/final``, the summary). A restarted command resumes from the newest
 checkpoint. An ``output_dir`` in object storage (``s3://``, ``gs://``) is worked on in a node-local staging
-directory that :class:`~sparsebert.run_outputs.RunOutputs` keeps in step with the store. The command line is
+directory that :class:`~sparsebert.train.run_outputs.RunOutputs` keeps in step with the store. The command line is
 ``sparsebert/pretrain.py``.
 """
 
@@ -21,22 +21,23 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sparsebert import agreement, build, checkpoint, console, continuation, run_report, summary
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.corpus import open_reader, open_validation_reader, training_corpus
+from sparsebert import console
 from sparsebert.data import model_inputs
 from sparsebert.faults import step_fault
-from sparsebert.masks import sparsity
-from sparsebert.meter import Meter
-from sparsebert.mlflow_store import tracking_uri
-from sparsebert.modeling import SparseBertForPreTraining
-from sparsebert.preemption import StopRequest
-from sparsebert.run_outputs import RunOutputs, samples_log
-from sparsebert.run_report import report
-from sparsebert.tracking import RunTracker, flatten, git_commit
-from sparsebert.train_config import ConfigError, DamConfig, PretrainConfig
-from sparsebert.training import seed_everything
-from sparsebert.validation import evaluate
+from sparsebert.model.masks import sparsity
+from sparsebert.model.modeling import SparseBertForPreTraining
+from sparsebert.track.mlflow_store import tracking_uri
+from sparsebert.track.tracker import RunTracker, flatten, git_commit
+from sparsebert.train import agreement, build, checkpoint, continuation, run_report, summary
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.config import ConfigError, DamConfig, PretrainConfig
+from sparsebert.train.corpus import open_reader, open_validation_reader, training_corpus
+from sparsebert.train.meter import Meter
+from sparsebert.train.preemption import StopRequest
+from sparsebert.train.recipe import seed_everything
+from sparsebert.train.run_outputs import RunOutputs, samples_log
+from sparsebert.train.run_report import report
+from sparsebert.train.validation import evaluate
 
 
 @dataclass
@@ -103,7 +104,7 @@ def pretrain(config: PretrainConfig) -> int:
 
 def setup(config: PretrainConfig) -> Run:
     """Meet every rank; then, on every rank or on none (an error on one stops them all, reported once: see
-    :mod:`sparsebert.agreement`), join the process group, open output_dir and this rank's data, build model and
+    :mod:`sparsebert.train.agreement`), join the process group, open output_dir and this rank's data, build model and
     engine and resume from the newest checkpoint (if any); then start (or continue) the MLflow run."""
     ds_setup.launch_env()
     store = agreement.rendezvous()  # within the set-up timeout, or every rank stops naming the missing ones

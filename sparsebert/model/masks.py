@@ -5,7 +5,7 @@ key ``j`` in head ``h``. Patterns are named by a *spec*: a name (``"longformer"`
 pattern's defaults (``{"name": "longformer", "window": 4}``), or a dotted path to a user function
 (``"mypkg.masks:my_pattern"``). Every pattern accepts ``no_diagonal=True`` to remove ``i == j``.
 
-``dam_u`` and ``dam_s`` are *learned* patterns (see :mod:`sparsebert.dam`): their specs are validated here,
+``dam_u`` and ``dam_s`` are *learned* patterns (see :mod:`sparsebert.model.dam`): their specs are validated here,
 but their masks come from a model's parameters; the pure tensor helpers that turn those parameters into masks
 live here too. This module imports no model code: everything else in the package builds on it.
 """

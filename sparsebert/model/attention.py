@@ -9,10 +9,10 @@ padding is silently ignored). The model passes the pass's :class:`LayerMasks` do
 * ``sdpa``  — ``torch.nn.functional.scaled_dot_product_attention`` with a boolean mask (a float bias
   while DAM searches, so gradients still reach the mask).
 * ``flex``  — FlexAttention with a cached ``BlockMask``, so fully masked blocks are skipped
-  (:mod:`sparsebert.flex_backend`). It applies no attention dropout (FlexAttention cannot), has no backward on
+  (:mod:`sparsebert.model.flex_backend`). It applies no attention dropout (FlexAttention cannot), has no backward on
   CPU, and needs a fixed mask.
 * ``block_sparse`` — each query block attends only the key blocks it needs, gathered, through SDPA
-  (:mod:`sparsebert.block_sparse`): forward and backward on any device, no compilation; needs a fixed mask.
+  (:mod:`sparsebert.model.block_sparse`): forward and backward on any device, no compilation; needs a fixed mask.
 * ``auto``  — DAM search or the dense pattern → sdpa; a fixed sparse mask on GPU without attention dropout
   (inference, or a model trained without it) → flex; otherwise (CPU, or GPU training with dropout) a fixed
   sparse mask whose block plan leaves at most ``BLOCK_SPARSE_MAX_WORK`` of dense attention's work →
@@ -41,8 +41,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from sparsebert import block_sparse, choices, flex_backend
-from sparsebert.layer_masks import LayerMasks
+from sparsebert import choices
+from sparsebert.model import block_sparse, flex_backend
+from sparsebert.model.layer_masks import LayerMasks
 
 IMPLEMENTATION = "sparsebert"
 DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 − M)·(−10000)
@@ -257,7 +258,7 @@ def _sdpa_bool_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
 
 
 def block_plan(masks: LayerMasks, slot: int) -> block_sparse.BlockPlan:
-    """The block-sparse plan of a layer's fixed mask, built once per mask (see :mod:`sparsebert.block_sparse`)."""
+    """The block-sparse plan of a layer's fixed mask, built once per mask (see :mod:`sparsebert.model.block_sparse`)."""
     return masks.derived(("block_plan", slot), lambda: block_sparse.plan(masks.head_shared(slot)))
 
 

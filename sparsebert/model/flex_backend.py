@@ -1,7 +1,7 @@
 """The ``flex`` attention backend: FlexAttention with a cached ``BlockMask``, so fully masked blocks are skipped.
 
 It needs ``torch.compile`` to beat SDPA, applies no attention dropout (FlexAttention cannot; ``auto`` therefore
-trains through another backend while dropout is due, see :func:`sparsebert.attention.choose_backend`), has no
+trains through another backend while dropout is due, see :func:`sparsebert.model.attention.choose_backend`), has no
 backward pass on CPU, and needs a fixed mask.
 """
 
@@ -13,8 +13,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from sparsebert.layer_masks import LayerMasks
-from sparsebert.masks import padded_blocks
+from sparsebert.model.layer_masks import LayerMasks
+from sparsebert.model.masks import padded_blocks
 
 # The granularity at which FlexAttention skips work. GPU: FlexAttention's default (its Triton tiles). CPU: the
 # C++ kernel tiles by the block size itself, and small blocks skip most of a banded mask: 16 beat 32, 64 and

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert import optim
-from sparsebert.modeling import SparseBertConfig, SparseBertForPreTraining
-from sparsebert.positions import extend_position_embeddings
-from sparsebert.train_config import MODEL_SIZES, PretrainConfig
+from sparsebert.model.modeling import SparseBertConfig, SparseBertForPreTraining
+from sparsebert.model.positions import extend_position_embeddings
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train import optim
+from sparsebert.train.config import MODEL_SIZES, PretrainConfig
 
 
 def build_model(

@@ -8,9 +8,9 @@ import socket
 import tempfile
 from pathlib import Path
 
-from sparsebert import agreement
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.train_config import ConfigError, PretrainConfig
+from sparsebert.train import agreement
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.config import ConfigError, PretrainConfig
 
 DEFAULT_CORPUS_SEQ_LEN = 64  # the demo's length (tiny_cpu): the most updates per CPU second
 

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from sparsebert import deepspeed_setup as ds_setup
+from sparsebert.train import distributed as ds_setup
 
 
 def masked_hits(prediction_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

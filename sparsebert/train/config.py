@@ -4,7 +4,7 @@ Every key lives in a dataclass below with its default and a one-line ``help`` (t
 data_prep's and eval's options, is :mod:`sparsebert.schema`); ``python
 sparsebert/pretrain.py --help-config`` prints them all. Unknown keys and values of the wrong type are
 errors that name the key. Batch sizes, gradient accumulation and clipping live here only: the DeepSpeed
-JSON must not repeat them (see :func:`sparsebert.deepspeed_setup.deepspeed_config`).
+JSON must not repeat them (see :func:`sparsebert.train.distributed.deepspeed_config`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sparsebert import choices, schema
 from sparsebert.schema import ConfigError
 
 if TYPE_CHECKING:
-    from sparsebert.masks import MaskSpec
+    from sparsebert.model.masks import MaskSpec
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny_cpu"
@@ -86,8 +86,8 @@ class ModelConfig:
 
     @functools.cached_property
     def mask_spec(self) -> MaskSpec:
-        """``attention_pattern`` parsed (validated, defaults filled in) once: a :class:`~sparsebert.masks.MaskSpec`."""
-        from sparsebert.masks import parse_spec  # torch: only when a config is used, not to read one
+        """``attention_pattern`` parsed (validated, defaults filled in) once: a :class:`~sparsebert.model.masks.MaskSpec`."""
+        from sparsebert.model.masks import parse_spec  # torch: only when a config is used, not to read one
 
         return parse_spec(self.attention_pattern)
 

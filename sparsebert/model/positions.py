@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from sparsebert.masks import LEARNED_PATTERNS
+from sparsebert.model.masks import LEARNED_PATTERNS
 
 
 def extend_position_embeddings(model: nn.Module, max_positions: int) -> nn.Module:

@@ -14,10 +14,10 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.constants import default_pg_timeout
 
-from sparsebert import agreement
-from sparsebert.train_config import ConfigError, PretrainConfig
+from sparsebert.train import agreement
+from sparsebert.train.config import ConfigError, PretrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Keys the training config owns; a DeepSpeed JSON that sets them would be a second source of truth.
 OWNED_KEYS = (

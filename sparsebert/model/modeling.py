@@ -3,7 +3,7 @@
 The only changes to BERT are where attention masks come from and the DAM penalty in the pre-training
 losses. Each model owns a mask source (``model.bert.sparse_mask``: a fixed pattern or a learned DAM
 mask); once per forward pass it produces the pass's masks, which travel to every attention layer as the
-``sparse_masks`` keyword and are applied by :mod:`sparsebert.attention`. Any HF BERT checkpoint loads
+``sparse_masks`` keyword and are applied by :mod:`sparsebert.model.attention`. Any HF BERT checkpoint loads
 (``from_pretrained(dir, attention_pattern=..., attention_backend=...)``), and with the dense pattern the
 output equals transformers' own ``BertModel``.
 
@@ -37,11 +37,12 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
-from sparsebert import attention, choices
-from sparsebert.dam import DamMask
-from sparsebert.layer_masks import LayerMasks
-from sparsebert.mask_source import build_mask_source
-from sparsebert.masks import MaskSpec, code_reference, expand_alpha, parse_spec
+from sparsebert import choices
+from sparsebert.model import attention
+from sparsebert.model.dam import DamMask
+from sparsebert.model.layer_masks import LayerMasks
+from sparsebert.model.mask_source import build_mask_source
+from sparsebert.model.masks import MaskSpec, code_reference, expand_alpha, parse_spec
 
 attention.register()
 
@@ -84,17 +85,17 @@ class SparseBertConfig(BertConfig):
     Args:
         attention_pattern: a pattern spec — a name (``"star"``), a dict with parameter overrides
             (``{"name": "longformer", "window": 4}``, ``{"name": "dam_s", "lambda": 1e-4}``) or a
-            ``"package.module:function"`` user pattern. See :mod:`sparsebert.masks`. A config built in code may
+            ``"package.module:function"`` user pattern. See :mod:`sparsebert.model.masks`. A config built in code may
             name any of them; a *loaded* one (``from_pretrained``, ``from_dict``, ``from_json_file``) imports a
             ``"package.module:function"`` pattern only with ``trust_remote_code=True``.
-        attention_backend: ``"auto"``, ``"eager"``, ``"sdpa"``, ``"flex"`` or ``"block_sparse"`` (see :mod:`sparsebert.attention`).
+        attention_backend: ``"auto"``, ``"eager"``, ``"sdpa"``, ``"flex"`` or ``"block_sparse"`` (see :mod:`sparsebert.model.attention`).
         mlm_logits: ``"all"`` (default: transformers' outputs) or ``"masked_only"``: when ``labels`` are given,
             the MLM head (transform + vocabulary projection, most of a small BERT's compute) runs only at
             positions whose label is not -100, and ``prediction_logits`` / ``logits`` is ``[num_masked, vocab]``
             (rows in the order of ``labels != -100``) instead of ``[batch, seq, vocab]``. Same loss, less work.
         dam_searched_len: the longest sequence length the DAM mask was searched at (None: not searched, or not a
             DAM mask). Written by the model when the mask is frozen and when it is saved; beyond this length the
-            mask follows the extension rule of :func:`sparsebert.masks.expand_alpha`.
+            mask follows the extension rule of :func:`sparsebert.model.masks.expand_alpha`.
     """
 
     model_type = "sparsebert"
@@ -151,7 +152,7 @@ class SparseBertConfig(BertConfig):
 
     @property
     def mask_spec(self) -> MaskSpec:
-        """``attention_pattern`` as a :class:`~sparsebert.masks.MaskSpec` (it is stored validated and complete)."""
+        """``attention_pattern`` as a :class:`~sparsebert.model.masks.MaskSpec` (it is stored validated and complete)."""
         return MaskSpec(
             self.attention_pattern["name"], {k: v for k, v in self.attention_pattern.items() if k != "name"}
         )
@@ -235,7 +236,7 @@ class _SparseBertMixin:
         In place, so parameter names (checkpoints, DeepSpeed, export) stay those of the eager model. The layers'
         projections, feed-forward blocks and LayerNorms are compiled; the mask source (DAM's Gumbel sampling,
         its search length, the masks cached per length) runs before the layers and the attention function is
-        kept out of the graph (:mod:`sparsebert.attention`), so every layer shares one compiled graph and a
+        kept out of the graph (:mod:`sparsebert.model.attention`), so every layer shares one compiled graph and a
         DAM search compiles like a fixed mask. A new sequence length recompiles once (then dynamic shapes).
         """
         for layer in self.base_model.encoder.layer:

@@ -1,9 +1,9 @@
 """Pre-training's MLflow run on rank 0 (:class:`RunTracker`), over the project's MLflow layer
-(:mod:`sparsebert.mlflow_store`).
+(:mod:`sparsebert.track.mlflow_store`).
 
 Tracking never stops training: :class:`RunTracker` writes every record to the run's ``output_dir/tracking/``
-first (:class:`~sparsebert.run_log.RunLog`) and a background thread sends it to MLflow; when MLflow cannot be
-reached the run goes on, and ``python -m sparsebert.resync OUTPUT_DIR`` sends the records later.
+first (:class:`~sparsebert.track.run_log.RunLog`) and a background thread sends it to MLflow; when MLflow cannot be
+reached the run goes on, and ``python -m sparsebert.track.resync OUTPUT_DIR`` sends the records later.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from sparsebert import mask_plots
-from sparsebert.mlflow_store import brief_error, short_http_retries, tracking_uri
-from sparsebert.run_log import LOCAL_DIR, RunLog, RunSync, _Sender
+from sparsebert.track import mask_plots
+from sparsebert.track.mlflow_store import brief_error, short_http_retries, tracking_uri
+from sparsebert.track.run_log import LOCAL_DIR, RunLog, RunSync, _Sender
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -56,7 +56,7 @@ class RunTracker:
     Tracking never stops training: every record (params, metrics with their step, tags, artifact files) is first
     written to ``output_dir/tracking/`` (:class:`RunLog`), then sent to MLflow by a background thread, so the
     training loop never waits on the tracking server. When MLflow cannot be reached, at start or later, training
-    goes on, one warning says so, and ``python -m sparsebert.resync OUTPUT_DIR`` sends the records afterwards.
+    goes on, one warning says so, and ``python -m sparsebert.track.resync OUTPUT_DIR`` sends the records afterwards.
     :meth:`start` waits up to ``start_wait`` seconds for the MLflow run to exist (so :attr:`run_id` is its id);
     :meth:`end` waits up to ``end_wait`` seconds for the thread to send what is queued.
 
@@ -85,7 +85,7 @@ class RunTracker:
     @property
     def run_id(self) -> str | None:
         """The MLflow run's id; until MLflow has created the run (or if it could not), the run's local id
-        (``local-…``), by which ``sparsebert.resync`` and the MLflow tag ``sparsebert.local_run_id`` know it."""
+        (``local-…``), by which ``sparsebert.track.resync`` and the MLflow tag ``sparsebert.local_run_id`` know it."""
         if self._sync is None:
             return None
         return self._sync.run_id or self.local_id
@@ -185,7 +185,7 @@ class RunTracker:
         self._record("artifacts", path=path, files=self.log.store_files(path, source))
 
     def _resync_command(self) -> str:
-        return f"python -m sparsebert.resync {self.log.root.parent}"
+        return f"python -m sparsebert.track.resync {self.log.root.parent}"
 
     def _offline(self, exc: BaseException) -> None:
         """The one warning (from the sending thread, at the first failure)."""

@@ -20,7 +20,7 @@ import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from sparsebert.masks import distance_matrix
+from sparsebert.model.masks import distance_matrix
 
 DPI = 100
 ATTENDED, MASKED = "#1f4e79", "#eeeeee"

@@ -7,7 +7,7 @@ the cache sits on a shared home directory). The ranks of a machine share it: Dee
 checkpoint there as it would into a local ``output_dir``. The store is the truth; a starting run rebuilds the
 staging directory from it, so nodes need no shared filesystem and a run may resume on other machines.
 
-* **Start** (:meth:`RunOutputs.open`): rank 0 takes the lease (:mod:`sparsebert.output_lease`); each machine's
+* **Start** (:meth:`RunOutputs.open`): rank 0 takes the lease (:mod:`sparsebert.train.output_lease`); each machine's
   first rank (``LOCAL_RANK`` 0) empties its ``checkpoints/``, and rank 0 fills its own with the store's index
   (``latest`` and every tag's ``train_state.json`` and ``train_config.json``), so ``checkpoint.resume_point``
   reads it as it reads a local ``output_dir`` (on rank 0 only: the trainer hands its answer to every rank);
@@ -35,12 +35,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from sparsebert import checkpoint, storage
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.output_lease import Lease
-from sparsebert.run_log import LOCAL_DIR
-from sparsebert.run_report import report
-from sparsebert.train_config import ConfigError
+from sparsebert import storage
+from sparsebert.track.run_log import LOCAL_DIR
+from sparsebert.train import checkpoint
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.config import ConfigError
+from sparsebert.train.output_lease import Lease
+from sparsebert.train.run_report import report
 
 # A checkpoint file of one rank: our RNG state, DeepSpeed's ZeRO partitions (optimizer; model too under ZeRO-3).
 _OWNED = re.compile(r"(?:rng_rank|zero_pp_rank_)(\d+)")

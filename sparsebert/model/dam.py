@@ -16,10 +16,10 @@ import warnings
 import torch
 from torch import nn
 
-from sparsebert.layer_masks import LayerMasks
-from sparsebert.masks import MaskSpec, alpha_to_mask, distance_matrix
+from sparsebert.model.layer_masks import LayerMasks
+from sparsebert.model.masks import MaskSpec, alpha_to_mask, distance_matrix
 
-# The extension rule beyond the searched length, in words (implemented by sparsebert.masks.expand_alpha).
+# The extension rule beyond the searched length, in words (implemented by sparsebert.model.masks.expand_alpha).
 _RULES = {
     "dam_s": "each longer distance takes the logit of the farthest searched distance",
     "dam_u": "each position outside the searched square takes the mean logit of the searched diagonal with "

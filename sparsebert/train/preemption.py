@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from sparsebert import deepspeed_setup as ds_setup
+from sparsebert.train import distributed as ds_setup
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparsebert.masks import padded_blocks
+from sparsebert.model.masks import padded_blocks
 
 # Candidate block sizes; the plan with the least work wins (a tie goes to the larger block, which runs SDPA
 # more efficiently per score). On CPU, 16 beat 32 and 64 for longformer at L = 512, 2048 and 4096, forward

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from sparsebert import deepspeed_setup as ds_setup
-from sparsebert.train_config import ConfigError, PretrainConfig, run_changes
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.config import ConfigError, PretrainConfig, run_changes
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"  # written last, by rank 0, once every rank's part is on disk: a complete tag

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from deepspeed.constants import default_pg_timeout
 
 from sparsebert.console import Stopped
-from sparsebert.train_config import ConfigError
+from sparsebert.train.config import ConfigError
 
 TIMEOUT_ENV = "SPARSEBERT_SETUP_TIMEOUT"
 POLL_S = 0.25  # how often a waiting rank looks for a failure posted by another

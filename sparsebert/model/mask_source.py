@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsebert.dam import DamMask
-from sparsebert.layer_masks import LayerMasks
-from sparsebert.masks import MaskSpec, build_mask
+from sparsebert.model.dam import DamMask
+from sparsebert.model.layer_masks import LayerMasks
+from sparsebert.model.masks import MaskSpec, build_mask
 
 
 class PatternMask(nn.Module):
-    """A fixed pattern from :mod:`sparsebert.masks`, built once per (length, device) and cached."""
+    """A fixed pattern from :mod:`sparsebert.model.masks`, built once per (length, device) and cached."""
 
     def __init__(self, spec: MaskSpec, num_heads: int):
         super().__init__()
@@ -37,7 +37,7 @@ class PatternMask(nn.Module):
 
 
 def build_mask_source(config: Any) -> nn.Module:
-    """The mask module a config asks for: :class:`PatternMask` or :class:`~sparsebert.dam.DamMask`."""
+    """The mask module a config asks for: :class:`PatternMask` or :class:`~sparsebert.model.dam.DamMask`."""
     spec = config.mask_spec
     if not spec.learned:
         return PatternMask(spec, config.num_attention_heads)

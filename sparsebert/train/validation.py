@@ -22,9 +22,9 @@ from itertools import islice
 
 import torch
 
-from sparsebert import deepspeed_setup as ds_setup
 from sparsebert.data.reader import model_inputs
-from sparsebert.meter import masked_hits
+from sparsebert.train import distributed as ds_setup
+from sparsebert.train.meter import masked_hits
 
 IGNORE_INDEX = -100
 # The sums kept on the device, in the order of the one collective.

@@ -7,8 +7,8 @@ from pytorch_optimizer import Lamb
 from torch import nn
 
 from sparsebert import choices
-from sparsebert.train_config import TrainConfig
-from sparsebert.training import parameter_groups, warmup_decay_schedule
+from sparsebert.train.config import TrainConfig
+from sparsebert.train.recipe import parameter_groups, warmup_decay_schedule
 
 DAM_GROUP = "dam_alpha"
 

@@ -1,12 +1,12 @@
-"""Send a pre-training run's local tracking records to MLflow: ``python -m sparsebert.resync OUTPUT_DIR``.
+"""Send a pre-training run's local tracking records to MLflow: ``python -m sparsebert.track.resync OUTPUT_DIR``.
 
-Pre-training keeps every tracking record in ``OUTPUT_DIR/tracking/`` (:class:`sparsebert.run_log.RunLog`) and
+Pre-training keeps every tracking record in ``OUTPUT_DIR/tracking/`` (:class:`sparsebert.track.run_log.RunLog`) and
 sends it to MLflow in the background; what MLflow did not take (it was down, or failed mid-run) is sent here,
 after the run. The MLflow run is created, or continued when the records already went to it in part, and
 ``tracking/sync.json`` remembers how far each tracking store got, so running this twice sends nothing twice.
 
-    python -m sparsebert.resync runs/demo                              # to the store the run was given
-    python -m sparsebert.resync runs/demo --tracking-uri http://mlflow.internal:5000
+    python -m sparsebert.track.resync runs/demo                              # to the store the run was given
+    python -m sparsebert.track.resync runs/demo --tracking-uri http://mlflow.internal:5000
 
 Exit status: 0 when the store holds every record, 1 when it still cannot be reached (run it again later).
 """
@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sparsebert.mlflow_store import brief_error, short_http_retries, tracking_uri
-from sparsebert.run_log import RunLog, RunSync
+from sparsebert.track.mlflow_store import brief_error, short_http_retries, tracking_uri
+from sparsebert.track.run_log import RunLog, RunSync
 
 
 def resync(
@@ -26,7 +26,7 @@ def resync(
 ) -> tuple[str, str, int]:
     """Send the records of ``path`` (an output_dir, or its ``tracking/``) that ``uri`` lacks; returns the MLflow
     run id, the URI and how many records were sent. ``uri`` defaults to the one the run was given, then
-    :func:`~sparsebert.mlflow_store.tracking_uri`'s default; ``experiment`` to the run's. ``full`` sends every
+    :func:`~sparsebert.track.mlflow_store.tracking_uri`'s default; ``experiment`` to the run's. ``full`` sends every
     record again (a SQL-backed store keeps one copy of a metric point sent twice; a file store would not)."""
     log = RunLog.find(path)
     records = log.read()
@@ -43,7 +43,9 @@ def resync(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsebert.resync", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sparsebert.track.resync", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("output_dir", help="the run's output_dir (or its tracking/ directory)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run was given)")
     parser.add_argument(

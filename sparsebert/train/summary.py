@@ -67,7 +67,7 @@ def summary_lines(
     lines.append(f"model: {final_dir}")
     if mlflow.get("run_id", "").startswith("local-"):
         lines.append(
-            f"MLflow: unreachable; send the records later with `python -m sparsebert.resync {mlflow['out']}`"
+            f"MLflow: unreachable; send the records later with `python -m sparsebert.track.resync {mlflow['out']}`"
         )
     elif mlflow.get("run_id"):
         lines.append(

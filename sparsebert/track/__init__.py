@@ -1,0 +1,1 @@
+"""Tracking: the run's local journal, its delivery to MLflow (the one layer over MLflow), and the mask pictures."""
