@@ -71,13 +71,20 @@ def test_no_import_cycles():
     assert not cycles, f"modules on an import cycle: {cycles}"
 
 
-BASE = ("sparsebert.choices", "sparsebert.console", "sparsebert.faults", "sparsebert.storage", "sparsebert.schema")
+BASE = (
+    "sparsebert.choices",
+    "sparsebert.console",
+    "sparsebert.faults",
+    "sparsebert.storage",
+    "sparsebert.schema",
+)
 
 # One rule per package (docs/ARCHITECTURE.md, "Module map"): the package prefixes its modules may import, besides
 # their own package. Below: base ← model ← track ← train ← pretrain; data ← train; eval and data_prep beside.
 LAYERS = {
     "sparsebert.model": (*BASE,),
-    "sparsebert.data": (*BASE, "data_prep.format"),  # the shards' on-disk format, defined once where it is written
+    # data_prep.format: the shards' on-disk format, defined once where it is written
+    "sparsebert.data": (*BASE, "data_prep.format"),
     "sparsebert.track": (*BASE, "sparsebert.model"),
     "sparsebert.train": (*BASE, "sparsebert.model", "sparsebert.data", "sparsebert.track", "data_prep"),
     "sparsebert.pretrain": ("sparsebert.console", "sparsebert.train"),
