@@ -35,3 +35,31 @@ def step_fault(name: str) -> int:
     """A step-valued fault (0 when unset)."""
     value = fault(name)
     return int(value) if value else 0
+
+
+class StepFaults:
+    """The pre-training faults of this rank, read once: the trainer asks it for the loss of each attempt and calls
+    it after each step, so the training loop holds no fault logic of its own."""
+
+    def __init__(self, rank: int, world_size: int):
+        first, last = rank == 0, rank == world_size - 1
+        self.poison_at = step_fault("nonfinite_at_step") if first else 0
+        self.poison_from = step_fault("nonfinite_from_step") if first else 0
+        self.crash_after = step_fault("crash_after_step") if first else 0
+        self.sigterm_after = step_fault("sigterm_at_step") if last else 0
+
+    def loss(self, loss, step: int):
+        """``loss`` of an attempt at ``step``, made infinite where a fault says so (the skipped-step path)."""
+        poisoned = step == self.poison_at or 0 < self.poison_from <= step
+        if step == self.poison_at:
+            self.poison_at = 0  # once: the retried step is finite
+        return loss * float("inf") if poisoned else loss
+
+    def after_step(self, step: int) -> None:
+        """Right after ``step`` (and its checkpoint): a SIGKILL (the resume path) or a SIGTERM (preemption)."""
+        import signal
+
+        if step and step == self.crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step and step == self.sigterm_after:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -152,6 +152,11 @@ class ShardReader:
         self.seq_len: int = self.manifest["seq_len"]
         self.nsp: bool = self.manifest["packing"] == "nsp"
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
+        self._plan_blocks(section)
+        self._epoch, self._position = 0, 0
+
+    def _plan_blocks(self, section: dict[str, Any]) -> None:
+        """The split's unit of reading: every row group of every shard, in corpus order, with its sample offsets."""
         shard_dir = self.location / section["dir"] if section["dir"] else self.location
         self._paths = [shard_dir / s["file"] for s in section["shards"]]
         # Blocks: every row group of every shard, in corpus order, as (shard, row group).
@@ -161,15 +166,14 @@ class ShardReader:
         self._block_offsets = np.concatenate([[0], np.cumsum(self._block_sizes)]).astype(np.int64)
         self.num_samples = int(self._block_offsets[-1])
         if self.num_samples == 0:
-            raise ValueError(f"{self.data_dir}: the {split} split holds no sample")
-        if split == "train" and self.num_samples < self.global_batch_size:
+            raise ValueError(f"{self.data_dir}: the {self.split} split holds no sample")
+        if self.split == "train" and self.num_samples < self.global_batch_size:
             raise ValueError(
                 f"{self.data_dir} holds {self.num_samples} samples, fewer than one global batch "
-                f"(world_size {world_size} x batch_size {batch_size})"
+                f"(world_size {self.world_size} x batch_size {self.batch_size})"
             )
         digest = hashlib.sha256("".join(s["sha256"] for s in section["shards"]).encode())
         self._dataset_id = "sha256:" + digest.hexdigest()
-        self._epoch, self._position = 0, 0
 
     @property
     def dataset_id(self) -> str:
