@@ -24,7 +24,7 @@ def test_a_second_run_on_an_output_dir_is_refused_and_a_killed_one_leaves_no_loc
     with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
         checkpoint.lock_output_dir(tmp_path)
     held.close()
-    code = f"from sparsebert import checkpoint; h = checkpoint.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); input()"
+    code = f"from sparsebert.train import checkpoint; h = checkpoint.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); input()"
     holder = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
