@@ -31,7 +31,7 @@ SPARSITY_AT_128 = {
 
 
 def _rule(name: str, i: int, j: int, **p) -> bool:
-    """The patterns' rules (README's table), written out one pair at a time."""
+    """The patterns' rules (docs/model.md's table), written out one pair at a time."""
     d = abs(i - j)
     if name == "dense":
         return True

@@ -48,7 +48,7 @@ class ModelConfig:
     init_from: str | None = _f(
         None,
         "continue from this HF BERT directory (a run's final/, a save_pretrained dir), hub name, or a "
-        "pre-training run's output_dir (its final/); null = random init. README: Two-phase pre-training",
+        "pre-training run's output_dir (its final/); null = random init. docs/pretraining.md: Two-phase pre-training",
     )
     init_mask: str = _f(
         "auto",
@@ -70,7 +70,7 @@ class ModelConfig:
     hidden_dropout: float = _f(0.1, "dropout on hidden states")
     attention_dropout: float = _f(0.1, "dropout on attention probabilities (the flex backend applies none)")
     attention_pattern: str | dict = _f(
-        "dense", "mask pattern spec: a name, or {name: ..., params...}; see README"
+        "dense", "mask pattern spec: a name, or {name: ..., params...}; see docs/model.md: Patterns"
     )
     attention_backend: str = _f(
         "auto", "attention implementation; auto picks per mask and device", choices.ATTENTION_BACKENDS
@@ -211,7 +211,7 @@ class PretrainConfig:
     output_dir: str = _f(
         "runs/demo",
         "checkpoints, the final model and logs go here: a directory, or s3://bucket/path, gs://bucket/path (the run "
-        "works in a local staging directory and uploads; README: Object storage)",
+        "works in a local staging directory and uploads; docs/pretraining.md: Object storage)",
         neutral=True,
     )
     deepspeed_config: str = _f("ds_configs/cpu.json", "DeepSpeed JSON (ZeRO stage, precision, offload)")
