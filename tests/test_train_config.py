@@ -96,3 +96,15 @@ def test_every_entry_point_offers_every_attention_backend():
         assert check_backend(name) == name
     with pytest.raises(ValueError, match="--attention-backend"):
         check_backend("fast")
+
+
+def test_a_corpus_longer_than_the_models_positions_is_refused_in_one_line():
+    """Found at set-up, naming the corpus and the key, not as a shape error in the first forward pass."""
+    from sparsebert.train.setup import _check_positions
+
+    config = load_config(None, ["model.max_position_embeddings=32"])
+    with pytest.raises(
+        ConfigError, match=r"^the corpus data/x holds 64-token samples, more than model\.max_pos"
+    ):
+        _check_positions(config, 64, "data/x")
+    _check_positions(config, 32, "data/x")  # a corpus that fits

@@ -120,6 +120,7 @@ def _prepare(config: PretrainConfig) -> Run:
     # other stage-2 model is built as it was saved, so its optimizer state loads, and frozen in place below.
     restarted = resumed is not None and resumed.restarted
     build_config = continuation.build_config(config, source, reader.seq_len)
+    _check_positions(build_config, reader.seq_len, data_dir)
     tokenizer = reader.tokenizer
     model = build.build_model(build_config, len(tokenizer), tokenizer.pad_token_id, ds, frozen=restarted)
     engine, scheduler = build.build_engine(model, config, ds, restarted=restarted)
@@ -149,6 +150,16 @@ def _check_fill_mask(config: PretrainConfig, tokenizer) -> None:
     missing = [text for text in config.eval.fill_mask if tokenizer.mask_token not in text]
     if missing:
         raise ConfigError(f"config key 'eval.fill_mask': {missing[0]!r} has no {tokenizer.mask_token}")
+
+
+def _check_positions(config: PretrainConfig, seq_len: int, data_dir: str) -> None:
+    """A sample longer than the model's positions would fail in the first forward pass, deep in the model."""
+    positions = config.model.max_position_embeddings
+    if seq_len > positions:
+        raise ConfigError(
+            f"the corpus {data_dir} holds {seq_len}-token samples, more than model.max_position_embeddings="
+            f"{positions}; raise model.max_position_embeddings or prepare the corpus with --seq-len {positions}"
+        )
 
 
 def _restore(run: Run, tag: str) -> None:
