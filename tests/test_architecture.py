@@ -170,3 +170,21 @@ def test_every_registry_matches_its_names():
     assert ["auto", *attention._BACKENDS] == choices.ATTENTION_BACKENDS
     assert set(optim.OPTIMIZERS) == set(choices.OPTIMIZERS)
     assert set(training.DECAYS) == set(choices.LR_DECAYS)
+
+
+MAX_FUNCTION_LINES = 60
+# Everything but benchmarks/ (measurement scripts, kept whole so that each reads as one experiment).
+SOURCE_DIRS = (*PACKAGES, "tests", "cluster", "docs")
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """A function (a test included) that fits on a screen: a longer one is split into named steps."""
+    paths = [*ROOT.glob("*.py"), *(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))]
+    long = [
+        f"{path.relative_to(ROOT)}:{node.name}:{node.end_lineno - node.lineno + 1}"
+        for path in paths
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (file:function:lines): {long}"
