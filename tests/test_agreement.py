@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from multinode import REPO, free_port
+from helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow  # real processes (seconds each)
 

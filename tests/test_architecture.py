@@ -10,8 +10,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sparsebert", "eval", "data_prep")
 
 

@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PRETRAIN, REPO
 
 from sparsebert import console
 from sparsebert.train.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "sparsebert" / "pretrain.py"
 
 
 def _python(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

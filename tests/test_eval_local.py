@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from mlflow import MlflowClient
 
 from eval.executors import device_for_ray
@@ -27,7 +28,6 @@ from eval.runner import run_evaluation
 from eval.smoke import write_glue, write_squad, write_tiny_checkpoint
 from eval.tasks import TASKS, TableColumns, parse_tasks, register_task
 
-REPO = Path(__file__).resolve().parents[1]
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
 
 

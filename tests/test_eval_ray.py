@@ -23,8 +23,6 @@ from eval.runner import parse_fail_spec, run_evaluation
 from eval.smoke import write_glue, write_squad, write_tiny_checkpoint
 from eval.tasks import TASKS
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[Path, Path]:

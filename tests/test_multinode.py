@@ -43,29 +43,6 @@ SIGTERM_ON_NODE_1 = {1: {"SPARSEBERT_FAULTS": "sigterm_at_step=3"}}  # node 1's 
 EMBEDDED = "python-docs-seq64-v2"  # the embedded corpus in a node's cache
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local) -> Path:
-    import random
-
-    from data_prep import prepare_corpus
-
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    vocab = [
-        f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu") for b in ("n", "r", "s", "t", "")
-    ]
-    docs = [
-        " ".join(" ".join(rng.choices(vocab, k=6 + (d + s) % 9)).capitalize() + "." for s in range(12))
-        for d in range(60)
-    ]
-    (root / "docs.txt").write_text("\n\n".join(docs))
-    out = root / "prepared"
-    prepare_corpus(
-        [root / "docs.txt"], out, vocab_size=300, seq_len=64, seed=0, shard_size=64, progress=False
-    )
-    return out
-
-
 @pytest.fixture
 def cluster(tmp_path):
     with SimulatedCluster(tmp_path, nodes=2) as nodes:
@@ -230,8 +207,8 @@ def _objects(bucket: str, prefix: str) -> dict[str, bytes]:
     }
 
 
-def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, corpus):
-    cluster.copy_to_nodes(corpus, "data/corpus")
+def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, pretrain_corpus):
+    cluster.copy_to_nodes(pretrain_corpus, "data/corpus")
     cluster.run([*TINY, LOCAL_COPY, "output_dir=runs/x"], STOP_WITHIN_S)  # relative: each node's own disk
     assert not any(node.timed_out for node in cluster.nodes), cluster.transcript()
     assert all(node.returncode != 0 for node in cluster.nodes), cluster.transcript()
@@ -245,8 +222,8 @@ def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, co
     assert not (cluster.nodes[0].work / "runs" / "x" / "checkpoints").exists()  # stopped before any step
 
 
-def test_a_node_missing_its_corpus_stops_every_node_and_names_the_path(cluster, corpus, tmp_path):
-    cluster.copy_to_nodes(corpus, "data/corpus", nodes=[0])
+def test_a_node_missing_its_corpus_stops_every_node_and_names_the_path(cluster, pretrain_corpus, tmp_path):
+    cluster.copy_to_nodes(pretrain_corpus, "data/corpus", nodes=[0])
     cluster.run([*TINY, LOCAL_COPY, f"output_dir={tmp_path / 'shared' / 'run'}"], STOP_WITHIN_S)
     assert not any(node.timed_out for node in cluster.nodes), cluster.transcript()
     assert all(node.returncode != 0 for node in cluster.nodes), cluster.transcript()
@@ -257,8 +234,10 @@ def test_a_node_missing_its_corpus_stops_every_node_and_names_the_path(cluster, 
     assert not any("Traceback" in node.output for node in cluster.nodes), cluster.transcript()
 
 
-def test_a_node_that_never_arrives_stops_the_others_after_the_set_up_timeout(cluster, corpus, tmp_path):
-    cluster.copy_to_nodes(corpus, "data/corpus")
+def test_a_node_that_never_arrives_stops_the_others_after_the_set_up_timeout(
+    cluster, pretrain_corpus, tmp_path
+):
+    cluster.copy_to_nodes(pretrain_corpus, "data/corpus")
     args = [*TINY, LOCAL_COPY, f"output_dir={tmp_path / 'run'}"]
     cluster.start(args, nodes=[0], env={"SPARSEBERT_SETUP_TIMEOUT": "5"})
     cluster.wait(STOP_WITHIN_S)

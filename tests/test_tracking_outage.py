@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PRETRAIN, REPO, free_port
 from mlflow import MlflowClient
 
 from eval.jobs import DataSource, FinetuneConfig, evaluation_key
@@ -34,20 +34,12 @@ from eval.tasks import TASKS, TableColumns, register_task
 from sparsebert.track.run_log import LOCAL_ID_TAG, RunLog
 from sparsebert.track.tracker import RunTracker
 
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "sparsebert" / "pretrain.py"
 FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 WARNING = "WARNING: MLflow tracking failed"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dead_uri() -> str:
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture
@@ -60,7 +52,7 @@ class Server:
     """``mlflow server`` on 127.0.0.1 with a sqlite store; killed and started again on the same port and store."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -127,40 +119,15 @@ def _resync(out: Path, *args: str) -> subprocess.CompletedProcess:
 # --- pre-training ------------------------------------------------------------------------------------------
 
 
-def _words(rng: random.Random, n: int) -> str:
-    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra") for b in ("n", "r", "s", "")]
-    return " ".join(rng.choice(vocab) for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local) -> Path:
-    from data_prep import prepare_corpus
-
-    root = tmp_path_factory.mktemp("outage_corpus")
-    rng = random.Random(0)
-    docs = [" ".join(_words(rng, 6 + s % 7).capitalize() + "." for s in range(10)) for _ in range(40)]
-    (root / "docs.txt").write_text("\n\n".join(docs))
-    prepare_corpus(
-        [root / "docs.txt"],
-        root / "prepared",
-        vocab_size=200,
-        seq_len=64,
-        seed=0,
-        shard_size=64,
-        progress=False,
-    )
-    return root / "prepared"
-
-
 @pytest.mark.slow
-def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(corpus, tmp_path):
+def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(pretrain_corpus, tmp_path):
     out = tmp_path / "demo"
     cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(PRETRAIN),
+        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(PRETRAIN),
         "--config", "tiny_cpu", "model.max_position_embeddings=64",
         "model.attention_pattern={name: dam_s, lambda: 0.01}", "train.max_steps=4", "dam.search_steps=2",
         "train.micro_batch_size=4", "train.log_every=1", "checkpoint.every=2", "mlflow.experiment=outage",
-        "deepspeed_config=ds_configs/cpu.json", f"data.path={corpus}", f"output_dir={out}",
+        "deepspeed_config=ds_configs/cpu.json", f"data.path={pretrain_corpus}", f"output_dir={out}",
     ]  # fmt: skip
     env = {**os.environ, **FAST_FAIL, "MLFLOW_TRACKING_URI": _dead_uri(), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,38 @@
+"""What several test files share besides fixtures (those are in ``conftest.py``): the repository's paths, a free
+port, and the synthetic text the pre-training tests prepare their corpora from."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = REPO / "sparsebert" / "pretrain.py"
+SYLLABLES = ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's choice): for a launcher's master port or a server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def syllable_words(seed: int, n: int, syllables: tuple[str, ...] = SYLLABLES) -> str:
+    """``n`` made-up words (a syllable and a consonant), the same for the same seed."""
+    rng = random.Random(seed)
+    vocab = [f"{a}{b}" for a in syllables for b in ("n", "r", "s", "t", "")]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def syllable_documents(n_docs: int = 60, syllables: tuple[str, ...] = SYLLABLES) -> str:
+    """A plain-text corpus of ``n_docs`` documents of 12 sentences of 6 to 14 words, blank-line separated: enough
+    for a tiny model's few training steps at ``seq_len`` 64 or 128."""
+    docs = [
+        " ".join(
+            syllable_words(d * 100 + s, 6 + (d + s) % 9, syllables).capitalize() + "." for s in range(12)
+        )
+        for d in range(n_docs)
+    ]
+    return "\n\n".join(docs)
