@@ -1,5 +1,5 @@
 """What several test files share besides fixtures (those are in ``conftest.py``): the repository's paths, a free
-port, and the synthetic text the pre-training tests prepare their corpora from."""
+port, and the synthetic text the tests prepare their corpora from."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "sparsebert" / "pretrain.py"
+ENGLISH = [
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dogs", "while",
+    "seven", "wizards", "quietly", "hex", "vexing", "jumbo", "crates",
+]  # fmt: skip
 SYLLABLES = ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu")
 
 
@@ -36,3 +40,25 @@ def syllable_documents(n_docs: int = 60, syllables: tuple[str, ...] = SYLLABLES)
         for d in range(n_docs)
     ]
     return "\n\n".join(docs)
+
+
+def word_documents(n_docs: int, seed: int) -> str:
+    """Plain text of ``n_docs`` documents (lines of up to three sentences) of common English words and rare made-up
+    ones, the same for the same seed."""
+    rng = random.Random(seed)
+
+    def word() -> str:  # a common word, or a rare made-up one that the small vocabularies split into pieces
+        return (
+            rng.choice(ENGLISH)
+            if rng.random() < 0.7
+            else "".join(rng.choices(["ka", "lo", "mi", "ru", "tes"], k=5))
+        )
+
+    docs = []
+    for _ in range(n_docs):
+        sentences = [
+            " ".join(word() for _ in range(rng.randint(3, 12))).capitalize() + "."
+            for _ in range(rng.randint(2, 12))
+        ]
+        docs.append("\n".join(" ".join(sentences[i : i + 3]) for i in range(0, len(sentences), 3)))
+    return "\n\n".join(docs) + "\n"

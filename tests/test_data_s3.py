@@ -7,11 +7,11 @@ import contextlib
 import io
 import itertools
 import json
-import random
 
 import boto3
 import pytest
 import torch
+from helpers import word_documents
 
 from data_prep import cli
 from sparsebert import storage
@@ -19,32 +19,6 @@ from sparsebert.data import ShardReader
 from sparsebert.data.read_count import CountingFileSystem
 
 SEQ_LEN = 48
-
-
-def _text(n_docs: int) -> str:
-    rng = random.Random(0)
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "lazy",
-        "dogs",
-        "seven",
-        "wizards",
-        "hex",
-        "crates",
-    ]
-    docs = []
-    for _ in range(n_docs):
-        sentences = [
-            " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize() + "."
-            for _ in range(rng.randint(2, 12))
-        ]
-        docs.append(" ".join(sentences))
-    return "\n\n".join(docs) + "\n"
 
 
 def _prep(*args: str) -> tuple[int, str, str]:
@@ -64,7 +38,7 @@ def s3_corpus(s3_server, ray_local, tmp_path_factory):
     """A corpus prepared straight into s3://BUCKET/corpora/x by the command line, run from an empty directory;
     yields (bucket, uri, root, the command's stdout). The S3 variables stay set for the module's tests."""
     root = tmp_path_factory.mktemp("s3corpus")
-    (root / "c.txt").write_text(_text(150))
+    (root / "c.txt").write_text(word_documents(150, 0))
     (root / "cwd").mkdir()
     with pytest.MonkeyPatch.context() as patch:
         bucket = s3_server.use(patch)
