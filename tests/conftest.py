@@ -56,6 +56,12 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture
+def uncompiled_flex(monkeypatch):
+    """FlexAttention run eagerly: the same results, without compiling for 20-30 s per shape on a CPU."""
+    monkeypatch.setenv("SPARSEBERT_FLEX_COMPILE", "0")
+
+
+@pytest.fixture
 def process_group(monkeypatch):
     """A real process group of one (gloo), as ``deepspeed`` forms it for a single rank."""
     import torch.distributed as dist

@@ -1,5 +1,5 @@
 """What several test files share besides fixtures (those are in ``conftest.py``): the repository's paths, a free
-port, and the synthetic text the tests prepare their corpora from."""
+port, the tiny model's config, the synthetic text the tests prepare corpora from, and readers of results."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ ENGLISH = [
     "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dogs", "while",
     "seven", "wizards", "quietly", "hex", "vexing", "jumbo", "crates",
 ]  # fmt: skip
+# The BERT config the model tests share: small enough to run a forward/backward in milliseconds on CPU.
+TINY = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)  # fmt: skip
 SYLLABLES = ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu")
 
 
@@ -62,3 +67,30 @@ def word_documents(n_docs: int, seed: int) -> str:
         ]
         docs.append("\n".join(" ".join(sentences[i : i + 3]) for i in range(0, len(sentences), 3)))
     return "\n\n".join(docs) + "\n"
+
+
+def error_lines(output: str) -> list[str]:
+    """The one-line errors (``error: ...``) a process printed."""
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def all_artifacts(client, run_id: str, path: str = "") -> set[str]:
+    """Every artifact file of an MLflow run, read back through its client (folders walked)."""
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def s3_objects(bucket: str, prefix: str) -> dict[str, bytes]:
+    """What an S3 bucket holds under ``prefix`` (keys made relative to it), read through boto3, the reference
+    client; directory markers left out."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {
+        o["Key"][len(prefix) :]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in listed
+        if not o["Key"].endswith("/")
+    }

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import REPO, free_port
+from helpers import REPO, error_lines, free_port
 
 pytestmark = pytest.mark.slow  # real processes (seconds each)
 
@@ -59,13 +59,9 @@ except console.Stopped as stop:
     return [(p.wait(timeout=timeout), p.communicate()[0]) for p in processes]
 
 
-def _errors(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error: ")]
-
-
 def test_a_rank_that_never_arrives_stops_the_others_naming_it():
     [(code, output)] = _ranks("agreement.rendezvous()", world=3, ranks=[0], SPARSEBERT_SETUP_TIMEOUT="2")
-    assert code == 1 and _errors(output) == [
+    assert code == 1 and error_lines(output) == [
         "error: only 1 of 3 ranks joined at 127.0.0.1:"
         + output.split("127.0.0.1:")[1].split(" ")[0]
         + " (MASTER_ADDR:MASTER_PORT) within 2 s (SPARSEBERT_SETUP_TIMEOUT); missing: rank 1, 2. Their node "
@@ -87,11 +83,11 @@ def test_an_error_on_one_rank_stops_a_rank_that_waits_for_it_elsewhere():
         time.sleep(3600)
     """
     (code0, output0), (code1, output1) = _ranks(body, world=2, timeout=60)
-    assert code1 == 2 and _errors(output1) == [
+    assert code1 == 2 and error_lines(output1) == [
         "error: data.path 'data/corpus': prepared corpus directory not found: data/corpus"
     ], output1
     assert code0 == 1, output0
-    [told] = _errors(output0)
+    [told] = error_lines(output0)
     assert told.startswith("error: rank 1 (node_rank 1, host ") and told.endswith(
         "failed during set-up: data.path 'data/corpus': prepared corpus directory not found: data/corpus; "
         "every rank stops"
@@ -116,9 +112,9 @@ def test_rank_0_decides_for_every_rank_and_disagreement_is_an_error(tmp_path):
     (code0, output0), (code1, output1) = _ranks(body, world=2, timeout=60)
     assert "tag step00000015" in output0 and "tag step00000015" in output1  # rank 1 has no such file
     assert (code0, code1) == (2, 1), output0 + output1
-    [error] = _errors(output0)
+    [error] = error_lines(output0)
     assert error.startswith("error: the config differs between ranks: rank 1 (node_rank 1, host") and (
         "another lr" in error
     ), error
-    [told] = _errors(output1)
+    [told] = error_lines(output1)
     assert told.startswith("error: rank 0 (node_rank 0, host ") and "the config differs" in told, told

@@ -11,7 +11,7 @@ import json
 import boto3
 import pytest
 import torch
-from helpers import word_documents
+from helpers import s3_objects, word_documents
 
 from data_prep import cli
 from sparsebert import storage
@@ -28,9 +28,8 @@ def _prep(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _objects(bucket: str, prefix: str) -> dict[str, int]:
-    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {o["Key"][len(prefix) :]: o["Size"] for o in listed if not o["Key"].endswith("/")}
+def _sizes(bucket: str, prefix: str) -> dict[str, int]:
+    return {key: len(data) for key, data in s3_objects(bucket, prefix).items()}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def s3_corpus(s3_server, ray_local, tmp_path_factory):
 
 def test_data_prep_uploads_the_corpus_and_says_so_only_then(s3_corpus):
     bucket, uri, root, out = s3_corpus
-    objects = _objects(bucket, "corpora/x/")
+    objects = _sizes(bucket, "corpora/x/")
     manifest = json.loads(
         boto3.client("s3").get_object(Bucket=bucket, Key="corpora/x/manifest.json")["Body"].read()
     )
@@ -83,12 +82,12 @@ def test_a_non_empty_s3_output_is_refused_and_replaced_with_overwrite(s3_corpus)
     uri = f"s3://{bucket}/corpora/again"
     args = ["--input", str(root / "c.txt"), "--output", uri, "--vocab-size", "200", "--quiet"]
     assert _prep(*args, "--seq-len", "64", "--shard-size", "20")[0] == 0
-    many = _objects(bucket, "corpora/again/")
+    many = _sizes(bucket, "corpora/again/")
     code, _, err = _prep(*args, "--seq-len", "32")
     assert code == 2 and f"{uri} is not empty" in err
-    assert _objects(bucket, "corpora/again/") == many  # nothing already written is lost
+    assert _sizes(bucket, "corpora/again/") == many  # nothing already written is lost
     assert _prep(*args, "--seq-len", "32", "--overwrite")[0] == 0
-    now = _objects(bucket, "corpora/again/")
+    now = _sizes(bucket, "corpora/again/")
     manifest = ShardReader(uri, rank=0, world_size=1, batch_size=1).manifest
     assert manifest["seq_len"] == 32
     assert sorted(k for k in now if k.endswith(".parquet")) == sorted(s["file"] for s in manifest["shards"])
@@ -170,7 +169,7 @@ def test_workers_meet_in_the_bucket_and_keep_nothing_on_their_machine(s3_corpus,
         specs[0], f"s3://{bucket}/.staged.partial", shard_schema(tokenizer["vocab_size"], "nsp")
     )
 
-    stored = _objects(bucket, ".staged.partial/")
+    stored = _sizes(bucket, ".staged.partial/")
     assert {f"_units/unit-0000000{i}.{ext}" for i in (0, 1) for ext in ("parquet", "json")} <= set(stored)
     assert stored["shard-00000.parquet"] == entry["bytes"] and entry["samples"] == 10
     assert not any(scratch.iterdir()) and not any((root / "cwd").iterdir())

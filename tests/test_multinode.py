@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import error_lines, s3_objects
 from multinode import Node, SimulatedCluster
 from safetensors.torch import load_file
 
@@ -47,10 +48,6 @@ EMBEDDED = "python-docs-seq64-v2"  # the embedded corpus in a node's cache
 def cluster(tmp_path):
     with SimulatedCluster(tmp_path, nodes=2) as nodes:
         yield nodes
-
-
-def _errors(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("error: ")]
 
 
 @dataclass
@@ -130,14 +127,14 @@ def bucket_run(shared_run, s3_server, tmp_path_factory) -> BucketRun:
         mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
         with SimulatedCluster(root / "cluster", nodes=2, env={"MLFLOW_TRACKING_URI": mlflow_uri}) as cluster:
             stopped = _launch(cluster, args, node_env=SIGTERM_ON_NODE_1)
-            after_stop = _objects(bucket, "runs/two/")
+            after_stop = s3_objects(bucket, "runs/two/")
             for node in cluster.nodes:  # other machines: nothing of the first launch stays
                 shutil.rmtree(node.cache)
                 node.cache.mkdir()
             resumed = _launch(cluster, args)
             wrote_locally = any((node.work / "s3:").exists() for node in cluster.nodes)
         return BucketRun(
-            out, stopped, after_stop, resumed, _objects(bucket, "runs/two/"), mlflow_uri, wrote_locally
+            out, stopped, after_stop, resumed, s3_objects(bucket, "runs/two/"), mlflow_uri, wrote_locally
         )
 
 
@@ -194,19 +191,6 @@ def test_in_object_storage_the_resume_continues_the_mlflow_run(bucket_run):
     assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, 7))
 
 
-def _objects(bucket: str, prefix: str) -> dict[str, bytes]:
-    """What an S3 bucket holds under ``prefix``, read through boto3 (directory markers left out)."""
-    import boto3
-
-    s3 = boto3.client("s3")
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {
-        o["Key"][len(prefix) :]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-        for o in listed
-        if not o["Key"].endswith("/")
-    }
-
-
 def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, pretrain_corpus):
     cluster.copy_to_nodes(pretrain_corpus, "data/corpus")
     cluster.run([*TINY, LOCAL_COPY, "output_dir=runs/x"], STOP_WITHIN_S)  # relative: each node's own disk
@@ -214,7 +198,7 @@ def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, pr
     assert all(node.returncode != 0 for node in cluster.nodes), cluster.transcript()
     paths = [str(node.work / "runs" / "x") for node in cluster.nodes]
     for node in cluster.nodes:
-        [error] = _errors(node.output)  # one line per node, the same reason
+        [error] = error_lines(node.output)  # one line per node, the same reason
         assert "output_dir 'runs/x' is not one directory shared by every node" in error, cluster.transcript()
         assert all(path in error for path in paths) and "absolute path" in error
         assert "Traceback" not in node.output
@@ -227,9 +211,9 @@ def test_a_node_missing_its_corpus_stops_every_node_and_names_the_path(cluster, 
     cluster.run([*TINY, LOCAL_COPY, f"output_dir={tmp_path / 'shared' / 'run'}"], STOP_WITHIN_S)
     assert not any(node.timed_out for node in cluster.nodes), cluster.transcript()
     assert all(node.returncode != 0 for node in cluster.nodes), cluster.transcript()
-    [own] = _errors(cluster.nodes[1].output)
+    [own] = error_lines(cluster.nodes[1].output)
     assert "data.path 'data/corpus'" in own and "not found" in own, cluster.transcript()
-    [told] = _errors(cluster.nodes[0].output)
+    [told] = error_lines(cluster.nodes[0].output)
     assert told.startswith("error: rank 1 (node_rank 1, host ") and "data.path 'data/corpus'" in told, told
     assert not any("Traceback" in node.output for node in cluster.nodes), cluster.transcript()
 
@@ -243,5 +227,5 @@ def test_a_node_that_never_arrives_stops_the_others_after_the_set_up_timeout(
     cluster.wait(STOP_WITHIN_S)
     node = cluster.nodes[0]
     assert not node.timed_out and node.returncode != 0, cluster.transcript()
-    [error] = _errors(node.output)
+    [error] = error_lines(node.output)
     assert "only 1 of 2 ranks joined" in error and "missing: rank 1" in error, error

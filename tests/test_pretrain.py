@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PRETRAIN, REPO, free_port
+from helpers import PRETRAIN, REPO, all_artifacts, free_port
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -188,7 +188,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(launcher):
     assert recorded["step"] == MAX_STEPS and recorded["val/mlm_loss"] == pytest.approx(held_out[8])
     penalty_steps = [m.step for m in client.get_metric_history(run.info.run_id, "mask_penalty")]
     assert max(penalty_steps) == SEARCH_STEPS  # λ·‖M‖₁ only while searching
-    artifacts = _all_artifacts(client, run.info.run_id)
+    artifacts = all_artifacts(client, run.info.run_id)
     for path in (
         "config/train.yaml",
         "config/deepspeed.json",
@@ -199,13 +199,6 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(launcher):
     ):
         assert path in artifacts, f"{path} not in {sorted(artifacts)}"
     assert run.data.tags["final_model_dir"] == str((out / "final").resolve())
-
-
-def _all_artifacts(client, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def test_killed_run_resumes_to_the_same_loss_and_reads_each_sample_once(launcher):

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 from helpers import REPO as ROOT
+from helpers import TINY
 from packaging.requirements import Requirement
 from packaging.version import Version
-from tiny_bert import TINY
 from transformers import AutoModelForPreTraining
 
 from sparsebert import (

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PRETRAIN, REPO, free_port
+from helpers import PRETRAIN, REPO, all_artifacts, free_port
 from mlflow import MlflowClient
 
 from eval.jobs import DataSource, FinetuneConfig, evaluation_key
@@ -94,13 +94,6 @@ def server(tmp_path):
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def _all_artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def _local_metrics(out: Path, key: str) -> list[tuple[int, float]]:
@@ -176,7 +169,7 @@ def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(pre
     assert {
         "config/train.yaml", "config/deepspeed.json", "masks/stage1_frozen/mask.safetensors",
         "masks/stage1_frozen/mask_layer0.png", "masks/final/mask.safetensors",
-    } <= _all_artifacts(client, run_id)  # fmt: skip
+    } <= all_artifacts(client, run_id)  # fmt: skip
 
 
 def test_tracker_outlives_a_server_that_dies_mid_run(server, fast_fail, tmp_path, capfd):
@@ -213,7 +206,7 @@ def test_tracker_outlives_a_server_that_dies_mid_run(server, fast_fail, tmp_path
     run = client.get_run(run_id)
     assert _history(client, run_id, "loss") == [(s, 1 / s) for s in range(1, 7)]
     assert run.info.status == "FINISHED" and run.data.tags["done"] == "yes" and run.data.params["lr"] == "0.1"
-    assert "masks/final/mask.safetensors" in _all_artifacts(client, run_id)
+    assert "masks/final/mask.safetensors" in all_artifacts(client, run_id)
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
