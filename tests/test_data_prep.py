@@ -255,6 +255,7 @@ def test_one_document_per_file(ray_local, tmp_path):
     assert manifest["counts"]["documents"] == 12 and manifest["config"]["doc_per_file"]
 
 
+@pytest.mark.slow  # the datasets library's import and load in the Ray workers
 def test_local_hugging_face_dataset(ray_local, tmp_path):
     docs, _ = make_corpus(30, seed=6)
     sentences = [line for doc in docs for line in doc.split("\n")]

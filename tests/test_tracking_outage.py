@@ -172,6 +172,7 @@ def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(pre
     } <= all_artifacts(client, run_id)  # fmt: skip
 
 
+@pytest.mark.slow  # a real mlflow server started twice and killed; unit level: the dead-URI tests
 def test_tracker_outlives_a_server_that_dies_mid_run(server, fast_fail, tmp_path, capfd):
     server.start()
     out = tmp_path / "run"
@@ -307,6 +308,7 @@ def outage_task(server):
     del TASKS[spec.name]
 
 
+@pytest.mark.slow  # evaluations against a real mlflow server killed mid-run
 def test_evaluation_survives_mlflow_dying_and_resume_records_the_rest(
     server, outage_task, fast_fail, tmp_path, monkeypatch, caplog
 ):
