@@ -70,6 +70,7 @@ class Evaluation:
     rte_dev: Path
     bad_line: int
     code: int
+    failed_jobs: list[str]  # failed_jobs.txt after the first run (the resume, with none, removes it)
     runs: list  # after the first run
     parents: dict  # checkpoint -> its evaluation run, after the first run
     table: dict[str, dict[str, str]]
@@ -113,20 +114,21 @@ def evaluation(ray_local, checkpoints, tmp_path_factory):
             if r.data.tags.get("sparsebert.kind") == "evaluation"
         }
         table, markdown = _table(out), (out / "results.md").read_text().splitlines()
+        failed_jobs = (out / "failed_jobs.txt").read_text().splitlines()
         # Resume with RTE repaired: only the RTE jobs run; the finished ones are taken from MLflow.
         rte_dev.write_text(good_rte)
         patch.delenv("SPARSEBERT_FAULTS")
         resumed_code = main([*argv, "--resume"])
         yield Evaluation(
-            dense, star, out, client, pretrain.info.run_id, rte_dev, bad_line, code, runs, parents, table,
-            markdown, resumed_code, _runs(client, exp_id), _table(out),
+            dense, star, out, client, pretrain.info.run_id, rte_dev, bad_line, code, failed_jobs, runs, parents,
+            table, markdown, resumed_code, _runs(client, exp_id), _table(out),
         )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_failed_jobs_are_reported_with_file_line_and_column_after_one_retry(evaluation):
     assert evaluation.code == 1  # some jobs still failed
-    failed = (evaluation.out / "failed_jobs.txt").read_text().splitlines()
+    failed = evaluation.failed_jobs
     assert len(failed) == 4 and all("rte/lr=0.001" in f and "\t2\t" in f for f in failed)
     assert all(f"{evaluation.rte_dev}: line {evaluation.bad_line}, column 4" in f for f in failed)
 
