@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local Ray, a real MLflow store and a real local S3 server (moto), all offline."""
+"""Shared fixtures: a real local Ray, a real MLflow store, a real local S3 server (moto), a process group of one
+and a prepared tiny corpus, all offline. Shared plain helpers (paths, a free port, synthetic text): ``helpers.py``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+from helpers import free_port, syllable_documents
 
 # Tests never touch the network: hub look-ups fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,17 +22,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # Object storage: the local S3 server of ``s3_server`` (started on first use), never a real one. Set before any
 # process starts (Ray's workers among them: they keep the environment they started with) and with stand-in
 # credentials, so a developer's own never reach a test.
 S3_ENV = {
-    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -59,16 +56,19 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture
+def uncompiled_flex(monkeypatch):
+    """FlexAttention run eagerly: the same results, without compiling for 20-30 s per shape on a CPU."""
+    monkeypatch.setenv("SPARSEBERT_FLEX_COMPILE", "0")
+
+
+@pytest.fixture
 def process_group(monkeypatch):
     """A real process group of one (gloo), as ``deepspeed`` forms it for a single rank."""
     import torch.distributed as dist
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     # Set for this test only: processes later tests start must not inherit a port this one used.
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     from sparsebert.train import distributed as deepspeed_setup
@@ -122,3 +122,18 @@ def s3_server():
 def s3_bucket(s3_server, monkeypatch) -> str:
     """A fresh bucket on the local S3 server; ``AWS_ENDPOINT_URL`` and credentials set for this test."""
     return s3_server.use(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def pretrain_corpus(tmp_path_factory, ray_local) -> Path:
+    """A prepared corpus for tiny pre-training runs (``syllable_documents``: seq_len 64, vocabulary 300, shards of
+    64 samples, a fifth held out for validation), prepared once for the session through the real pipeline."""
+    from data_prep import prepare_corpus
+
+    root = tmp_path_factory.mktemp("pretrain_corpus")
+    (root / "docs.txt").write_text(syllable_documents())
+    prepare_corpus(
+        [root / "docs.txt"], root / "prepared", vocab_size=300, seq_len=64, seed=0, shard_size=64,
+        progress=False, validation_fraction=0.2,
+    )  # fmt: skip
+    return root / "prepared"

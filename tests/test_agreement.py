@@ -11,9 +11,9 @@ import sys
 import textwrap
 
 import pytest
-from multinode import REPO, free_port
+from helpers import REPO, error_lines, free_port
 
-pytestmark = pytest.mark.slow  # real processes (seconds each)
+from sparsebert.train import agreement
 
 PRELUDE = """
 import sys, time
@@ -59,13 +59,10 @@ except console.Stopped as stop:
     return [(p.wait(timeout=timeout), p.communicate()[0]) for p in processes]
 
 
-def _errors(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error: ")]
-
-
+@pytest.mark.slow  # real rank processes (seconds each)
 def test_a_rank_that_never_arrives_stops_the_others_naming_it():
     [(code, output)] = _ranks("agreement.rendezvous()", world=3, ranks=[0], SPARSEBERT_SETUP_TIMEOUT="2")
-    assert code == 1 and _errors(output) == [
+    assert code == 1 and error_lines(output) == [
         "error: only 1 of 3 ranks joined at 127.0.0.1:"
         + output.split("127.0.0.1:")[1].split(" ")[0]
         + " (MASTER_ADDR:MASTER_PORT) within 2 s (SPARSEBERT_SETUP_TIMEOUT); missing: rank 1, 2. Their node "
@@ -75,6 +72,7 @@ def test_a_rank_that_never_arrives_stops_the_others_naming_it():
     assert code == 1 and "error: rank 1 (node_rank 1, host " in output and "could not reach rank 0" in output
 
 
+@pytest.mark.slow  # real rank processes (seconds each)
 def test_an_error_on_one_rank_stops_a_rank_that_waits_for_it_elsewhere():
     """Rank 1 fails; rank 0 is blocked in work that never ends (as in a collective rank 1 will never join).
     Rank 1 prints its error once, rank 0 one line naming rank 1 and why, and both exit non-zero."""
@@ -87,11 +85,11 @@ def test_an_error_on_one_rank_stops_a_rank_that_waits_for_it_elsewhere():
         time.sleep(3600)
     """
     (code0, output0), (code1, output1) = _ranks(body, world=2, timeout=60)
-    assert code1 == 2 and _errors(output1) == [
+    assert code1 == 2 and error_lines(output1) == [
         "error: data.path 'data/corpus': prepared corpus directory not found: data/corpus"
     ], output1
     assert code0 == 1, output0
-    [told] = _errors(output0)
+    [told] = error_lines(output0)
     assert told.startswith("error: rank 1 (node_rank 1, host ") and told.endswith(
         "failed during set-up: data.path 'data/corpus': prepared corpus directory not found: data/corpus; "
         "every rank stops"
@@ -99,6 +97,7 @@ def test_an_error_on_one_rank_stops_a_rank_that_waits_for_it_elsewhere():
     assert "Traceback" not in output0 + output1
 
 
+@pytest.mark.slow  # real rank processes (seconds each)
 def test_rank_0_decides_for_every_rank_and_disagreement_is_an_error(tmp_path):
     """What rank 0 reads is what every rank gets (a file only rank 0's copy of a directory holds), and a value
     that differs between ranks (here the config) stops them all, naming how it differs."""
@@ -116,9 +115,30 @@ def test_rank_0_decides_for_every_rank_and_disagreement_is_an_error(tmp_path):
     (code0, output0), (code1, output1) = _ranks(body, world=2, timeout=60)
     assert "tag step00000015" in output0 and "tag step00000015" in output1  # rank 1 has no such file
     assert (code0, code1) == (2, 1), output0 + output1
-    [error] = _errors(output0)
+    [error] = error_lines(output0)
     assert error.startswith("error: the config differs between ranks: rank 1 (node_rank 1, host") and (
         "another lr" in error
     ), error
-    [told] = _errors(output1)
+    [told] = error_lines(output1)
     assert told.startswith("error: rank 0 (node_rank 0, host ") and "the config differs" in told, told
+
+
+def test_differing_keys_name_the_dotted_keys_that_differ():
+    ours = {
+        "train": {"lr": 1e-3, "max_steps": 8},
+        "model": {"attention_pattern": {"name": "star"}},
+        "seed": 1,
+    }
+    theirs = {"train": {"lr": 2e-3, "max_steps": 8}, "model": {"attention_pattern": {"name": "dense"}}}
+    # a pattern is one value (its parameters belong together); a key on one side only differs too
+    assert agreement.differing_keys(ours, theirs) == ["model.attention_pattern", "seed", "train.lr"]
+
+
+def test_a_single_rank_decides_gathers_and_owns_its_output_dir(tmp_path):
+    """Without a process group of several ranks (``python sparsebert/pretrain.py``) every step is local."""
+    assert agreement.decide("resume", lambda: {"tag": "step00000004"}) == {"tag": "step00000004"}
+    [report] = agreement.gather("corpus", "abc")
+    assert report["value"] == "abc" and report["where"] == agreement.where()
+    assert agreement.on_each_node("cache", lambda: 7) == 7
+    agreement.check_shared_dir(tmp_path / "run" / "x", "output_dir")
+    assert (tmp_path / "run" / "x").is_dir()

@@ -10,8 +10,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("sparsebert", "eval", "data_prep")
 
 
@@ -144,20 +144,23 @@ def test_data_prep_uses_only_the_storage_and_schema_leaves_of_sparsebert():
             assert used <= {"sparsebert.storage", "sparsebert.schema"}, f"{module} imports {sorted(used)}"
 
 
-def test_the_schema_needs_no_torch():
-    """Every entry point reads its settings through ``sparsebert.schema`` before anything heavy is imported."""
-    tree = ast.parse((ROOT / "sparsebert" / "schema.py").read_text())
+def _third_party(path: Path) -> set[str]:
+    """The top-level names of every package ``path`` imports, anywhere in it."""
+    tree = ast.parse(path.read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not {name for name in imported if name.split(".")[0] in ("torch", "transformers", "numpy", "ray")}
+    return {name.split(".")[0] for name in imported}
+
+
+def test_the_schema_needs_no_torch():
+    """Every entry point reads its settings through ``sparsebert.schema`` before anything heavy is imported."""
+    heavy = _third_party(ROOT / "sparsebert" / "schema.py") & {"torch", "transformers", "numpy", "ray"}
+    assert not heavy
 
 
 def test_choice_names_need_no_torch():
     """Config validation and command lines read the registered names without importing torch."""
-    tree = ast.parse((ROOT / "sparsebert" / "choices.py").read_text())
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not {name for name in imported if name.split(".")[0] in ("torch", "transformers", "numpy")}
+    assert not _third_party(ROOT / "sparsebert" / "choices.py") & {"torch", "transformers", "numpy"}
 
 
 def test_every_registry_matches_its_names():
@@ -170,3 +173,21 @@ def test_every_registry_matches_its_names():
     assert ["auto", *attention._BACKENDS] == choices.ATTENTION_BACKENDS
     assert set(optim.OPTIMIZERS) == set(choices.OPTIMIZERS)
     assert set(training.DECAYS) == set(choices.LR_DECAYS)
+
+
+MAX_FUNCTION_LINES = 60
+# Everything but benchmarks/ (measurement scripts, kept whole so that each reads as one experiment).
+SOURCE_DIRS = (*PACKAGES, "tests", "cluster", "docs")
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """A function (a test included) that fits on a screen: a longer one is split into named steps."""
+    paths = [*ROOT.glob("*.py"), *(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))]
+    long = [
+        f"{path.relative_to(ROOT)}:{node.name}:{node.end_lineno - node.lineno + 1}"
+        for path in paths
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (file:function:lines): {long}"

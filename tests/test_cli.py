@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PRETRAIN, REPO
 
 from sparsebert import console
 from sparsebert.train.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "sparsebert" / "pretrain.py"
 
 
 def _python(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -50,12 +48,21 @@ def test_entry_points_import_no_heavy_library(module):
         ),
     ],
 )
-def test_config_errors_are_one_line_and_exit_2(overrides, fragment):
-    result = _python(str(PRETRAIN), *overrides)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+def test_config_errors_are_one_line_and_exit_2(overrides, fragment, monkeypatch, capsys):
+    from sparsebert import pretrain
+
+    monkeypatch.setenv("SPARSEBERT_VERBOSE", "1")  # what -v sets, restored after the test
+    assert pretrain.main(["-v", *overrides]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and fragment in err, err
+
+
+def test_the_script_prints_a_config_error_alone_and_exits_2():
+    """The same, through the script the launchers run (the in-process test above covers every message)."""
+    result = _python(str(PRETRAIN), "train.max_stepz=3")
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: unknown config key 'train.max_stepz'"), result.stderr
 
 
 def test_help_config_shows_the_presets_values_and_the_search_rule():

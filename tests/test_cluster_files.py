@@ -6,16 +6,15 @@ from __future__ import annotations
 import copy
 import re
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import tomllib
 import yaml
+from helpers import REPO as ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "cluster" / "constraints.txt"
 WORKERS_7 = [f"10.0.0.{i}" for i in range(11, 18)]
 

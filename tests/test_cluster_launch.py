@@ -8,67 +8,39 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO as ROOT
+from helpers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 MULTINODE = (ROOT / "cluster" / "MULTINODE.md").read_text()
 ENV_FILE = re.search(r"cat > ~/\.deepspeed_env <<'EOF'\n(.*?)\nEOF\n", MULTINODE, re.S).group(1) + "\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local) -> Path:
-    from data_prep import prepare_corpus
-
-    root = tmp_path_factory.mktemp("corpus")
-    words = [
-        f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu") for b in ("n", "r", "s", "t", "")
-    ]
-    docs = [
-        " ".join(
-            " ".join(words[(d * 7 + s * 3 + i) % len(words)] for i in range(6 + (d + s) % 9)) + "."
-            for s in range(12)
-        )
-        for d in range(40)
-    ]
-    (root / "docs.txt").write_text("\n\n".join(docs))
-    prepare_corpus(
-        [root / "docs.txt"], root / "prepared", vocab_size=300, seq_len=64, seed=0, shard_size=64,
-        progress=False, validation_fraction=0.2,
-    )  # fmt: skip
-    return root / "prepared"
 
 
 # --- Slurm: USR1 to the batch script reaches every rank; the job checkpoints and exits 0 ----------------------
 
 
 @pytest.mark.slow
-def test_sbatch_script_passes_usr1_to_every_rank_which_checkpoint_and_the_job_exits_0(corpus, tmp_path):
+def test_sbatch_script_passes_usr1_to_every_rank_which_checkpoint_and_the_job_exits_0(
+    pretrain_corpus, tmp_path
+):
     out = tmp_path / "run"
     env = {
         **os.environ,
         "DS_ENV_FILE": ".deepspeed_env-none",  # not the machine's ~/.deepspeed_env
         "SPARSEBERT_GPUS_PER_NODE": "2",  # two CPU ranks on this "node"
-        "SPARSEBERT_MASTER_PORT": str(_free_port()),
+        "SPARSEBERT_MASTER_PORT": str(free_port()),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "OMP_NUM_THREADS": "1",
     }
     args = [
         "--config", "tiny_cpu", "model.attention_pattern=star", "model.max_position_embeddings=64",
         "train.micro_batch_size=4",
-        "checkpoint.every=2", "eval.every=1000", "eval.max_batches=1", f"data.path={corpus}", f"output_dir={out}",
+        "checkpoint.every=2", "eval.every=1000", "eval.max_batches=1", f"data.path={pretrain_corpus}", f"output_dir={out}",
     ]  # fmt: skip
 
     def sbatch(*extra: str, signal_after_checkpoint: bool = False) -> str:
@@ -157,7 +129,7 @@ def test_documented_env_file_reaches_every_rank_through_deepspeeds_launcher(tmp_
     env.pop("DS_ENV_FILE", None)
     launched = subprocess.run(
         ["deepspeed", "--hostfile", str(tmp_path / "hosts"), "--no_ssh_check", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(tmp_path / "dump_env.py")],
+         "--master_port", str(free_port()), str(tmp_path / "dump_env.py")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]

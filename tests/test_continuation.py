@@ -9,43 +9,29 @@ its optimizer state can be read directly and compared with the tensors of phase 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import PRETRAIN, REPO, SYLLABLES, free_port, syllable_documents
 
 from sparsebert import SparseBertForPreTraining
 from sparsebert.model.masks import build_mask
 from sparsebert.train.config import ConfigError, load_config
 from sparsebert.train.optim import build_scheduler
 
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "sparsebert" / "pretrain.py"
 PHASE1_STEPS = 6
 QUIET = ["mlflow.enabled=false", "eval.every=0", "checkpoint.every=0", "train.micro_batch_size=4"]
 
 pytestmark = pytest.mark.slow
 
 
-def _words(seed: int, n: int, syllables=("ka", "lo", "mi", "nu", "po", "ra", "si", "tu")) -> str:
-    import random
-
-    rng = random.Random(seed)
-    vocab = [f"{a}{b}" for a in syllables for b in ("n", "r", "s", "t", "")]
-    return " ".join(rng.choice(vocab) for _ in range(n))
-
-
 def _prepare(root: Path, name: str, syllables: tuple[str, ...], **settings) -> Path:
     from data_prep import prepare_corpus
 
-    docs = [
-        " ".join(_words(d * 100 + s, 6 + (d + s) % 9, syllables).capitalize() + "." for s in range(12))
-        for d in range(60)
-    ]
-    (root / f"{name}.txt").write_text("\n\n".join(docs))
+    (root / f"{name}.txt").write_text(syllable_documents(60, syllables))
     prepare_corpus([root / f"{name}.txt"], root / name, seed=0, shard_size=64, progress=False, **settings)
     return root / name
 
@@ -54,9 +40,8 @@ def _prepare(root: Path, name: str, syllables: tuple[str, ...], **settings) -> P
 def corpora(tmp_path_factory, ray_local) -> dict[str, Path]:
     """Phase 1's corpus (seq 64), phase 2's (seq 128, phase 1's tokenizer), and one with another vocabulary."""
     root = tmp_path_factory.mktemp("corpora")
-    syllables = ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu")
-    short = _prepare(root, "seq64", syllables, vocab_size=300, seq_len=64)
-    long = _prepare(root, "seq128", syllables, tokenizer=str(short / "tokenizer"), seq_len=128)
+    short = _prepare(root, "seq64", SYLLABLES, vocab_size=300, seq_len=64)
+    long = _prepare(root, "seq128", SYLLABLES, tokenizer=str(short / "tokenizer"), seq_len=128)
     other = _prepare(root, "other", ("be", "da", "fe", "gu", "ho"), vocab_size=200, seq_len=128)
     return {"seq64": short, "seq128": long, "other": other}
 
@@ -80,9 +65,7 @@ def phase1(tmp_path_factory, corpora) -> Path:
 def rank_env():
     """One rank, as a plain ``python sparsebert/pretrain.py`` forms it, for the whole module (DeepSpeed keeps
     the process group it first saw); torn down at the end."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in dict(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_bert import TINY
+from helpers import TINY
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining, SparseBertForQuestionAnswering
 from sparsebert.model.masks import alpha_to_mask, expand_alpha

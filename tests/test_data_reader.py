@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import word_documents
 
 from data_prep import prepare_corpus
 from data_prep.format import MANIFEST_NAME
@@ -19,50 +19,12 @@ from sparsebert.data import MlmCollator, ShardReader
 from sparsebert.data.read_count import CountingFileSystem
 
 SEQ_LEN = 48
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dogs",
-    "while",
-    "seven",
-    "wizards",
-    "quietly",
-    "hex",
-    "vexing",
-    "jumbo",
-    "crates",
-]
-
-
-def _text(n_docs: int, seed: int) -> str:
-    rng = random.Random(seed)
-
-    def word() -> str:  # a common word, or a rare made-up one that the small vocabularies split into pieces
-        return (
-            rng.choice(WORDS)
-            if rng.random() < 0.7
-            else "".join(rng.choices(["ka", "lo", "mi", "ru", "tes"], k=5))
-        )
-
-    docs = []
-    for _ in range(n_docs):
-        sentences = [
-            " ".join(word() for _ in range(rng.randint(3, 12))).capitalize() + "."
-            for _ in range(rng.randint(2, 12))
-        ]
-        docs.append("\n".join(" ".join(sentences[i : i + 3]) for i in range(0, len(sentences), 3)))
-    return "\n\n".join(docs) + "\n"
 
 
 @pytest.fixture(scope="module")
 def corpus(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("reader")
-    (root / "c.txt").write_text(_text(150, 0), encoding="utf-8")
+    (root / "c.txt").write_text(word_documents(150, 0), encoding="utf-8")
     prepare_corpus(
         [root / "c.txt"],
         root / "nsp",

@@ -7,11 +7,11 @@ import contextlib
 import io
 import itertools
 import json
-import random
 
 import boto3
 import pytest
 import torch
+from helpers import s3_objects, word_documents
 
 from data_prep import cli
 from sparsebert import storage
@@ -21,32 +21,6 @@ from sparsebert.data.read_count import CountingFileSystem
 SEQ_LEN = 48
 
 
-def _text(n_docs: int) -> str:
-    rng = random.Random(0)
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "lazy",
-        "dogs",
-        "seven",
-        "wizards",
-        "hex",
-        "crates",
-    ]
-    docs = []
-    for _ in range(n_docs):
-        sentences = [
-            " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize() + "."
-            for _ in range(rng.randint(2, 12))
-        ]
-        docs.append(" ".join(sentences))
-    return "\n\n".join(docs) + "\n"
-
-
 def _prep(*args: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -54,9 +28,8 @@ def _prep(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _objects(bucket: str, prefix: str) -> dict[str, int]:
-    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {o["Key"][len(prefix) :]: o["Size"] for o in listed if not o["Key"].endswith("/")}
+def _sizes(bucket: str, prefix: str) -> dict[str, int]:
+    return {key: len(data) for key, data in s3_objects(bucket, prefix).items()}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +37,7 @@ def s3_corpus(s3_server, ray_local, tmp_path_factory):
     """A corpus prepared straight into s3://BUCKET/corpora/x by the command line, run from an empty directory;
     yields (bucket, uri, root, the command's stdout). The S3 variables stay set for the module's tests."""
     root = tmp_path_factory.mktemp("s3corpus")
-    (root / "c.txt").write_text(_text(150))
+    (root / "c.txt").write_text(word_documents(150, 0))
     (root / "cwd").mkdir()
     with pytest.MonkeyPatch.context() as patch:
         bucket = s3_server.use(patch)
@@ -81,7 +54,7 @@ def s3_corpus(s3_server, ray_local, tmp_path_factory):
 
 def test_data_prep_uploads_the_corpus_and_says_so_only_then(s3_corpus):
     bucket, uri, root, out = s3_corpus
-    objects = _objects(bucket, "corpora/x/")
+    objects = _sizes(bucket, "corpora/x/")
     manifest = json.loads(
         boto3.client("s3").get_object(Bucket=bucket, Key="corpora/x/manifest.json")["Body"].read()
     )
@@ -109,12 +82,12 @@ def test_a_non_empty_s3_output_is_refused_and_replaced_with_overwrite(s3_corpus)
     uri = f"s3://{bucket}/corpora/again"
     args = ["--input", str(root / "c.txt"), "--output", uri, "--vocab-size", "200", "--quiet"]
     assert _prep(*args, "--seq-len", "64", "--shard-size", "20")[0] == 0
-    many = _objects(bucket, "corpora/again/")
+    many = _sizes(bucket, "corpora/again/")
     code, _, err = _prep(*args, "--seq-len", "32")
     assert code == 2 and f"{uri} is not empty" in err
-    assert _objects(bucket, "corpora/again/") == many  # nothing already written is lost
+    assert _sizes(bucket, "corpora/again/") == many  # nothing already written is lost
     assert _prep(*args, "--seq-len", "32", "--overwrite")[0] == 0
-    now = _objects(bucket, "corpora/again/")
+    now = _sizes(bucket, "corpora/again/")
     manifest = ShardReader(uri, rank=0, world_size=1, batch_size=1).manifest
     assert manifest["seq_len"] == 32
     assert sorted(k for k in now if k.endswith(".parquet")) == sorted(s["file"] for s in manifest["shards"])
@@ -196,7 +169,7 @@ def test_workers_meet_in_the_bucket_and_keep_nothing_on_their_machine(s3_corpus,
         specs[0], f"s3://{bucket}/.staged.partial", shard_schema(tokenizer["vocab_size"], "nsp")
     )
 
-    stored = _objects(bucket, ".staged.partial/")
+    stored = _sizes(bucket, ".staged.partial/")
     assert {f"_units/unit-0000000{i}.{ext}" for i in (0, 1) for ext in ("parquet", "json")} <= set(stored)
     assert stored["shard-00000.parquet"] == entry["bytes"] and entry["samples"] == 10
     assert not any(scratch.iterdir()) and not any((root / "cwd").iterdir())

@@ -10,12 +10,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import REPO as ROOT
 
 from sparsebert import choices
 from sparsebert.model import attention, masks
 from sparsebert.train.config import DEFAULT_PRESET, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [*DOCS, ROOT / "CONTRIBUTING.md"]  # pages whose python blocks run here
 LINKED = [

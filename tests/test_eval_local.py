@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from mlflow import MlflowClient
 
 from eval.executors import device_for_ray
@@ -27,7 +28,6 @@ from eval.runner import run_evaluation
 from eval.smoke import write_glue, write_squad, write_tiny_checkpoint
 from eval.tasks import TASKS, TableColumns, parse_tasks, register_task
 
-REPO = Path(__file__).resolve().parents[1]
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
 
 
@@ -100,6 +100,7 @@ def test_no_ray_records_retries_table_and_resume(mlflow_uri, inputs, tmp_path, m
     assert [p.info.run_id for p in parents] == [pid] and len(again) == 4
 
 
+@pytest.mark.slow  # a whole evaluation in a fresh interpreter
 def test_no_ray_never_imports_ray(mlflow_uri, inputs, tmp_path):
     """The real entry point, in a fresh interpreter: ``-X importtime`` lists every module it imported."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
@@ -180,6 +181,7 @@ def reviews_task():
     del TASKS[spec.name]  # the registry is global: leave it as the other tests expect it
 
 
+@pytest.mark.slow  # a whole evaluation; unit level: test_register_task_checks_the_spec
 def test_registered_task_runs_end_to_end(mlflow_uri, inputs, reviews_task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "tasks"

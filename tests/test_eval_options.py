@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from eval.jobs import DataSource, FinetuneConfig
 from eval.options import EvalOptions
 from eval.run import build_parser, main, options_from_args
 from sparsebert.schema import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 STUDY = """
 checkpoint: [runs/star/final, runs/dense/final]
 labels: [star, dense]

@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,6 @@ from eval.run import main
 from eval.runner import parse_fail_spec, run_evaluation
 from eval.smoke import write_glue, write_squad, write_tiny_checkpoint
 from eval.tasks import TASKS
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,89 +41,152 @@ def _children(runs, parent_id: str, status: str):
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id and r.info.status == status]
 
 
-@pytest.mark.slow
-def test_parallel_evaluation_retries_reports_and_resumes(
-    ray_local, mlflow_uri, checkpoints, tmp_path, monkeypatch
-):
-    monkeypatch.chdir(tmp_path)  # MLflow's artifact store defaults to ./mlruns
-    dense, star = checkpoints
-    glue, squad = write_glue(tmp_path / "glue", n_train=16, n_dev=8), write_squad(tmp_path / "squad", 6, 4)
-    # RTE's dev file loses a column on its last line, past the rows eval.run checks before it starts: every RTE
-    # job fails, on every attempt.
+def _table(out: Path) -> dict[str, dict[str, str]]:
+    return {row["checkpoint"]: row for row in csv.DictReader((out / "results.csv").open())}
+
+
+def _break_rte(glue: Path) -> tuple[Path, str, int]:
+    """RTE's dev file loses a column on its last line, past the rows eval.run checks before it starts: every RTE
+    job fails, on every attempt. Returns the file, its repaired content and the bad line's number."""
     rte_dev = glue / "RTE" / "dev.tsv"
     header, *rows = rte_dev.read_text().splitlines(keepends=True)
     rows = (rows * 14)[:110]
     good_rte = header + "".join(rows)
     rows[-1] = rows[-1].rsplit("\t", 1)[0] + "\n"
     rte_dev.write_text(header + "".join(rows))
-    bad_line = len(rows) + 1
-    # SST-2 jobs fail on their first attempt only (the fault switch, set after Ray started: the driver must
-    # pass it to the workers): the retry must recover them.
-    monkeypatch.setenv("SPARSEBERT_FAULTS", "eval_fail=sst2:1")
+    return rte_dev, good_rte, len(rows) + 1
+
+
+@dataclass
+class Evaluation:
+    """One evaluation with failures (RTE broken, SST-2 failing once) and its resume with RTE repaired: what each
+    left, read back from MLflow and the output folder."""
+
+    dense: Path
+    star: Path
+    out: Path
+    client: MlflowClient
+    pretrain_run_id: str
+    rte_dev: Path
+    bad_line: int
+    code: int
+    failed_jobs: list[str]  # failed_jobs.txt after the first run (the resume, with none, removes it)
+    runs: list  # after the first run
+    parents: dict  # checkpoint -> its evaluation run, after the first run
+    table: dict[str, dict[str, str]]
+    markdown: list[str]
+    resumed_code: int
+    resumed_runs: list
+    resumed_table: dict[str, dict[str, str]]
+
+
+@pytest.fixture(scope="module")
+def evaluation(ray_local, checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluation")
+    dense, star = checkpoints
+    glue, squad = write_glue(root / "glue", n_train=16, n_dev=8), write_squad(root / "squad", 6, 4)
+    rte_dev, good_rte, bad_line = _break_rte(glue)
+    out = root / "out"
     argv = [
         "--checkpoint", str(dense), str(star), "--tasks", "sst2,rte,squad_v2",
         "--glue-dir", str(glue), "--squad-dir", str(squad), "--lrs", "1e-3", "--seeds", "1,2",
         "--max-steps", "2", "--batch-size", "4", "--max-seq-len", "32", "--squad-max-seq-len", "48",
-        "--doc-stride", "16", "--max-retries", "1", "--output", str(tmp_path / "out"),
+        "--doc-stride", "16", "--max-retries", "1", "--output", str(out),
     ]  # fmt: skip
-    # The pre-training run that exported `dense`, as sparsebert.pretrain tags it (in its own experiment).
-    client = MlflowClient(mlflow_uri)
-    pretrain = client.create_run(client.create_experiment("pretrain"), tags={"final_model_dir": str(dense)})
-    assert main(argv) == 1  # some jobs still failed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # MLflow's artifact store defaults to ./mlruns
+        mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        # SST-2 jobs fail on their first attempt only (the fault switch, set after Ray started: the driver must
+        # pass it to the workers): the retry must recover them.
+        patch.setenv("SPARSEBERT_FAULTS", "eval_fail=sst2:1")
+        # The pre-training run that exported `dense`, as sparsebert.pretrain tags it (in its own experiment).
+        client = MlflowClient(mlflow_uri)
+        pretrain = client.create_run(
+            client.create_experiment("pretrain"), tags={"final_model_dir": str(dense)}
+        )
+        code = main(argv)
+        exp_id = client.get_experiment_by_name("sparsebert-eval").experiment_id
+        runs = _runs(client, exp_id)
+        parents = {
+            r.data.tags["sparsebert.train.checkpoint"]: r
+            for r in runs
+            if r.data.tags.get("sparsebert.kind") == "evaluation"
+        }
+        table, markdown = _table(out), (out / "results.md").read_text().splitlines()
+        failed_jobs = (out / "failed_jobs.txt").read_text().splitlines()
+        # Resume with RTE repaired: only the RTE jobs run; the finished ones are taken from MLflow.
+        rte_dev.write_text(good_rte)
+        patch.delenv("SPARSEBERT_FAULTS")
+        resumed_code = main([*argv, "--resume"])
+        yield Evaluation(
+            dense, star, out, client, pretrain.info.run_id, rte_dev, bad_line, code, failed_jobs, runs, parents,
+            table, markdown, resumed_code, _runs(client, exp_id), _table(out),
+        )  # fmt: skip
 
-    # Failed jobs are reported with the file, line and column, after one retry each.
-    failed = (tmp_path / "out" / "failed_jobs.txt").read_text().splitlines()
+
+@pytest.mark.slow
+def test_failed_jobs_are_reported_with_file_line_and_column_after_one_retry(evaluation):
+    assert evaluation.code == 1  # some jobs still failed
+    failed = evaluation.failed_jobs
     assert len(failed) == 4 and all("rte/lr=0.001" in f and "\t2\t" in f for f in failed)
-    assert all(f"{rte_dev}: line {bad_line}, column 4" in f for f in failed)
+    assert all(f"{evaluation.rte_dev}: line {evaluation.bad_line}, column 4" in f for f in failed)
 
-    exp = client.get_experiment_by_name("sparsebert-eval")
-    runs = _runs(client, exp.experiment_id)
-    parents = {
-        r.data.tags["sparsebert.train.checkpoint"]: r
-        for r in runs
-        if r.data.tags.get("sparsebert.kind") == "evaluation"
-    }
-    assert set(parents) == {str(dense), str(star)}
-    assert parents[str(star)].data.tags["sparsebert.pretrain_run_id"] == "pretrain-run-123"
-    assert parents[str(dense)].data.tags["sparsebert.pretrain_run_id"] == pretrain.info.run_id
+
+def _check_finished_job(client: MlflowClient, run, checkpoint: str) -> None:
+    assert run.data.params["lr"] == "0.001" and run.data.params["checkpoint"] == checkpoint
+    assert run.data.tags["ray.num_gpus"] == "0" and run.data.metrics["train_steps"] == 2
+    assert run.data.tags["sparsebert.executor"] == "ray" and run.data.params["device"] == "auto"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+    if run.data.params["task"] == "sst2":  # recovered by the retry
+        assert run.data.tags["attempt"] == "2" and "accuracy" in run.data.metrics
+    else:
+        assert {"exact", "f1", "HasAns_exact", "NoAns_exact", "best_f1"} <= set(run.data.metrics)
+        assert "predictions.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_each_checkpoint_has_an_evaluation_run_nesting_its_jobs(evaluation):
+    client, parents, bad_line = evaluation.client, evaluation.parents, evaluation.bad_line
+    assert set(parents) == {str(evaluation.dense), str(evaluation.star)}
+    assert parents[str(evaluation.star)].data.tags["sparsebert.pretrain_run_id"] == "pretrain-run-123"
+    assert (
+        parents[str(evaluation.dense)].data.tags["sparsebert.pretrain_run_id"] == evaluation.pretrain_run_id
+    )
     for ckpt, parent in parents.items():
         pid = parent.info.run_id
         assert parent.info.status == "FAILED"
         assert {a.path for a in client.list_artifacts(pid)} >= {"results.md", "results.csv", "selection.csv"}
-        finished, failed_runs = _children(runs, pid, "FINISHED"), _children(runs, pid, "FAILED")
+        finished = _children(evaluation.runs, pid, "FINISHED")
+        failed_runs = _children(evaluation.runs, pid, "FAILED")
         assert sorted(r.data.params["task"] for r in finished) == ["squad_v2"] * 2 + ["sst2"] * 2
         assert sorted(r.data.params["task"] for r in failed_runs) == ["rte"] * 4 + ["sst2"] * 2
-        for r in finished:
-            assert r.data.params["lr"] == "0.001" and r.data.params["checkpoint"] == ckpt
-            assert r.data.tags["ray.num_gpus"] == "0" and r.data.metrics["train_steps"] == 2
-            assert r.data.tags["sparsebert.executor"] == "ray" and r.data.params["device"] == "auto"
-            assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 2
-            if r.data.params["task"] == "sst2":
-                assert r.data.tags["attempt"] == "2" and "accuracy" in r.data.metrics
-            else:
-                assert {"exact", "f1", "HasAns_exact", "NoAns_exact", "best_f1"} <= set(r.data.metrics)
-                assert "predictions.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
+        for run in finished:
+            _check_finished_job(client, run, ckpt)
         rte_fail = next(r for r in failed_runs if r.data.params["task"] == "rte")
-        assert (
-            rte_fail.data.tags["error"].startswith("DataFormatError")
-            and f"line {bad_line}, column 4" in rte_fail.data.tags["error"]
-        )
+        error = rte_fail.data.tags["error"]
+        assert error.startswith("DataFormatError") and f"line {bad_line}, column 4" in error
         assert "error.txt" in {a.path for a in client.list_artifacts(rte_fail.info.run_id)}
 
-    # The jobs really ran side by side: some recorded [start, end] intervals overlap.
+
+@pytest.mark.slow
+def test_the_jobs_ran_side_by_side(evaluation):
+    """Some recorded [start, end] intervals of finished jobs overlap."""
     spans = sorted(
         (r.info.start_time, r.info.end_time)
-        for r in runs
+        for r in evaluation.runs
         if r.data.tags.get("sparsebert.kind") == "job" and r.info.status == "FINISHED"
     )
     assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans
 
-    # The table: one row per checkpoint, numbers = medians of the nested runs read back from MLflow.
-    table = {row["checkpoint"]: row for row in csv.DictReader((tmp_path / "out" / "results.csv").open())}
-    for ckpt, parent in parents.items():
+
+@pytest.mark.slow
+def test_the_table_has_a_row_per_checkpoint_of_medians_read_back_from_mlflow(evaluation):
+    table, dense, star = evaluation.table, str(evaluation.dense), str(evaluation.star)
+    for ckpt, parent in evaluation.parents.items():
         sst2 = [
             r.data.metrics["accuracy"]
-            for r in _children(runs, parent.info.run_id, "FINISHED")
+            for r in _children(evaluation.runs, parent.info.run_id, "FINISHED")
             if r.data.params["task"] == "sst2"
         ]
         assert float(table[ckpt]["SST-2"]) == pytest.approx(100 * statistics.median(sst2), abs=1e-3)
@@ -132,27 +194,23 @@ def test_parallel_evaluation_retries_reports_and_resumes(
             100 * parent.data.metrics["mask_sparsity"], abs=1e-3
         )
         assert table[ckpt]["RTE"] == ""
-    assert float(table[str(dense)]["sparsity"]) == 0.0 and float(table[str(star)]["sparsity"]) > 50
-    md = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert float(table[dense]["sparsity"]) == 0.0 and float(table[star]["sparsity"]) > 50
+    md = evaluation.markdown
     assert md[0].startswith("| mask | sparsity | MNLI m/mm | QQP |") and md[2].startswith("| dense | 0.0 |")
     assert md[3].startswith("| star | ")
 
-    # Resume with RTE repaired: only the RTE jobs run; the finished ones are taken from MLflow.
-    rte_dev.write_text(good_rte)
-    monkeypatch.delenv("SPARSEBERT_FAULTS")
-    assert main([*argv, "--resume"]) == 0
-    runs = _runs(client, exp.experiment_id)
-    assert (
-        sum(r.data.tags.get("sparsebert.kind") == "evaluation" for r in runs) == 2
-    )  # same parents, reopened
-    for parent in parents.values():
+
+@pytest.mark.slow
+def test_resume_runs_only_the_failed_jobs_under_the_same_evaluation_runs(evaluation):
+    runs = evaluation.resumed_runs
+    assert evaluation.resumed_code == 0
+    assert sum(r.data.tags.get("sparsebert.kind") == "evaluation" for r in runs) == 2  # the same, reopened
+    for parent in evaluation.parents.values():
         finished = _children(runs, parent.info.run_id, "FINISHED")
-        assert (
-            sorted(r.data.params["task"] for r in finished) == ["rte"] * 2 + ["squad_v2"] * 2 + ["sst2"] * 2
-        )
-        assert client.get_run(parent.info.run_id).info.status == "FINISHED"
-    table = {row["checkpoint"]: row for row in csv.DictReader((tmp_path / "out" / "results.csv").open())}
-    assert all(table[c]["RTE"] != "" for c in table)
+        tasks = sorted(r.data.params["task"] for r in finished)
+        assert tasks == ["rte"] * 2 + ["squad_v2"] * 2 + ["sst2"] * 2
+        assert evaluation.client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert all(row["RTE"] != "" for row in evaluation.resumed_table.values())
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_bert import TINY
+from helpers import TINY
 
 from sparsebert import SparseBertConfig, SparseBertModel, choices, register_backend
 from sparsebert.model import attention

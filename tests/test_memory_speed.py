@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_bert import TINY
+from helpers import TINY
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining
 from sparsebert.track.tracker import flatten

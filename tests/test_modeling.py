@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_bert import TINY
+from helpers import TINY
 from transformers import AutoModel, AutoModelForPreTraining, BertConfig, BertForPreTraining, BertModel
 
 from sparsebert import (
@@ -20,11 +20,7 @@ from sparsebert import (
 BACKENDS = ["eager", "sdpa", "flex", "block_sparse"]
 
 
-@pytest.fixture(autouse=True)
-def _uncompiled_flex(monkeypatch):
-    # Compiling FlexAttention costs ~30 s per shape on CPU; results are the same uncompiled
-    # (test_compiled_flex_matches checks that once).
-    monkeypatch.setenv("SPARSEBERT_FLEX_COMPILE", "0")
+pytestmark = pytest.mark.usefixtures("uncompiled_flex")  # test_compiled_flex_matches compiles once
 
 
 def _batch(batch=3, seq_len=20, seed=0):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import error_lines, s3_objects
 from multinode import Node, SimulatedCluster
 from safetensors.torch import load_file
 
@@ -43,37 +44,10 @@ SIGTERM_ON_NODE_1 = {1: {"SPARSEBERT_FAULTS": "sigterm_at_step=3"}}  # node 1's 
 EMBEDDED = "python-docs-seq64-v2"  # the embedded corpus in a node's cache
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local) -> Path:
-    import random
-
-    from data_prep import prepare_corpus
-
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    vocab = [
-        f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu") for b in ("n", "r", "s", "t", "")
-    ]
-    docs = [
-        " ".join(" ".join(rng.choices(vocab, k=6 + (d + s) % 9)).capitalize() + "." for s in range(12))
-        for d in range(60)
-    ]
-    (root / "docs.txt").write_text("\n\n".join(docs))
-    out = root / "prepared"
-    prepare_corpus(
-        [root / "docs.txt"], out, vocab_size=300, seq_len=64, seed=0, shard_size=64, progress=False
-    )
-    return out
-
-
 @pytest.fixture
 def cluster(tmp_path):
     with SimulatedCluster(tmp_path, nodes=2) as nodes:
         yield nodes
-
-
-def _errors(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("error: ")]
 
 
 @dataclass
@@ -124,45 +98,65 @@ def test_a_shared_output_dir_trains_and_exports_on_both_nodes(shared_run):
     assert not (shared_run.nodes[1].work / "runs").exists()  # nothing went to node 1's own disk
 
 
-def test_in_object_storage_two_nodes_stop_and_resume_exactly_sharing_only_the_bucket(
-    shared_run, s3_bucket, tmp_path
-):
-    """Corpus (the embedded one, uploaded) and output_dir in S3: SIGTERM on node 1 stops both nodes and leaves
-    each node's parts of the checkpoint in the bucket; the same command on nodes whose caches were emptied (other
-    machines) resumes from the bucket exactly (the uninterrupted shared-filesystem run's samples and weights),
-    continues its MLflow run, and exports to the bucket."""
-    from mlflow.tracking import MlflowClient
+@dataclass
+class BucketRun:
+    """The object-storage case: what the bucket held after the stop and after the resume, and both launches."""
 
+    out: str
+    stopped: Launch
+    after_stop: dict[str, bytes]
+    resumed: Launch
+    after_resume: dict[str, bytes]
+    mlflow_uri: str
+    nodes_wrote_locally: bool
+
+
+@pytest.fixture(scope="module")
+def bucket_run(shared_run, s3_server, tmp_path_factory) -> BucketRun:
+    """Corpus (the embedded one, uploaded) and output_dir in S3: SIGTERM on node 1 at step 3, then the same
+    command on nodes whose caches were emptied (other machines). One pair of launches for the tests below."""
     from sparsebert import storage
 
     assert shared_run.launch.codes == [0, 0], shared_run.launch.transcript  # the reference
-    corpus, out = f"s3://{s3_bucket}/corpora/docs", f"s3://{s3_bucket}/runs/two"
-    storage.upload(shared_run.nodes[0].cache / EMBEDDED, storage.parse(corpus, "the corpus"))
-    args = [*TINY, f"data.path={corpus}", f"output_dir={out}", "mlflow.enabled=true"]
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with SimulatedCluster(tmp_path / "cluster", nodes=2, env={"MLFLOW_TRACKING_URI": mlflow_uri}) as cluster:
-        stopped = _launch(cluster, args, node_env=SIGTERM_ON_NODE_1)
-        assert stopped.codes == [0, 0], stopped.transcript
-        assert "stopped by a stop signal on another rank at step 3" in stopped.outputs[0], stopped.transcript
-        stored = _objects(s3_bucket, "runs/two/")
-        assert stored["checkpoints/latest"] == b"step00000003" and ".lease" not in stored, sorted(stored)
-        parts = {k.split("/")[-1] for k in stored if k.startswith("checkpoints/step00000003/")}
-        assert {"rng_rank0.pt", "rng_rank1.pt", "mp_rank_00_model_states.pt", "train_state.json"} <= parts
-        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= parts  # one from each node
-        for node in cluster.nodes:  # other machines: nothing of the first launch stays
-            shutil.rmtree(node.cache)
-            node.cache.mkdir()
-        resumed = _launch(cluster, args)
-        assert resumed.codes == [0, 0], resumed.transcript
-        assert "resumed from step00000003 at step 3" in resumed.outputs[0], resumed.transcript
-        assert not any((node.work / "s3:").exists() for node in cluster.nodes)
+    root = tmp_path_factory.mktemp("bucket_run")
+    with pytest.MonkeyPatch.context() as patch:
+        bucket = s3_server.use(patch)
+        corpus, out = f"s3://{bucket}/corpora/docs", f"s3://{bucket}/runs/two"
+        storage.upload(shared_run.nodes[0].cache / EMBEDDED, storage.parse(corpus, "the corpus"))
+        args = [*TINY, f"data.path={corpus}", f"output_dir={out}", "mlflow.enabled=true"]
+        mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
+        with SimulatedCluster(root / "cluster", nodes=2, env={"MLFLOW_TRACKING_URI": mlflow_uri}) as cluster:
+            stopped = _launch(cluster, args, node_env=SIGTERM_ON_NODE_1)
+            after_stop = s3_objects(bucket, "runs/two/")
+            for node in cluster.nodes:  # other machines: nothing of the first launch stays
+                shutil.rmtree(node.cache)
+                node.cache.mkdir()
+            resumed = _launch(cluster, args)
+            wrote_locally = any((node.work / "s3:").exists() for node in cluster.nodes)
+        return BucketRun(
+            out, stopped, after_stop, resumed, s3_objects(bucket, "runs/two/"), mlflow_uri, wrote_locally
+        )
 
-    stored = _objects(s3_bucket, "runs/two/")
+
+def test_in_object_storage_a_stop_on_one_node_checkpoints_both_into_the_bucket(bucket_run):
+    stopped, stored = bucket_run.stopped, bucket_run.after_stop
+    assert stopped.codes == [0, 0], stopped.transcript
+    assert "stopped by a stop signal on another rank at step 3" in stopped.outputs[0], stopped.transcript
+    assert stored["checkpoints/latest"] == b"step00000003" and ".lease" not in stored, sorted(stored)
+    parts = {k.split("/")[-1] for k in stored if k.startswith("checkpoints/step00000003/")}
+    assert {"rng_rank0.pt", "rng_rank1.pt", "mp_rank_00_model_states.pt", "train_state.json"} <= parts
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= parts  # one from each node
+
+
+def test_in_object_storage_nodes_with_empty_caches_resume_exactly_from_the_bucket(bucket_run, shared_run):
+    """The resumed run reads the uninterrupted shared-filesystem run's samples, sharing nothing but the bucket."""
+    resumed, stored = bucket_run.resumed, bucket_run.after_resume
+    assert resumed.codes == [0, 0], resumed.transcript
+    assert "resumed from step00000003 at step 3" in resumed.outputs[0], resumed.transcript
+    assert not bucket_run.nodes_wrote_locally
     assert ".lease" not in stored and stored["checkpoints/latest"] == b"step00000006"
-    assert sorted({k.split("/")[1] for k in stored if k.startswith("checkpoints/step")}) == [
-        "step00000004",
-        "step00000006",
-    ]
+    steps = sorted({k.split("/")[1] for k in stored if k.startswith("checkpoints/step")})
+    assert steps == ["step00000004", "step00000006"]
     for rank in (0, 1):  # the samples each step read: those of the uninterrupted run
         local = (shared_run.out / f"samples.rank{rank}.jsonl").read_text().splitlines()
         remote = stored[f"samples.rank{rank}.jsonl"].decode().splitlines()
@@ -170,47 +164,41 @@ def test_in_object_storage_two_nodes_stop_and_resume_exactly_sharing_only_the_bu
             r["step"]: r["ids"] for r in map(json.loads, local)
         }
     assert b'"kind": "end"' in stored["tracking/records.jsonl"]
+
+
+def test_in_object_storage_the_export_in_the_bucket_has_the_uninterrupted_weights(
+    bucket_run, shared_run, tmp_path
+):
     final = tmp_path / "final"
-    for key, data in stored.items():
+    for key, data in bucket_run.after_resume.items():
         if key.startswith("final/"):
             (final / key.removeprefix("final/")).parent.mkdir(parents=True, exist_ok=True)
             (final / key.removeprefix("final/")).write_bytes(data)
-    weights, expected = (
-        load_file(final / "model.safetensors"),
-        load_file(shared_run.out / "final/model.safetensors"),
-    )
+    weights = load_file(final / "model.safetensors")
+    expected = load_file(shared_run.out / "final/model.safetensors")
     assert weights.keys() == expected.keys()
     for key in weights:
         torch.testing.assert_close(weights[key], expected[key], rtol=1e-4, atol=1e-5)
     assert SparseBertForPreTraining.from_pretrained(final).config.attention_pattern["frozen"]
 
-    client = MlflowClient(mlflow_uri)
+
+def test_in_object_storage_the_resume_continues_the_mlflow_run(bucket_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(bucket_run.mlflow_uri)
     [run] = client.search_runs([client.get_experiment_by_name("sparsebert-pretrain").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["final_model_dir"] == f"{out}/final"
+    assert run.info.status == "FINISHED" and run.data.tags["final_model_dir"] == f"{bucket_run.out}/final"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, 7))
 
 
-def _objects(bucket: str, prefix: str) -> dict[str, bytes]:
-    """What an S3 bucket holds under ``prefix``, read through boto3 (directory markers left out)."""
-    import boto3
-
-    s3 = boto3.client("s3")
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {
-        o["Key"][len(prefix) :]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-        for o in listed
-        if not o["Key"].endswith("/")
-    }
-
-
-def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, corpus):
-    cluster.copy_to_nodes(corpus, "data/corpus")
+def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, pretrain_corpus):
+    cluster.copy_to_nodes(pretrain_corpus, "data/corpus")
     cluster.run([*TINY, LOCAL_COPY, "output_dir=runs/x"], STOP_WITHIN_S)  # relative: each node's own disk
     assert not any(node.timed_out for node in cluster.nodes), cluster.transcript()
     assert all(node.returncode != 0 for node in cluster.nodes), cluster.transcript()
     paths = [str(node.work / "runs" / "x") for node in cluster.nodes]
     for node in cluster.nodes:
-        [error] = _errors(node.output)  # one line per node, the same reason
+        [error] = error_lines(node.output)  # one line per node, the same reason
         assert "output_dir 'runs/x' is not one directory shared by every node" in error, cluster.transcript()
         assert all(path in error for path in paths) and "absolute path" in error
         assert "Traceback" not in node.output
@@ -218,24 +206,26 @@ def test_an_output_dir_that_is_not_shared_stops_every_node_naming_it(cluster, co
     assert not (cluster.nodes[0].work / "runs" / "x" / "checkpoints").exists()  # stopped before any step
 
 
-def test_a_node_missing_its_corpus_stops_every_node_and_names_the_path(cluster, corpus, tmp_path):
-    cluster.copy_to_nodes(corpus, "data/corpus", nodes=[0])
+def test_a_node_missing_its_corpus_stops_every_node_and_names_the_path(cluster, pretrain_corpus, tmp_path):
+    cluster.copy_to_nodes(pretrain_corpus, "data/corpus", nodes=[0])
     cluster.run([*TINY, LOCAL_COPY, f"output_dir={tmp_path / 'shared' / 'run'}"], STOP_WITHIN_S)
     assert not any(node.timed_out for node in cluster.nodes), cluster.transcript()
     assert all(node.returncode != 0 for node in cluster.nodes), cluster.transcript()
-    [own] = _errors(cluster.nodes[1].output)
+    [own] = error_lines(cluster.nodes[1].output)
     assert "data.path 'data/corpus'" in own and "not found" in own, cluster.transcript()
-    [told] = _errors(cluster.nodes[0].output)
+    [told] = error_lines(cluster.nodes[0].output)
     assert told.startswith("error: rank 1 (node_rank 1, host ") and "data.path 'data/corpus'" in told, told
     assert not any("Traceback" in node.output for node in cluster.nodes), cluster.transcript()
 
 
-def test_a_node_that_never_arrives_stops_the_others_after_the_set_up_timeout(cluster, corpus, tmp_path):
-    cluster.copy_to_nodes(corpus, "data/corpus")
+def test_a_node_that_never_arrives_stops_the_others_after_the_set_up_timeout(
+    cluster, pretrain_corpus, tmp_path
+):
+    cluster.copy_to_nodes(pretrain_corpus, "data/corpus")
     args = [*TINY, LOCAL_COPY, f"output_dir={tmp_path / 'run'}"]
     cluster.start(args, nodes=[0], env={"SPARSEBERT_SETUP_TIMEOUT": "5"})
     cluster.wait(STOP_WITHIN_S)
     node = cluster.nodes[0]
     assert not node.timed_out and node.returncode != 0, cluster.transcript()
-    [error] = _errors(node.output)
+    [error] = error_lines(node.output)
     assert "only 1 of 2 ranks joined" in error and "missing: rank 1" in error, error

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from tiny_bert import TINY
+from helpers import TINY
 
 from sparsebert import (
     SparseBertConfig,
@@ -26,10 +26,7 @@ from sparsebert.model.layer_masks import LayerMasks
 from sparsebert.model.mask_source import PatternMask
 from sparsebert.model.masks import parse_spec
 
-
-@pytest.fixture(autouse=True)
-def _uncompiled_flex(monkeypatch):
-    monkeypatch.setenv("SPARSEBERT_FLEX_COMPILE", "0")  # same results, no 20 s compile per shape
+pytestmark = pytest.mark.usefixtures("uncompiled_flex")
 
 
 def _masks(pattern, seq_len: int, heads: int = 12):

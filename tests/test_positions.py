@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_bert import TINY
+from helpers import TINY
 from transformers import BertConfig, BertForPreTraining
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining

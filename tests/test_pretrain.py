@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import PRETRAIN, REPO, all_artifacts, free_port
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from sparsebert import SparseBertForPreTraining
 
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "sparsebert" / "pretrain.py"
 MAX_STEPS, SEARCH_STEPS = 8, 4
 COMMON = [
     "--config",
@@ -46,53 +44,14 @@ COMMON = [
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _words(seed: int, n: int) -> str:
-    import random
-
-    rng = random.Random(seed)
-    vocab = [
-        f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra", "si", "tu") for b in ("n", "r", "s", "t", "")
-    ]
-    return " ".join(rng.choice(vocab) for _ in range(n))
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local) -> Path:
-    from data_prep import prepare_corpus
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = []
-    for d in range(60):
-        sentences = [_words(d * 100 + s, 6 + (d + s) % 9).capitalize() + "." for s in range(12)]
-        docs.append(" ".join(sentences))
-    (root / "docs.txt").write_text("\n\n".join(docs))
-    prepare_corpus(
-        [root / "docs.txt"],
-        root / "prepared",
-        vocab_size=300,
-        seq_len=64,
-        seed=0,
-        shard_size=64,
-        progress=False,
-        validation_fraction=0.2,
-    )
-    return root / "prepared"
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, corpus) -> Path:
+def init_dir(tmp_path_factory, pretrain_corpus) -> Path:
     """Initial weights shared by every run: ZeRO-3 builds models partitioned, drawing random init differently."""
     from transformers import AutoTokenizer
 
     from sparsebert import SparseBertConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(corpus / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(pretrain_corpus / "tokenizer")
     config = SparseBertConfig(
         vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=512, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
@@ -115,7 +74,7 @@ class Launcher:
     def run(
         self, name: str, ds_config: str, *extra: str, env: dict | None = None, ranks: int = 2
     ) -> subprocess.CompletedProcess:
-        self.ports[name] = port = _free_port()
+        self.ports[name] = port = free_port()
         cmd = [
             "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(PRETRAIN), *COMMON,
             f"output_dir={self.root / name}", f"deepspeed_config=ds_configs/{ds_config}",
@@ -152,9 +111,9 @@ class Launcher:
 
 
 @pytest.fixture(scope="module")
-def launcher(tmp_path_factory, corpus, init_dir) -> Launcher:
+def launcher(tmp_path_factory, pretrain_corpus, init_dir) -> Launcher:
     root = tmp_path_factory.mktemp("runs")
-    return Launcher(root, corpus, init_dir, f"sqlite:///{root / 'mlflow.db'}")
+    return Launcher(root, pretrain_corpus, init_dir, f"sqlite:///{root / 'mlflow.db'}")
 
 
 def _rank_masks(out: Path, stage: str) -> list[torch.Tensor]:
@@ -229,7 +188,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(launcher):
     assert recorded["step"] == MAX_STEPS and recorded["val/mlm_loss"] == pytest.approx(held_out[8])
     penalty_steps = [m.step for m in client.get_metric_history(run.info.run_id, "mask_penalty")]
     assert max(penalty_steps) == SEARCH_STEPS  # λ·‖M‖₁ only while searching
-    artifacts = _all_artifacts(client, run.info.run_id)
+    artifacts = all_artifacts(client, run.info.run_id)
     for path in (
         "config/train.yaml",
         "config/deepspeed.json",
@@ -240,13 +199,6 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(launcher):
     ):
         assert path in artifacts, f"{path} not in {sorted(artifacts)}"
     assert run.data.tags["final_model_dir"] == str((out / "final").resolve())
-
-
-def _all_artifacts(client, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def test_killed_run_resumes_to_the_same_loss_and_reads_each_sample_once(launcher):
@@ -356,7 +308,7 @@ def test_consecutive_non_finite_steps_stop_the_run_naming_the_last_good_checkpoi
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_resuming_on_another_world_size_continues_the_data_without_repeats_or_gaps(
-    launcher, corpus, before, after
+    launcher, pretrain_corpus, before, after
 ):
     """Killed after step 4 on `before` ranks, resumed on `after` with checkpoint.reshard: the run completes, and
     the samples all ranks consumed are exactly the first ones of the epoch's global order, each once."""
@@ -378,7 +330,9 @@ def test_resuming_on_another_world_size_continues_the_data_without_repeats_or_ga
     from sparsebert.data import ShardReader
 
     total = 4 * before * 4 + (MAX_STEPS - 4) * after * 4  # micro-batches of 4 per rank and step
-    order = next(iter(ShardReader(corpus, rank=0, world_size=1, batch_size=total, seed=42, prefetch=0)))
+    order = next(
+        iter(ShardReader(pretrain_corpus, rank=0, world_size=1, batch_size=total, seed=42, prefetch=0))
+    )
     assert sorted(consumed) == sorted(order["sample_index"].tolist())
     assert len(launcher.losses(name)) == MAX_STEPS
 
@@ -397,11 +351,11 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_plain_python_run_restarting_weights_for_stage_two(tmp_path, corpus):
+def test_plain_python_run_restarting_weights_for_stage_two(tmp_path, pretrain_corpus):
     """One process without the launcher; stage 2 from fresh weights keeps the frozen mask."""
     out = tmp_path / "restart"
     cmd = [
-        sys.executable, str(PRETRAIN), *COMMON, f"output_dir={out}", f"data.path={corpus}",
+        sys.executable, str(PRETRAIN), *COMMON, f"output_dir={out}", f"data.path={pretrain_corpus}",
         "train.max_steps=6", "dam.search_steps=3", "dam.restart_weights=true", "mlflow.enabled=false",
         "checkpoint.every=0",
     ]  # fmt: skip

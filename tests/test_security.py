@@ -9,14 +9,14 @@ import sys
 import textwrap
 import uuid
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import REPO as ROOT
+from helpers import TINY
 from packaging.requirements import Requirement
 from packaging.version import Version
-from tiny_bert import TINY
 from transformers import AutoModelForPreTraining
 
 from sparsebert import (
@@ -26,7 +26,6 @@ from sparsebert import (
     SparseBertModel,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
 # The first Ray release with token authentication on by default (for local clusters; see cluster/*.yaml).
 RAY_TOKEN_AUTH_DEFAULT = Version("2.59")

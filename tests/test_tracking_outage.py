@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PRETRAIN, REPO, all_artifacts, free_port
 from mlflow import MlflowClient
 
 from eval.jobs import DataSource, FinetuneConfig, evaluation_key
@@ -34,20 +34,12 @@ from eval.tasks import TASKS, TableColumns, register_task
 from sparsebert.track.run_log import LOCAL_ID_TAG, RunLog
 from sparsebert.track.tracker import RunTracker
 
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "sparsebert" / "pretrain.py"
 FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 WARNING = "WARNING: MLflow tracking failed"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dead_uri() -> str:
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture
@@ -60,7 +52,7 @@ class Server:
     """``mlflow server`` on 127.0.0.1 with a sqlite store; killed and started again on the same port and store."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -104,13 +96,6 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def _all_artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
 def _local_metrics(out: Path, key: str) -> list[tuple[int, float]]:
     records = RunLog.find(out).read()
     return sorted(
@@ -127,40 +112,15 @@ def _resync(out: Path, *args: str) -> subprocess.CompletedProcess:
 # --- pre-training ------------------------------------------------------------------------------------------
 
 
-def _words(rng: random.Random, n: int) -> str:
-    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra") for b in ("n", "r", "s", "")]
-    return " ".join(rng.choice(vocab) for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local) -> Path:
-    from data_prep import prepare_corpus
-
-    root = tmp_path_factory.mktemp("outage_corpus")
-    rng = random.Random(0)
-    docs = [" ".join(_words(rng, 6 + s % 7).capitalize() + "." for s in range(10)) for _ in range(40)]
-    (root / "docs.txt").write_text("\n\n".join(docs))
-    prepare_corpus(
-        [root / "docs.txt"],
-        root / "prepared",
-        vocab_size=200,
-        seq_len=64,
-        seed=0,
-        shard_size=64,
-        progress=False,
-    )
-    return root / "prepared"
-
-
 @pytest.mark.slow
-def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(corpus, tmp_path):
+def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(pretrain_corpus, tmp_path):
     out = tmp_path / "demo"
     cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(PRETRAIN),
+        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(PRETRAIN),
         "--config", "tiny_cpu", "model.max_position_embeddings=64",
         "model.attention_pattern={name: dam_s, lambda: 0.01}", "train.max_steps=4", "dam.search_steps=2",
         "train.micro_batch_size=4", "train.log_every=1", "checkpoint.every=2", "mlflow.experiment=outage",
-        "deepspeed_config=ds_configs/cpu.json", f"data.path={corpus}", f"output_dir={out}",
+        "deepspeed_config=ds_configs/cpu.json", f"data.path={pretrain_corpus}", f"output_dir={out}",
     ]  # fmt: skip
     env = {**os.environ, **FAST_FAIL, "MLFLOW_TRACKING_URI": _dead_uri(), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -209,9 +169,10 @@ def test_two_rank_pretraining_with_a_dead_tracking_uri_completes_and_resyncs(cor
     assert {
         "config/train.yaml", "config/deepspeed.json", "masks/stage1_frozen/mask.safetensors",
         "masks/stage1_frozen/mask_layer0.png", "masks/final/mask.safetensors",
-    } <= _all_artifacts(client, run_id)  # fmt: skip
+    } <= all_artifacts(client, run_id)  # fmt: skip
 
 
+@pytest.mark.slow  # a real mlflow server started twice and killed; unit level: the dead-URI tests
 def test_tracker_outlives_a_server_that_dies_mid_run(server, fast_fail, tmp_path, capfd):
     server.start()
     out = tmp_path / "run"
@@ -246,7 +207,7 @@ def test_tracker_outlives_a_server_that_dies_mid_run(server, fast_fail, tmp_path
     run = client.get_run(run_id)
     assert _history(client, run_id, "loss") == [(s, 1 / s) for s in range(1, 7)]
     assert run.info.status == "FINISHED" and run.data.tags["done"] == "yes" and run.data.params["lr"] == "0.1"
-    assert "masks/final/mask.safetensors" in _all_artifacts(client, run_id)
+    assert "masks/final/mask.safetensors" in all_artifacts(client, run_id)
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -347,6 +308,7 @@ def outage_task(server):
     del TASKS[spec.name]
 
 
+@pytest.mark.slow  # evaluations against a real mlflow server killed mid-run
 def test_evaluation_survives_mlflow_dying_and_resume_records_the_rest(
     server, outage_task, fast_fail, tmp_path, monkeypatch, caplog
 ):
