@@ -76,13 +76,16 @@ def _mask(folder: Path, seq_len: int) -> dict[str, Any]:
     from sparsebert.model.modeling import SparseBertModel
     from sparsebert.track.mask_plots import layer_groups, layers_label, mask_figures
 
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # a head model's folder loads without its head: expected here
+    transformers.logging.disable_progress_bar()
     try:
         # The folder is the writer's own export: a pattern its config names by module is code this process runs.
         model = SparseBertModel.from_pretrained(folder, trust_remote_code=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     learned = model.config.mask_spec.learned
     with warnings.catch_warnings():  # a DAM mask used beyond its searched length warns; the card says so
         warnings.simplefilter("ignore", UserWarning)
@@ -122,12 +125,19 @@ def _title(config: dict, mask: dict, finetune: dict | None, name: str) -> str:
         else "pre-trained with masked language modelling"
     )
     return (
-        f"# {name.rstrip('/').rpartition('/')[2]}\n\n"
-        f"A BERT ({size}) with the **{pattern}** sparse attention mask, {what}: "
-        f"{mask['sparsity']:.1%} of query-key pairs are never attended at length {mask['seq_len']}. "
-        "Trained with [SparseBERT](https://proceedings.mlr.press/v139/shi21a.html)'s patterns and its "
-        "Differentiable Attention Mask search; the model code ships in this folder."
+        f"# {_short_name(name)}: a sparse-attention BERT ({pattern})\n\n"
+        f"A BERT ({size}) with the **{pattern}** attention mask, {what}: {mask['sparsity']:.1%} of query-key "
+        f"pairs are never attended at length {mask['seq_len']}. Made with `sparsebert`, which implements the "
+        "attention patterns and the Differentiable Attention Mask (DAM) search of "
+        "[SparseBERT](https://proceedings.mlr.press/v139/shi21a.html) (Shi et al., ICML 2021); the model code "
+        "ships in this folder."
     )
+
+
+def _short_name(name: str) -> str:
+    """A repo's name, or a folder's (a run's ``final/`` goes by its run directory)."""
+    parts = [p for p in name.rstrip("/").split("/") if p]
+    return parts[-2] if len(parts) > 1 and parts[-1] == "final" else (parts[-1] if parts else name)
 
 
 def _mask_section(config: dict, mask: dict, folder: Path) -> str:
@@ -306,7 +316,7 @@ def _metadata(
         pipeline_tag=pipeline_tag,
         tags=["sparsebert", "bert", "sparse-attention", pattern.replace("_", "-"), "custom_code"],
         datasets=datasets or None,
-        model_name=name.rstrip("/").rpartition("/")[2] if results else None,
+        model_name=_short_name(name) if results else None,
         eval_results=results or None,
     )
     return data.to_yaml() + "\n"

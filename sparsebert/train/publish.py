@@ -12,6 +12,7 @@ from typing import Any
 
 from sparsebert.export.card import RUN_FILE
 from sparsebert.train import checkpoint
+from sparsebert.train import distributed as ds_setup
 from sparsebert.train.run_report import report
 from sparsebert.train.setup import Run
 
@@ -42,7 +43,8 @@ def export_final(run: Run) -> Path:
 def run_record(run: Run) -> dict[str, Any]:
     """What the model card says about the run: data, steps, tokens, held-out metrics, the config."""
     config, steps = run.config, run.state.step
-    batch = int(run.ds["train_batch_size"])
+    train = config.train
+    batch = train.micro_batch_size * train.grad_accum_steps * ds_setup.world_size()
     manifest = run.reader.manifest
     summary = {key: manifest[key] for key in _MANIFEST_KEYS if key in manifest}
     summary["tokenizer"] = {k: v for k, v in manifest.get("tokenizer", {}).items() if k != "special_ids"}
