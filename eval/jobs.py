@@ -113,6 +113,9 @@ class Job:
     seed: int
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataSource = field(default_factory=DataSource)
+    # Where the job writes its fine-tuned model (eval.publish.save_model); None: it keeps nothing. Not part of
+    # the evaluation key: keeping a model does not change its result.
+    save_to: str | None = None
 
     @property
     def key(self) -> str:
