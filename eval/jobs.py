@@ -67,7 +67,9 @@ class FinetuneConfig:
         choices=DEVICES,
     )
     trust_remote_code: bool = _hp(
-        False, "let a checkpoint whose mask pattern is a 'package.module:function' path import that code"
+        False,
+        "trust the checkpoint to run code it brings (transformers' flag, docs/security.md): a mask pattern its "
+        "config names as 'package.module:function'",
     )
 
     def __post_init__(self) -> None:
