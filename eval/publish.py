@@ -53,7 +53,7 @@ def save_model(model, tokenizer, job: Job, task: TaskSpec, metrics: dict[str, fl
     if task.labels is not None:  # a text-classification pipeline then answers with the task's own labels
         model.config.id2label = dict(enumerate(task.labels))
         model.config.label2id = {label: i for i, label in enumerate(task.labels)}
-    else:
+    elif task.kind == "glue":
         model.config.problem_type = "regression"
     model.save_pretrained(tmp, standalone=is_builtin(model.config.mask_spec))
     tokenizer.save_pretrained(tmp)

@@ -138,7 +138,12 @@ def _publish(
     returns the kept models and the failed uploads."""
     for entry in checkpoints.values():
         if entry.row.summaries:
-            publish.record_on_checkpoint(entry.row, SELECTION)
+            try:
+                publish.record_on_checkpoint(entry.row, SELECTION)
+            except (
+                OSError
+            ) as err:  # a read-only checkpoint: its card stays as it was, the results are in output
+                log.warning("the results were not added to the card of %s: %s", entry.row.checkpoint, err)
     if options.save_models == "none":
         return [], []
     rows = [(entry.row, entry.key, list(entry.finished.values())) for entry in checkpoints.values()]
