@@ -92,6 +92,7 @@ def test_the_export_holds_the_code_and_an_auto_map(exports):
     assert "import sparsebert" not in "".join(shipped.values()).replace("import sparsebert_", "")
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and transformers, then loads four models
 def test_transformers_alone_loads_it_with_trust_remote_code_and_matches_the_package(exports, tmp_path):
     """The Auto classes and pipelines, in a process without the package: the package's logits to 1e-5, beyond
     the DAM masks' searched length too; the same model saved again keeps its code; no flag, a refusal."""
