@@ -223,7 +223,8 @@ def export_final(
 
                 for name, content in record.items():
                     (tmp / name).write_text(json.dumps(content, indent=1, default=str))
-                write_card(tmp, model_id=card_name or str(out_dir))
+                with ds_setup.models_built_whole():  # rank 0 alone reads the folder back
+                    write_card(tmp, model_id=card_name or str(out_dir))
             _readable_as_umask_allows(tmp)
             _swap_into_place(tmp, out_dir)
     ds_setup.barrier()

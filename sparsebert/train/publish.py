@@ -77,7 +77,8 @@ def push_to_hub(run: Run, final: Path) -> str | None:
     from sparsebert.export.hub import HubError, push_folder
 
     try:
-        url = push_folder(final, repo, private=run.config.export.private)
+        with ds_setup.models_built_whole():  # the card is written again, by rank 0 alone
+            url = push_folder(final, repo, private=run.config.export.private)
     except HubError as err:
         retry = f"python -m sparsebert.export.hub {final} {repo}"
         report(f"error: {err}; the run is complete and {final} is kept: upload it with `{retry}`")
