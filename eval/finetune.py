@@ -24,10 +24,11 @@ from eval.glue_data import load_glue
 from eval.inputs import check_job_inputs
 from eval.jobs import DEVICES, Job
 from eval.model_loading import load_for_task
+from eval.publish import save_model
 from eval.squad_data import load_squad
 from eval.squad_metrics import squad_v1_scores, squad_v2_scores
 from eval.squad_postprocess import SquadFeatures, postprocess, prepare_features
-from eval.tasks import TASKS, TaskSpec
+from eval.tasks import PREDICTIONS_FILE, TASKS, TaskSpec
 from sparsebert import console
 from sparsebert.train.recipe import parameter_groups, seed_everything, warmup_decay_schedule
 
@@ -181,6 +182,8 @@ def run_job(
     ).to(device)
     finetune = _finetune_glue if task.kind == "glue" else _finetune_squad
     steps, history, metrics, predictions = finetune(model, tokenizer, task, train_ex, dev_ex, job, device)
+    if job.save_to is not None:
+        save_model(model, tokenizer, job, task, metrics)
     return {
         "job_key": job.key,
         "attempt": attempt,
@@ -216,16 +219,19 @@ _Trained = tuple[int, list, dict[str, float], dict[str, Any]]
 def _finetune_glue(
     model, tokenizer, task: TaskSpec, train_ex, dev_ex, job: Job, device: torch.device
 ) -> _Trained:
-    """Train on a GLUE-format task, then score each dev set: steps, loss history, metrics, no artifacts."""
+    """Train on a GLUE-format task, then score each dev set: steps, loss history, metrics, and the dev predictions
+    (:data:`eval.tasks.PREDICTIONS_FILE`, from which :func:`eval.tasks.score_predictions` recomputes the metrics)."""
     cfg = job.config
     steps, history = train(model, _glue_tensors(tokenizer, task, train_ex, cfg.max_seq_len), job, device)
     metrics: dict[str, float] = {}
+    saved: dict[str, dict[str, list]] = {}
     for split, examples in dev_ex.items():
         data = _glue_tensors(tokenizer, task, examples, cfg.max_seq_len)
         (logits,) = predict(model, data, cfg.eval_batch_size, device, cfg.bf16)
         preds = logits[:, 0] if task.labels is None else logits.argmax(-1)
         metrics.update(task.compute_metrics(preds, data["labels"].numpy(), suffix=split))
-    return steps, history, metrics, {}
+        saved[split] = {"predictions": preds.tolist(), "labels": data["labels"].tolist()}
+    return steps, history, metrics, {PREDICTIONS_FILE: saved}
 
 
 def _finetune_squad(
@@ -245,5 +251,5 @@ def _finetune_squad(
     )
     gold = {ex.id: list(ex.answers) for ex in examples}
     metrics = squad_v2_scores(gold, preds, null_diff) if task.version_2 else squad_v1_scores(gold, preds)
-    predictions = {"predictions.json": preds, **({"null_odds.json": null_diff} if task.version_2 else {})}
+    predictions = {PREDICTIONS_FILE: preds, **({"null_odds.json": null_diff} if task.version_2 else {})}
     return steps, history, metrics, predictions

@@ -67,7 +67,9 @@ class FinetuneConfig:
         choices=DEVICES,
     )
     trust_remote_code: bool = _hp(
-        False, "let a checkpoint whose mask pattern is a 'package.module:function' path import that code"
+        False,
+        "trust the checkpoint to run code it brings (transformers' flag, docs/security.md): a mask pattern its "
+        "config names as 'package.module:function'",
     )
 
     def __post_init__(self) -> None:
@@ -113,6 +115,9 @@ class Job:
     seed: int
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataSource = field(default_factory=DataSource)
+    # Where the job writes its fine-tuned model (eval.publish.save_model); None: it keeps nothing. Not part of
+    # the evaluation key: keeping a model does not change its result.
+    save_to: str | None = None
 
     @property
     def key(self) -> str:

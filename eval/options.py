@@ -18,12 +18,14 @@ from typing import Any
 from eval.jobs import DataSource, FinetuneConfig
 from eval.tasks import TASKS, parse_tasks
 from sparsebert import schema
+from sparsebert.export.hub import check_repo_id
 from sparsebert.schema import ConfigError
 
 _opt = functools.partial(schema.setting, cli=True)
 _run = functools.partial(schema.setting, cli=True, group="orchestration and records")
 # Settings of the Ray executor only: with ray false they would be silently ignored.
 _RAY_ONLY = ("ray_address", "cpus_per_job", "gpus_per_job")
+SAVE_MODELS = ("best", "all", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,9 +74,21 @@ class EvalOptions:
     )
     output: str = _run(
         "eval_results",
-        "where results.md, results.csv, selection.csv and jobs/ go",
+        "where results.md, results.csv, selection.csv, jobs/ and models/ go",
         convert=schema.paths,
         metavar="DIR",
+    )
+    save_models: str = _run(
+        "best",
+        "fine-tuned models kept in output/models/, Hub-ready with a model card: best (per checkpoint and task, "
+        "the run whose dev score the table reports), all, or none",
+        choices=SAVE_MODELS,
+    )
+    push_to_hub: str | None = _run(
+        None,
+        "upload each best fine-tuned model to the Hugging Face Hub as ORG/NAME-<task> (several checkpoints: "
+        "ORG/NAME-<mask>-<task>); the token from HF_TOKEN or `hf auth login`",
+        metavar="ORG/NAME",
     )
 
     def __post_init__(self) -> None:
@@ -88,6 +102,15 @@ class EvalOptions:
                 f"config key 'labels' (--labels) gives {len(self.labels)} labels for {len(self.checkpoint)} "
                 "checkpoints: give one per checkpoint"
             )
+        if self.push_to_hub is not None:
+            try:
+                check_repo_id(self.push_to_hub, "config key 'push_to_hub' (--push-to-hub)")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if self.save_models == "none":
+                raise ConfigError(
+                    "config key 'push_to_hub' (--push-to-hub) uploads kept models: not with save_models: none"
+                )
         if not self.ray and (given := [k for k in _RAY_ONLY if getattr(self, k) != _default(k)]):
             keys = ", ".join(f"{k!r} (--{k.replace('_', '-')})" for k in given)
             raise ConfigError(

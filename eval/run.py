@@ -7,8 +7,12 @@
 Every flag is a key of :class:`eval.options.EvalOptions`: ``--config FILE.yaml`` reads them from a file (flags
 override it) and ``--help-config`` lists them with their values.
 
-Exit status: 0 when every job finished, 1 when some still failed after retries (the table shows the rest), 2 for
-a bad option or input (one line, before Ray starts).
+Fine-tuned models are kept in ``--output``/models/ (``--save-models best``: the run each number of the table comes
+from; listed in models.csv), each loadable with transformers alone and described by its model card;
+``python -m eval.predict`` runs one on new text.
+
+Exit status: 0 when every job finished, 1 when some still failed after retries (the table shows the rest) or an
+upload to the Hub failed, 2 for a bad option or input (one line, before Ray starts).
 """
 
 from __future__ import annotations
@@ -90,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{outcome.ran} jobs run, {outcome.skipped} already recorded; table in {outcome.output_dir}/results.md"
     )
+    if outcome.kept:
+        best = sum(m.best for m in outcome.kept)
+        print(
+            f"{len(outcome.kept)} fine-tuned models kept ({best} reported by the table): {outcome.output_dir}/models.csv"
+        )
     for f in outcome.failures:
         print(
             f"FAILED after {f.attempts} attempts: {f.job.checkpoint} {f.job.key}: {f.error}", file=sys.stderr
         )
-    return 1 if outcome.failures else 0
+    for error in outcome.hub_errors:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+    return 1 if outcome.failures or outcome.hub_errors else 0
 
 
 if __name__ == "__main__":

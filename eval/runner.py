@@ -16,14 +16,23 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from eval import publish
 from eval.executors import Executor, InProcess, OnRay
 from eval.jobs import Job, evaluation_key, expand_jobs, recipe, resolve_checkpoint
 from eval.options import EvalOptions
-from eval.table import JobRecord, TableRow, render_csv, render_markdown, render_selection_csv, select
+from eval.table import (
+    JobRecord,
+    TableRow,
+    render_csv,
+    render_markdown,
+    render_selection_csv,
+    select,
+)
 from eval.tasks import TASKS
 from eval.tracking import CHECKPOINT, LocalResults, Recorder
 
 log = logging.getLogger("eval")
+SELECTION = "median over seeds at the best learning rate per task"  # what the table reports
 
 
 def parse_fail_spec(spec: str | None) -> dict[str, int]:
@@ -55,6 +64,8 @@ class EvalOutcome:
     job_runs: dict[str, list[str]] = field(default_factory=dict)  # job key -> nested run ids, all attempts
     # Why MLflow holds only part of the evaluation (MLflow failed; every finished job is in output_dir/jobs/)
     tracking_error: str | None = None
+    kept: list[publish.KeptModel] = field(default_factory=list)  # fine-tuned models kept (save_models)
+    hub_errors: list[str] = field(default_factory=list)  # uploads (push_to_hub) that failed
 
 
 @dataclass
@@ -68,6 +79,7 @@ class _Checkpoint:
     parent: str | None
     recorded: dict[str, JobRecord] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
+    finished: dict[str, JobRecord] = field(default_factory=dict)  # every finished job, once summarised
 
 
 def run_evaluation(options: EvalOptions) -> EvalOutcome:
@@ -88,11 +100,16 @@ def run_evaluation(options: EvalOptions) -> EvalOutcome:
     output_dir = Path(options.output)
     local = LocalResults(output_dir / "jobs")
     checkpoints = _open_checkpoints(tracker, local, jobs, options)
-    todo = [job for job in jobs if job.key not in checkpoints[job.checkpoint].done]
+    todo = [
+        _keeping(job, checkpoints[job.checkpoint], options)
+        for job in jobs
+        if job.key not in checkpoints[job.checkpoint].done
+    ]
     log.info("%d jobs: %d to run, %d already recorded", len(jobs), len(todo), len(jobs) - len(todo))
     failures, job_runs = _execute(tracker, local, checkpoints, todo, options, fail)
     table = _summarise(tracker, local, checkpoints)
     files = _write_results(tracker, checkpoints, table, failures, output_dir)
+    kept, hub_errors = _publish(checkpoints, options)
     if tracker.error:
         log.warning(
             "MLflow holds only part of this evaluation (%s); every finished job is in %s. Run the same command "
@@ -103,8 +120,36 @@ def run_evaluation(options: EvalOptions) -> EvalOutcome:
     parents = {ckpt: entry.parent for ckpt, entry in checkpoints.items() if entry.parent}
     return EvalOutcome(
         table, failures, parents, files["results.md"], output_dir, len(todo), len(jobs) - len(todo), job_runs,
-        tracker.error,
+        tracker.error, kept, hub_errors,
     )  # fmt: skip
+
+
+def _keeping(job: Job, entry: _Checkpoint, options: EvalOptions) -> Job:
+    """The job, told where to write its fine-tuned model when the evaluation keeps models."""
+    if options.save_models == "none":
+        return job
+    return replace(job, save_to=publish.model_dir(options.output, entry.row.label, entry.key, job))
+
+
+def _publish(
+    checkpoints: dict[str, _Checkpoint], options: EvalOptions
+) -> tuple[list[publish.KeptModel], list[str]]:
+    """The kept models and their cards, their upload when asked, and each evaluated export's card updated;
+    returns the kept models and the failed uploads."""
+    for entry in checkpoints.values():
+        if entry.row.summaries:
+            try:
+                publish.record_on_checkpoint(entry.row, SELECTION)
+            except (
+                OSError
+            ) as err:  # a read-only checkpoint: its card stays as it was, the results are in output
+                log.warning("the results were not added to the card of %s: %s", entry.row.checkpoint, err)
+    if options.save_models == "none":
+        return [], []
+    rows = [(entry.row, entry.key, list(entry.finished.values())) for entry in checkpoints.values()]
+    kept = publish.keep_models(options.output, rows, options.save_models)
+    errors = publish.push_best(options.push_to_hub, kept) if options.push_to_hub else []
+    return kept, errors
 
 
 def _open_checkpoints(
@@ -249,8 +294,8 @@ def _summarise(tracker: Recorder, local: LocalResults, checkpoints: dict[str, _C
     directory), so resumed and fresh jobs are summarised alike; each parent run gets its row's medians."""
     for entry in checkpoints.values():
         in_mlflow = tracker.finished_jobs(entry.parent) if entry.parent else None
-        finished = {**(entry.recorded if in_mlflow is None else in_mlflow), **local.records(entry.key)}
-        entry.row.summaries = select(list(finished.values()))
+        entry.finished = {**(entry.recorded if in_mlflow is None else in_mlflow), **local.records(entry.key)}
+        entry.row.summaries = select(list(entry.finished.values()))
         if entry.parent:
             summary = {f"{t}/{m}": v for t, s in entry.row.summaries.items() for m, v in s.metrics.items()}
             summary.update({f"{t}/best_lr": s.lr for t, s in entry.row.summaries.items()})

@@ -14,6 +14,9 @@ from eval.metrics import accuracy, f1_binary, matthews_corr, pearson, spearman
 # predictions, gold labels -> one number
 MetricFn = Callable[[Sequence, Sequence], float]
 KINDS = ("glue", "squad")
+# A job's dev predictions (MLflow artifact and local result): SQuAD's id -> answer text; a GLUE-format task's
+# {dev set's metric suffix: {"predictions": [...], "labels": [...]}} in dev-file order (label ids; regression scores).
+PREDICTIONS_FILE = "predictions.json"
 
 
 @dataclass(frozen=True)
@@ -212,3 +215,11 @@ def table_order() -> list[str]:
 def selection_score(task: TaskSpec, metrics: dict[str, float]) -> float:
     """The number the best learning rate is chosen on: the mean of the task's headline metrics."""
     return sum(metrics[m] for m in task.headline) / len(task.headline)
+
+
+def score_predictions(task: TaskSpec, saved: dict[str, dict[str, list]]) -> dict[str, float]:
+    """A GLUE-format task's dev metrics recomputed from a job's saved :data:`PREDICTIONS_FILE`."""
+    metrics: dict[str, float] = {}
+    for suffix, dev in saved.items():
+        metrics.update(task.compute_metrics(dev["predictions"], dev["labels"], suffix=suffix))
+    return metrics

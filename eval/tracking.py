@@ -61,7 +61,7 @@ class Tracker(MlflowStore):
     def log_job(
         self, parent_id: str, job: Job, result: dict[str, Any], tags: dict[str, str] | None = None
     ) -> str:
-        """A finished job: params, dev metrics, the loss curve, timing; SQuAD predictions as artifacts."""
+        """A finished job: params, dev metrics, the loss curve, timing; the dev predictions as artifacts."""
         tags = {"device": result["device"], "host": result["host"], **(tags or {})}
         run_id = self._job_run(parent_id, job, result["attempt"], result["start_time"], tags)
         values = [(k, v, 0) for k, v in result["metrics"].items()]

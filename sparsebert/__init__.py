@@ -1,13 +1,19 @@
 """SparseBERT: BERT pre-training with sparse attention masks and Differentiable Attention Mask search.
 
 The public names load on first use (PEP 562), so that ``--help`` and config errors of the entry points answer
-before torch, transformers or DeepSpeed are imported.
+before torch, transformers or DeepSpeed are imported. For the same reason the model classes join transformers' Auto
+classes when transformers loads (:mod:`sparsebert.model.registration`): after ``import sparsebert``,
+``AutoModelForMaskedLM.from_pretrained(dir)`` and ``pipeline("fill-mask", model=dir)`` load a SparseBERT folder.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from sparsebert.model import registration as _registration
+
+_registration.install()
 
 _PUBLIC = {
     "SparseBertConfig": "sparsebert.model.modeling",

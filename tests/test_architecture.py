@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO as ROOT
 
+from sparsebert.model.standalone import SHIPPED_BASE
+
 PACKAGES = ("sparsebert", "eval", "data_prep")
 
 
@@ -80,15 +82,31 @@ BASE = (
 )
 
 # One rule per package (docs/ARCHITECTURE.md, "Module map"): the package prefixes its modules may import, besides
-# their own package. Below: base ← model ← track ← train ← pretrain; data ← train; eval and data_prep beside.
+# their own package. Below: base ← model ← track ← export ← train ← pretrain; data ← train; eval and data_prep beside.
 LAYERS = {
-    "sparsebert.model": (*BASE,),
+    # The model code is what a standalone export ships (sparsebert.model.standalone): of the base, only the leaves
+    # the export ships with it.
+    "sparsebert.model": SHIPPED_BASE,
     # data_prep.format: the shards' on-disk format, defined once where it is written
     "sparsebert.data": (*BASE, "data_prep.format"),
     "sparsebert.track": (*BASE, "sparsebert.model"),
-    "sparsebert.train": (*BASE, "sparsebert.model", "sparsebert.data", "sparsebert.track", "data_prep"),
+    "sparsebert.export": (*BASE, "sparsebert.model", "sparsebert.track.mask_plots"),
+    "sparsebert.train": (
+        *BASE,
+        "sparsebert.model",
+        "sparsebert.data",
+        "sparsebert.track",
+        "sparsebert.export",
+        "data_prep",
+    ),
     "sparsebert.pretrain": ("sparsebert.console", "sparsebert.train"),
-    "eval": (*BASE, "sparsebert.model", "sparsebert.track.mlflow_store", "sparsebert.train.recipe"),
+    "eval": (
+        *BASE,
+        "sparsebert.model",
+        "sparsebert.track.mlflow_store",
+        "sparsebert.train.recipe",
+        "sparsebert.export",
+    ),
     "data_prep": ("sparsebert.storage", "sparsebert.schema"),
 }
 
@@ -123,6 +141,8 @@ def test_each_package_imports_only_the_layers_below_it(package):
         ("sparsebert.model.block_sparse", {"sparsebert.model.masks"}),
         ("sparsebert.model.flex_backend", {"sparsebert.model.masks", "sparsebert.model.layer_masks"}),
         ("sparsebert.model.dam", {"sparsebert.model.masks", "sparsebert.model.layer_masks"}),
+        ("sparsebert.model.standalone", set()),  # reads the model modules as text, never imports them
+        ("sparsebert.model.registration", set()),  # torch-free: `import sparsebert` runs it
     ],
 )
 def test_leaves_import_nothing_above_them(module, may_import):
@@ -191,3 +211,52 @@ def test_no_function_is_longer_than_sixty_lines():
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (file:function:lines): {long}"
+
+
+def test_model_modules_import_the_package_in_the_form_the_export_ships():
+    """transformers' dynamic-module loader copies a shipped module's neighbours by following ``from .x import``
+    lines only, so model code imports package modules as ``from sparsebert.<module> import <names>`` (which the
+    standalone export rewrites into that form), never ``from sparsebert.model import x`` or ``import sparsebert``."""
+    bad = []
+    for path in sorted((ROOT / "sparsebert" / "model").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                bad += [
+                    f"{path.name}:{node.lineno}" for a in node.names if a.name.split(".")[0] == "sparsebert"
+                ]
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("sparsebert")
+            ):
+                target = ROOT.joinpath(*node.module.split(".")).with_suffix(".py")
+                if not target.is_file():
+                    bad.append(f"{path.name}:{node.lineno}")
+    assert not bad, f"package imports the standalone export cannot ship: {bad}"
+
+
+def test_the_shipped_model_code_needs_torch_and_transformers_only():
+    """What a standalone export ships imports the standard library, torch and transformers, and its own files."""
+    import sys
+
+    from sparsebert.model.standalone import shipped_sources
+
+    sources = shipped_sources()
+    assert {
+        "sparsebert_modeling.py",
+        "sparsebert_masks.py",
+        "sparsebert_dam.py",
+        "sparsebert_choices.py",
+    } <= set(sources)
+    allowed = {"torch", "transformers", *sys.stdlib_module_names}
+    for name, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert f"{node.module}.py" in sources, (
+                        f"{name} imports .{node.module}, which is not shipped"
+                    )
+                    continue
+                modules = [node.module]
+            assert {m.split(".")[0] for m in modules} <= allowed, f"{name} imports {modules}"

@@ -41,8 +41,10 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from sparsebert import choices
-from sparsebert.model import block_sparse, flex_backend
+from sparsebert.choices import ATTENTION_BACKENDS, check
+from sparsebert.model.block_sparse import BlockPlan, block_sparse_attention
+from sparsebert.model.block_sparse import plan as plan_blocks
+from sparsebert.model.flex_backend import attend as flex_attend
 from sparsebert.model.layer_masks import LayerMasks
 
 IMPLEMENTATION = "sparsebert"
@@ -138,7 +140,7 @@ def choose_backend(
             "attention_backend='flex' has no backward pass on CPU (a PyTorch limitation); "
             "train on CPU with 'block_sparse', 'sdpa', 'eager' or 'auto', and use 'flex' for inference"
         )
-    return choices.check("attention_backend", requested, list(_BACKENDS))
+    return check("attention_backend", requested, list(_BACKENDS))
 
 
 def effective_dropout(backend: str, dropout: float) -> float:
@@ -257,9 +259,9 @@ def _sdpa_bool_mask(masks: LayerMasks, slot: int, padding: torch.Tensor | None):
     return masks.derived(("sdpa", slot), build, per_batch=padding is not None)
 
 
-def block_plan(masks: LayerMasks, slot: int) -> block_sparse.BlockPlan:
+def block_plan(masks: LayerMasks, slot: int) -> BlockPlan:
     """The block-sparse plan of a layer's fixed mask, built once per mask (see :mod:`sparsebert.model.block_sparse`)."""
-    return masks.derived(("block_plan", slot), lambda: block_sparse.plan(masks.head_shared(slot)))
+    return masks.derived(("block_plan", slot), lambda: plan_blocks(masks.head_shared(slot)))
 
 
 def _block_sparse(module, query, key, value, masks, slot, padding, scaling, dropout) -> torch.Tensor:
@@ -269,13 +271,13 @@ def _block_sparse(module, query, key, value, masks, slot, padding, scaling, drop
         lambda: plan.masks(query.shape[0], padding, query.dtype),
         per_batch=padding is not None,
     )
-    return block_sparse.block_sparse_attention(query, key, value, plan, biases, scaling, dropout)
+    return block_sparse_attention(query, key, value, plan, biases, scaling, dropout)
 
 
 _BACKENDS: dict[str, BackendFn] = {
     "eager": _eager,
     "sdpa": _sdpa,
-    "flex": flex_backend.attend,
+    "flex": flex_attend,
     "block_sparse": _block_sparse,
 }
 
@@ -286,7 +288,7 @@ def register_backend(name: str, fn: BackendFn) -> BackendFn:
     if name == "auto" or name in _BACKENDS:
         raise ValueError(f"attention backend {name!r} exists already")
     _BACKENDS[name] = fn
-    choices.ATTENTION_BACKENDS.append(name)
+    ATTENTION_BACKENDS.append(name)
     return fn
 
 

@@ -140,6 +140,13 @@ def code_reference(spec: str | Mapping[str, Any] | MaskSpec) -> str | None:
     return name
 
 
+def is_builtin(spec: str | Mapping[str, Any] | MaskSpec) -> bool:
+    """Whether a spec names a pattern of this module (built-in or learned), which needs no other code to build:
+    what a standalone export can ship (:mod:`sparsebert.model.standalone`)."""
+    name = parse_spec(spec).name
+    return name in LEARNED_PATTERNS or (name in _PATTERNS and _PATTERNS[name].__module__ == __name__)
+
+
 def sparsity(mask: torch.Tensor) -> float:
     """Fraction of masked (False) positions."""
     return 1.0 - mask.float().mean().item()

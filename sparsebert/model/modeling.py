@@ -17,16 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForPreTraining,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
     BertConfig,
     BertForMaskedLM,
     BertForPreTraining,
@@ -37,14 +32,20 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
-from sparsebert import choices
-from sparsebert.model import attention
+# `from sparsebert.<module> import <names>` only: the standalone export rewrites these into the relative imports
+# transformers' dynamic-module loader follows (sparsebert.model.standalone).
+from sparsebert.choices import ATTENTION_BACKENDS, MLM_LOGITS, check
+from sparsebert.model.attention import IMPLEMENTATION, choose_backend, effective_dropout
+from sparsebert.model.attention import register as register_attention
 from sparsebert.model.dam import DamMask
 from sparsebert.model.layer_masks import LayerMasks
 from sparsebert.model.mask_source import build_mask_source
-from sparsebert.model.masks import MaskSpec, code_reference, expand_alpha, parse_spec
+from sparsebert.model.masks import MaskSpec, code_reference, expand_alpha, is_builtin, parse_spec
 
-attention.register()
+register_attention()
+
+# True in a copy that a standalone export ships (sparsebert.model.standalone): such a copy saves its code along.
+_SHIPPED = not __name__.startswith("sparsebert.")
 
 # Whether the config being loaded may import the pattern code it names. transformers pops
 # ``trust_remote_code`` before it loads a model's config, so the model's ``from_pretrained`` sets this for the
@@ -110,13 +111,13 @@ class SparseBertConfig(BertConfig):
     ):
         kwargs.pop("attn_implementation", None)  # always ours; the backend is chosen by attention_backend
         super().__init__(**kwargs)
-        choices.check("attention_backend", attention_backend, choices.ATTENTION_BACKENDS)
-        choices.check("mlm_logits", mlm_logits, choices.MLM_LOGITS)
+        check("attention_backend", attention_backend, ATTENTION_BACKENDS)
+        check("mlm_logits", mlm_logits, MLM_LOGITS)
         self.attention_pattern = attention_pattern
         self.attention_backend = attention_backend
         self.mlm_logits = mlm_logits
         self.dam_searched_len = dam_searched_len
-        self._attn_implementation = attention.IMPLEMENTATION
+        self._attn_implementation = IMPLEMENTATION
 
     def __setattr__(self, key, value):
         # from_pretrained(..., attention_pattern=...) sets attributes directly: validate and normalise here.
@@ -184,10 +185,37 @@ class _SparseBertMixin:
             if not getattr(module.searched_len, "_is_hf_initialized", False):
                 module.searched_len.fill_(self.config.dam_searched_len or 0)
 
-    def save_pretrained(self, *args, **kwargs):
-        """transformers' ``save_pretrained``; the config records the DAM mask's searched length first."""
+    def save_pretrained(self, save_directory, *args, standalone: bool | None = None, **kwargs):
+        """transformers' ``save_pretrained``; the config records the DAM mask's searched length first.
+
+        ``standalone=True`` also writes the model code beside the weights and an ``auto_map`` in ``config.json``, so
+        that transformers alone loads the folder: ``AutoModelFor…from_pretrained(dir, trust_remote_code=True)``
+        (:mod:`sparsebert.model.standalone`). A model loaded from such a folder's code saves it along by default.
+        Only the package's own patterns can be shipped: a registered or ``"package.module:function"`` one is an
+        error here."""
         self._record_search_length()
-        return super().save_pretrained(*args, **kwargs)
+        standalone = _SHIPPED if standalone is None else standalone
+        if standalone and not is_builtin(self.config.mask_spec):
+            raise ValueError(
+                f"attention pattern {self.config.mask_spec.name!r} is your own code, which a standalone export cannot "
+                "ship: save with standalone=False (loading it then needs sparsebert and that code)"
+            )
+        from sparsebert.model.standalone import auto_map, write_model_code
+
+        # The code first, so that transformers' own push_to_hub=True takes it along.
+        if standalone and kwargs.get("is_main_process", True):
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            write_model_code(save_directory)
+        # An auto_map only where the code is written beside it (a loaded export's config holds one).
+        saved = vars(self.config).pop("auto_map", None)
+        if standalone:
+            self.config.auto_map = auto_map()
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            vars(self.config).pop("auto_map", None)
+            if saved is not None:
+                self.config.auto_map = saved
 
     def _record_search_length(self) -> None:
         source = self.mask_source
@@ -214,10 +242,10 @@ class _SparseBertMixin:
         masks = self._deterministic_masks(seq_len)
         if training and not self.mask_frozen:
             masks = replace(masks, soft=masks.hard.float())  # a search pass hands the backends a soft mask
-        backend = attention.choose_backend(
+        backend = choose_backend(
             self.config.attention_backend, masks, self.device, needs_grad=training, dropout=dropout
         )
-        return backend, attention.effective_dropout(backend, dropout)
+        return backend, effective_dropout(backend, dropout)
 
     def _deterministic_masks(self, seq_len: int) -> LayerMasks:
         """The masks of an eval-mode pass (no sampling, so no random numbers drawn)."""
@@ -452,14 +480,3 @@ class SparseBertForSequenceClassification(_FixedMaskHeads, BertForSequenceClassi
 
 class SparseBertForQuestionAnswering(_FixedMaskHeads, BertForQuestionAnswering):
     """Span extraction (SQuAD) with the checkpoint's (frozen) mask."""
-
-
-AutoConfig.register(SparseBertConfig.model_type, SparseBertConfig, exist_ok=True)
-for _auto, _cls in (
-    (AutoModel, SparseBertModel),
-    (AutoModelForPreTraining, SparseBertForPreTraining),
-    (AutoModelForMaskedLM, SparseBertForMaskedLM),
-    (AutoModelForSequenceClassification, SparseBertForSequenceClassification),
-    (AutoModelForQuestionAnswering, SparseBertForQuestionAnswering),
-):
-    _auto.register(SparseBertConfig, _cls, exist_ok=True)

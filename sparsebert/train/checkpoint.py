@@ -191,18 +191,25 @@ def export_final(
     tokenizer_dir: Path | None,
     mlflow_run_id: str | None = None,
     metrics: dict[str, float] | None = None,
+    *,
+    standalone: bool = False,
+    record: dict[str, Any] | None = None,
+    card_name: str | None = None,
 ) -> None:
     """Write an HF-format model directory (safetensors + config with the mask + tokenizer), atomically.
 
     Under ZeRO-3 the parameters are gathered first; rank 0 writes. ``mlflow_run_id`` (a file) links the
-    model to its pre-training run, wherever the directory is copied.
+    model to its pre-training run, wherever the directory is copied. ``standalone``: the model code goes beside
+    the weights (:mod:`sparsebert.model.standalone`). ``record``: JSON files (name → content) the model card reads;
+    with it, the card (``README.md``, :mod:`sparsebert.export.card`) is written, its loading example naming
+    ``card_name``.
     """
     with ds_setup.gathered(model.parameters(), ds):
         if ds_setup.rank() == 0:
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True, standalone=standalone)
             if tokenizer_dir is not None:
                 from transformers import AutoTokenizer
 
@@ -211,6 +218,13 @@ def export_final(
                 (tmp / "mlflow_run_id").write_text(mlflow_run_id)
             if metrics:  # the step and held-out numbers of the exported weights
                 (tmp / "pretraining_metrics.json").write_text(json.dumps(metrics, indent=1))
+            if record is not None:
+                from sparsebert.export.card import write_card
+
+                for name, content in record.items():
+                    (tmp / name).write_text(json.dumps(content, indent=1, default=str))
+                with ds_setup.models_built_whole():  # rank 0 alone reads the folder back
+                    write_card(tmp, model_id=card_name or str(out_dir))
             _readable_as_umask_allows(tmp)
             _swap_into_place(tmp, out_dir)
     ds_setup.barrier()

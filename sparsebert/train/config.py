@@ -207,6 +207,23 @@ class MlflowConfig:
 
 
 @dataclass
+class ExportConfig:
+    standalone: bool = _f(
+        True,
+        "final/ carries the model code (sparsebert_*.py and an auto_map), so transformers alone loads it with "
+        "trust_remote_code=True; false: loading it needs sparsebert (and a user pattern's code)",
+        neutral=True,
+    )
+    push_to_hub: str | None = _f(
+        None,
+        "upload final/ with its model card to this Hugging Face Hub repo (org/name) at the end; the token from "
+        "HF_TOKEN or `hf auth login`",
+        neutral=True,
+    )
+    private: bool = _f(True, "create the Hub repo private", neutral=True)
+
+
+@dataclass
 class PretrainConfig:
     output_dir: str = _f(
         "runs/demo",
@@ -222,6 +239,7 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -332,10 +350,28 @@ def _check_semantics(config: PretrainConfig) -> None:
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {config.checkpoint.every}")
     _check_locations(config)
+    _check_export(config)
     m = config.model
     if not m.init_from and (m.init_optimizer or m.init_mask != "auto"):
         key = "model.init_optimizer" if m.init_optimizer else "model.init_mask"
         raise ConfigError(f"config key {key!r} needs model.init_from (a checkpoint to continue from)")
+
+
+def _check_export(config: PretrainConfig) -> None:
+    """What the export can ship and where it may go, checked before the run rather than at its end."""
+    from sparsebert.export.hub import check_repo_id
+    from sparsebert.model.masks import is_builtin
+
+    if config.export.standalone and not is_builtin(config.model.mask_spec):
+        raise ConfigError(
+            f"config key 'model.attention_pattern': {config.model.mask_spec.name!r} is your own code, which the "
+            "standalone export cannot ship; set export.standalone=false (final/ then needs sparsebert and that code)"
+        )
+    if config.export.push_to_hub is not None:
+        try:
+            check_repo_id(config.export.push_to_hub, "config key 'export.push_to_hub'")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_locations(config: PretrainConfig) -> None:

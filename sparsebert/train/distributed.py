@@ -190,6 +190,23 @@ def enable_zero3_init(ds: dict[str, Any]) -> None:
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds)
 
 
+@contextlib.contextmanager
+def models_built_whole():
+    """Models transformers builds in this block are whole on this rank, even under ZeRO-3: for work one rank does
+    alone (the model card reads the export back), where ``zero.Init``'s collectives would wait for ranks that never
+    join them."""
+    if _HF_DS_CONFIG is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(_HF_DS_CONFIG)
+
+
 def gathered(params, ds: dict[str, Any], modifier_rank: int | None = None):
     """Context in which ZeRO-3 partitioned parameters are whole on every rank (no-op below stage 3)."""
     if zero_stage(ds) == 3:

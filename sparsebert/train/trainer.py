@@ -22,7 +22,7 @@ from sparsebert import console
 from sparsebert.data import model_inputs
 from sparsebert.model.masks import sparsity
 from sparsebert.track.mlflow_store import tracking_uri
-from sparsebert.train import build, checkpoint, run_report, summary
+from sparsebert.train import build, checkpoint, publish, run_report, summary
 from sparsebert.train import distributed as ds_setup
 from sparsebert.train.config import DamConfig, PretrainConfig
 from sparsebert.train.meter import Meter
@@ -45,7 +45,8 @@ __all__ = [
 
 
 def pretrain(config: PretrainConfig) -> int:
-    """The whole run; 0 when it finished or stopped cleanly at a signal (checkpointed, resumable)."""
+    """The whole run; 0 when it finished or stopped cleanly at a signal (checkpointed, resumable), 1 when it finished
+    but the upload to the Hub that ``export.push_to_hub`` asked for failed."""
     run = setup(config)
     try:
         completed = train(run)
@@ -53,12 +54,11 @@ def pretrain(config: PretrainConfig) -> int:
         run.tracker.end("FAILED")  # the MLflow run says so; a resume marks it running again
         run.outputs.close(together=False)
         raise
-    if completed:
-        finish(run)
-    else:
+    published = finish(run) if completed else True
+    if not completed:
         run.tracker.end("KILLED")  # stopped by a signal, checkpointed: the same command resumes it
     run.outputs.close()
-    return 0
+    return 0 if published else 1
 
 
 def train(run: Run) -> bool:
@@ -188,8 +188,9 @@ def end_search(run: Run) -> None:
     run_report.report_attention(run)
 
 
-def finish(run: Run) -> None:
-    """The last checkpoint, the final mask, and the HF-format export to ``output_dir/final``."""
+def finish(run: Run) -> bool:
+    """The last checkpoint, the final mask, the export to ``output_dir/final`` (:mod:`sparsebert.train.publish`) and
+    its upload to the Hub when asked; False when that upload failed (everything else is done)."""
     config, state, tracker = run.config, run.state, run.tracker
     if not (config.checkpoint.every and state.step % config.checkpoint.every == 0):
         _save(run)
@@ -199,19 +200,15 @@ def finish(run: Run) -> None:
     _save_rank_mask(run.out, "final", final_mask)
     tracker.log_mask("final", final_mask)
     run.model.config.mlm_logits = "all"  # the exported model keeps transformers' output semantics
-    final = run.out / "final"
-    checkpoint.export_final(
-        run.model,
-        run.ds,
-        final,
-        run.reader.tokenizer_dir,
-        tracker.run_id,
-        {"step": state.step, **run.validation},
-    )
+    final = publish.export_final(run)
     run.outputs.push_final(final)
+    hub_error = publish.push_to_hub(run, final)
     tracker.set_tags({"final_model_dir": run.outputs.where("final"), "final_sparsity": sparsity(final_mask)})
+    if hub_error:
+        tracker.set_tags({"hub_push_error": hub_error[:4000]})
     tracker.end()
     _summarize(run, run.outputs.where("final"), sparsity(final_mask))
+    return hub_error is None
 
 
 def _summarize(run: Run, final: str, final_sparsity: float) -> None:
