@@ -9,16 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers_only
+from helpers import REPO
 from hub_server import HubServer
 
 from sparsebert import SparseBertForMaskedLM
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, SEARCH, SEARCHED_LEN, LENGTH = 6, 3, 64, 128
 
 

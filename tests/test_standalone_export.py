@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers_only
+from helpers import REPO
 
 from eval.smoke import write_tiny_checkpoint
 from sparsebert import (
@@ -25,7 +26,6 @@ from sparsebert import (
 )
 from sparsebert.model.standalone import auto_map, shipped_sources
 
-REPO = Path(__file__).resolve().parents[1]
 SEARCHED, LONGER = 16, 40  # DAM masks searched at 16 tokens, used at 40
 
 
