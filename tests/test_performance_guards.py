@@ -20,10 +20,8 @@ from sparsebert import (
     SparseBertForMaskedLM,
     SparseBertForPreTraining,
     SparseBertModel,
-    attention,
-    block_sparse,
-    flex_backend,
 )
+from sparsebert.model import attention, block_sparse, flex_backend
 from sparsebert.model.layer_masks import LayerMasks
 from sparsebert.model.mask_source import PatternMask
 from sparsebert.model.masks import parse_spec
