@@ -59,6 +59,8 @@ class DamMask(nn.Module):
         self.init_std = float(spec.params["init_std"])
         self.max_len = max_len
         self.block = int(spec.params.get("block", 0))  # dam_b's block size (0: a token-level mask)
+        self.num_heads = num_heads
+        heads = 1 if spec.params.get("share_heads", False) else num_heads  # dam_b: one layout for every head
         self.target_density: float | None = None  # set by steer(): the loss holds λ·(E[density] − target)
         self.last_density: torch.Tensor | None = None  # E[density] of the last search pass (detached)
         slots = 1 if spec.params["share_across_layers"] else num_layers
@@ -66,7 +68,7 @@ class DamMask(nn.Module):
             shape = (slots, num_heads, max_len)
         elif self.name == "dam_b":
             blocks = -(-max_len // self.block)
-            shape = (slots, num_heads, blocks, blocks)
+            shape = (slots, heads, blocks, blocks)
         else:
             shape = (slots, num_heads, max_len, max_len)
         self.alpha = nn.Parameter(torch.empty(shape))
@@ -147,7 +149,8 @@ class DamMask(nn.Module):
         """
         if not self.searching:  # frozen, or eval mode mid-search: the deterministic mask 1[α > 0]
             searched = self._logits_length(seq_len)
-            return alpha_to_mask(self.name, self.alpha.detach(), seq_len, searched, self.block), None, None
+            hard = alpha_to_mask(self.name, self.alpha.detach(), seq_len, searched, self.block)
+            return self._per_head(hard), None, None
         if seq_len > self.max_len:
             raise ValueError(
                 f"sequence length {seq_len} exceeds the DAM mask's max_len {self.max_len}; "
@@ -169,7 +172,12 @@ class DamMask(nn.Module):
         if self.target_density is not None:
             density = expected_density(self.name, self.alpha, seq_len, self.block)
             self.last_density = density.detach()
+        soft = self._per_head(soft)
         return soft.detach() > 0.5, soft, density
+
+    def _per_head(self, mask: torch.Tensor) -> torch.Tensor:
+        """A mask ``[n, heads, L, L]``: one shared by the heads (``share_heads``) is broadcast to all of them."""
+        return mask.expand(-1, self.num_heads, -1, -1)
 
     def _searched_logits(self, seq_len: int) -> torch.Tensor:
         """The logits a search pass at ``seq_len`` samples (one per position, distance or block pair)."""

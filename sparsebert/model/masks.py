@@ -38,8 +38,10 @@ LEARNED_DEFAULTS: dict[str, Any] = {
     "init_std": 1e-3,  # α ~ N(0, init_std), so every position starts at p ≈ 0.5
     "frozen": False,  # True once freeze_mask() binarised the mask (α > 0)
 }
-# dam_b's own: the block size, by default the one the block-skipping kernels skip (flex on GPU, block_sparse).
-BLOCK_DEFAULTS: dict[str, Any] = {"block": 128}
+# dam_b's own: the block size, by default the one the block-skipping kernels skip (flex on GPU, block_sparse), and
+# whether all heads share one block layout. block_sparse skips only the blocks no head keeps, so per-head layouts
+# (the default, as dam_u/dam_s learn per head) skip little once there are many heads; flex skips per head.
+BLOCK_DEFAULTS: dict[str, Any] = {"block": 128, "share_heads": False}
 LEARNED_PATTERNS = ("dam_u", "dam_s", "dam_b")
 
 # Parameters every pattern accepts, handled here rather than by each pattern function.
@@ -304,8 +306,8 @@ def _check_learned(params: dict[str, Any]) -> None:
         _positive("max_len", params["max_len"])
     if "block" in params:
         _positive("block", params["block"])
-    for key in ("share_across_layers", "frozen"):
-        if not isinstance(params[key], bool):
+    for key in ("share_across_layers", "frozen", "share_heads"):
+        if key in params and not isinstance(params[key], bool):
             raise ValueError(f"DAM parameter {key!r} must be true or false, got {params[key]!r}")
 
 

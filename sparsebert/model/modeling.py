@@ -311,7 +311,7 @@ class _SparseBertMixin:
                 source.name, source.alpha.detach().float(), seq_len, source.search_length, source.block
             )
         )
-        return importance.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
+        return importance.expand(self.config.num_hidden_layers, source.num_heads, -1, -1).clone()
 
 
 class SparseBertModel(_SparseBertMixin, BertModel):
