@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
     if not args.smoke:
         settings = f"BERT-tiny, batch {args.batch}, {args.steps} steps ({args.search} searching), target {args.target}"
-        text = f"# Block-structured DAM (CPU)\n\n{start}\nLoad: {load_average()} (end)\n\n{settings}\n\n{body}\n"
+        text = (
+            f"# Block-structured DAM (CPU)\n\n{start}\nLoad: {load_average()} (end)\n\n{settings}\n\n{body}\n"
+        )
         (RESULTS / "dam_block_cpu.md").write_text(text)
 
 

@@ -41,9 +41,7 @@ VARIANTS = [  # (row, packing, document mask)
 def padding_share(corpus: Path, batch: int) -> float:
     """Padded positions over all positions in one epoch of the training split."""
     kept = total = 0
-    stream = reader(corpus, batch)
-    stream.epochs = 1
-    for data in stream:
+    for data in reader(corpus, batch, epochs=1):
         kept += int(data["attention_mask"].sum())
         total += data["attention_mask"].numel()
     return 1 - kept / total
@@ -90,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         per_second = useful[name] / median(samples[name])
         gain = median(ratios[name]) * useful[name] / useful["nsp"] if name in ratios else 1.0
         rows.append([name, padding[name], useful[name], per_second, gain])
-    body = markdown_table(["packing", "padding share", "useful tokens / batch", "useful tokens/s", "× nsp"], rows)
+    body = markdown_table(
+        ["packing", "padding share", "useful tokens / batch", "useful tokens/s", "× nsp"], rows
+    )
     print(body)
     if not args.smoke:
         settings = f"BERT-mini, L = {args.seq_len}, batch {args.batch}, {args.batches} batches, {args.repeats} repeats"

@@ -53,13 +53,16 @@ def demo_corpus(cache: Path, packing: str, seq_len: int) -> Path:
     return out
 
 
-def reader(corpus: Path, batch: int, split: str = "train", documents: bool = False, seed: int = 0):
-    """An endless (train) or one-epoch (validation) stream of MLM batches of ``corpus``."""
+def reader(
+    corpus: Path, batch: int, split: str = "train", documents: bool = False, seed: int = 0, epochs=None
+):
+    """A stream of MLM batches of ``corpus``: the training split (endless unless ``epochs``), or one epoch of the
+    validation split."""
     kwargs = dict(rank=0, world_size=1, batch_size=batch, documents=documents)
     if split == "validation":
         stream = ShardReader.validation(corpus, epochs=1, **kwargs)
     else:
-        stream = ShardReader(corpus, seed=seed, **kwargs)
+        stream = ShardReader(corpus, seed=seed, epochs=epochs, **kwargs)
     stream.collator = MlmCollator(corpus / "tokenizer", seed=seed)
     return stream
 
