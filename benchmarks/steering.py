@@ -91,18 +91,25 @@ class Trained:
 
 
 def pretrain(
-    model, batches, steps: int, search_steps: int = 0, target: float | None = None, **recipe
+    model,
+    batches,
+    steps: int,
+    search_steps: int = 0,
+    target: float | None = None,
+    dam: DamConfig | None = None,
+    **train_keys,
 ) -> Trained:
-    """``steps`` AdamW steps (lr 3e-3, α at 1e-2 unless ``recipe`` says otherwise); the first ``search_steps``
-    search the DAM mask (steered to ``target`` when given), which is then frozen (at the target)."""
-    train = TrainConfig(optimizer="adamw", lr=recipe.get("lr", 3e-3), dam_lr=recipe.get("dam_lr", 1e-2))
-    optimizer = build_optimizer(model, train, dam=DamConfig())
+    """``steps`` steps of ``train_keys`` (default AdamW, lr 3e-3, α at 1e-2, clipping at 1.0) with α's recipe
+    from ``dam``; the first ``search_steps`` search the DAM mask (steered to ``target`` when given), which is then
+    frozen (at the target) unless the search runs to the end (``search_steps >= steps``)."""
+    train = TrainConfig(**{"optimizer": "adamw", "lr": 3e-3, "dam_lr": 1e-2, "grad_clip": 1.0, **train_keys})
+    optimizer = build_optimizer(model, train, guarded=True, dam=dam or DamConfig())
     control = SparsityTarget.of(DamConfig(target_sparsity=target), search_steps) if target else None
     out, lam, gap = Trained(model), 0.0, 0.0
     model.train()
     for step in range(steps):
         if search_steps and step == search_steps:
-            _freeze(model, out, target, batches)
+            _freeze(model, out, target)
         if control is not None and step < search_steps:
             out.lambdas.append(control.in_force(lam, gap))
             model.steer_mask(out.lambdas[-1], control.goal(step))
@@ -115,12 +122,10 @@ def pretrain(
             out.step_seconds.append(time.perf_counter() - start)
         if control is not None and step < search_steps:
             lam, gap = control.after_step(lam, step, model.expected_mask_density)
-    if search_steps and search_steps >= steps:
-        _freeze(model, out, target, batches)
     return out
 
 
-def _freeze(model, out: Trained, target: float | None, batches) -> None:
+def _freeze(model, out: Trained, target: float | None) -> None:
     seq_len = model.mask_source.search_length
     density = model.expected_mask_density
     out.expected_sparsity = None if density is None else 1 - density
