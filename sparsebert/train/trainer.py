@@ -212,9 +212,7 @@ def finish(run: Run) -> None:
     final_mask = run.model.current_mask(run.seq_len)
     _save_rank_mask(run.out, "final", final_mask)
     importance = None
-    if (
-        not run.model.mask_frozen
-    ):  # a search to the end (dam.freeze=false): its importance, as a freeze logs it
+    if not run.model.mask_frozen:  # searched to the end (dam.freeze=false): log its importance too
         with ds_setup.gathered(run.model.mask_source.parameters(), run.ds):
             importance = run.model.mask_importance(run.seq_len)
     tracker.log_mask("final", final_mask, importance=importance)
