@@ -198,6 +198,19 @@ def test_packing_without_nsp_records_where_documents_begin(ray_local, corpus, tm
         assert all(0 < start < len(row["input_ids"]) for start in row["document_starts"])
     assert any(row["document_starts"] for row in rows)  # samples do span documents
     assert sum(len(r["input_ids"]) for r in rows) / len(rows) > fill * SEQ_LEN
+    from sparsebert.data import ShardReader
+
+    batch = next(iter(ShardReader(tmp_path / "out", rank=0, world_size=1, batch_size=8, documents=True)))
+    for ids, index in zip(batch["document_ids"].tolist(), batch["sample_index"].tolist(), strict=True):
+        starts = rows[index]["document_starts"]
+        assert ids == [sum(start <= position for start in starts) for position in range(SEQ_LEN)]
+
+
+def test_document_ids_need_a_corpus_that_records_documents(prepared):
+    from sparsebert.data import ShardReader
+
+    with pytest.raises(ValueError, match=r"records no document boundaries .*--packing full_sentences"):
+        ShardReader(prepared[1], rank=0, world_size=1, batch_size=2, documents=True)
 
 
 def test_existing_tokenizer_is_used_as_is(ray_local, prepared, corpus, tmp_path):

@@ -157,12 +157,8 @@ class ShardReader:
         self.seq_len: int = self.manifest["seq_len"]
         self.nsp: bool = self.manifest["packing"] == "nsp"
         self.documents = documents
-        if documents and not records_documents(self.manifest["packing"], self.manifest["format_version"]):
-            raise ValueError(
-                f"{self.data_dir} records no document boundaries (packing {self.manifest['packing']!r}, format "
-                f"{self.manifest['format_version']}): prepare it with `python -m data_prep --packing full_sentences` "
-                "or `--packing padding_free` to keep documents apart"
-            )
+        if documents:
+            self._check_documents()
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
         self._plan_blocks(section)
         self._epoch, self._position = 0, 0
@@ -372,6 +368,16 @@ class ShardReader:
         if self.documents:
             batch["document_ids"] = torch.from_numpy(rows["document_ids"].astype(np.int64))
         return batch
+
+    def _check_documents(self) -> None:
+        """Document ids need a corpus that records where its documents begin."""
+        packing, version = self.manifest["packing"], self.manifest["format_version"]
+        if not records_documents(packing, version):
+            raise ValueError(
+                f"{self.data_dir} records no document boundaries (packing {packing!r}, format {version}): prepare "
+                "it with `python -m data_prep --packing full_sentences` or `--packing padding_free` to keep "
+                "documents apart"
+            )
 
     # --- reading ----------------------------------------------------------------------------------
 
