@@ -2,7 +2,7 @@
 
 λ·‖M‖₁'s effect on the sparsity a search ends at is far from linear (on the demo corpus λ = 1e-3 drops every
 position, 1e-4 about 80%), so hitting a sparsity would take a sweep of whole pre-trainings. Instead, as
-structured pruning does (Wang et al., 2020), the sparsity is a constraint and λ its Lagrange multiplier: the loss
+structured pruning does, the sparsity is a constraint and λ its Lagrange multiplier: the loss
 holds λ·(E[density] − d_t), with E[density] = mean σ(α) the expected density of the sampled masks (a sampled
 position is kept with probability σ(α)), and λ follows the constraint's gap g = E[density] − d_t, a PI
 controller:
