@@ -19,6 +19,12 @@ Shard columns (one row per training sample, unpadded; the reader pads to ``seq_l
   the remaining tokens have token type 1. Full-sentence samples have ``a_length == len(input_ids)``.
 * ``next_sentence_label`` (``int8``, NSP packing only): 0 when B follows A in the document, 1 when B
   is a random segment from another document (the convention of transformers' ``BertForPreTraining``).
+* ``document_starts`` (``list<int16>``, ``full_sentences`` and ``padding_free`` packing, format 2 on): the
+  positions in the sample where another document begins (``[CLS]`` and the first tokens belong to the first
+  one; a separator ``[SEP]`` to the document it closes). Empty when the sample holds one document.
+
+Format versions: 2 added ``document_starts`` and ``padding_free`` packing; a version-1 corpus reads as before
+(it has no document boundaries, so ``data.document_mask`` refuses it).
 
 A corpus may also live in an object store (``s3://``, ``gs://``): the functions that read one take a local path
 or a URI (``sparsebert.storage``, the one module of ``sparsebert`` that ``data_prep`` uses).
@@ -42,11 +48,12 @@ import pyarrow.parquet as pq
 
 from sparsebert.storage import Location, download, local_mirror, parse
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
-PACKINGS = ("nsp", "full_sentences")
+PACKINGS = ("nsp", "full_sentences", "padding_free")
 SPLITS = ("train", "validation")
 VALIDATION_DIR = "validation"
 
@@ -61,12 +68,19 @@ def ids_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
 
 
-def shard_schema(vocab_size: int, packing: str) -> pa.Schema:
-    """Arrow schema of the shards (and of the intermediate per-unit files)."""
+def shard_schema(vocab_size: int, packing: str, version: int = FORMAT_VERSION) -> pa.Schema:
+    """Arrow schema of the shards (and of the intermediate per-unit files) of a corpus of format ``version``."""
     fields = [pa.field("input_ids", pa.list_(ids_type(vocab_size))), pa.field("a_length", pa.int16())]
     if packing == "nsp":
         fields.append(pa.field("next_sentence_label", pa.int8()))
+    elif records_documents(packing, version):
+        fields.append(pa.field("document_starts", pa.list_(pa.int16())))
     return pa.schema(fields)
+
+
+def records_documents(packing: str, version: int = FORMAT_VERSION) -> bool:
+    """Whether a corpus's samples say where their documents begin (``document_starts``)."""
+    return packing != "nsp" and version >= 2
 
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
@@ -124,9 +138,10 @@ def load_manifest(data_dir: str | Path | Location) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise ValueError(f"{path}: format_version {found!r}, this reader understands {FORMAT_VERSION}")
+        understood = " and ".join(map(str, READABLE_VERSIONS))
+        raise ValueError(f"{path}: format_version {found!r}, this reader understands {understood}")
     for key in ("seq_len", "seed", "packing", "tokenizer", "shards", "counts"):
         if key not in manifest:
             raise ValueError(f"{path}: missing key {key!r}")
@@ -226,7 +241,9 @@ def check_shards(
                 f"{shard_dir / name}: Parquet file not listed in {manifest_path}; a foreign file in the shard "
                 "directory (remove it, or prepare the corpus again)"
             )
-    expected_schema = shard_schema(manifest["tokenizer"]["vocab_size"], manifest["packing"])
+    expected_schema = shard_schema(
+        manifest["tokenizer"]["vocab_size"], manifest["packing"], manifest["format_version"]
+    )
     footers = []
     for shard in section["shards"]:
         path = shard_dir / shard["file"]

@@ -160,7 +160,9 @@ class PrepOptions:
     )
     packing: str = _opt(
         "nsp",
-        "nsp: BERT sentence pairs with next-sentence labels; full_sentences: RoBERTa packing without NSP",
+        "nsp: BERT sentence pairs with next-sentence labels; full_sentences: RoBERTa packing without NSP (whole "
+        "sentences, across documents); padding_free: the text cut into full samples, sentences split between "
+        "them; both record where documents begin (data.document_mask keeps attention inside them)",
         group="samples",
         manifest="top",
         choices=PACKINGS,

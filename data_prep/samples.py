@@ -9,8 +9,12 @@ unused segments are put back) always for a one-segment chunk, and otherwise at r
 from BERT: ``random_next_prob`` is the share of *all* samples with a random B. BERT draws it for the
 multi-segment chunks only, so every one-segment chunk (short documents, long sentences) tips the share
 over one half; here the draw for a multi-segment chunk is lowered by the one-segment chunks met so far in
-the group, which keeps the share at ``random_next_prob`` on any text. ``packed_samples`` is RoBERTa's FULL-SENTENCES: contiguous sentences up to the length limit,
-crossing document boundaries with an extra ``[SEP]`` between documents, no NSP.
+the group, which keeps the share at ``random_next_prob`` on any text. ``packed_samples`` is RoBERTa's
+FULL-SENTENCES: contiguous sentences up to the length limit, crossing document boundaries with an extra
+``[SEP]`` between documents, no NSP; ``padding_free_samples`` cuts the same stream into samples of exactly the
+length limit (a sentence may be split between two samples), so only a group's last sample is padded. Both
+record where each document begins in a sample (``document_starts``), so that training can keep attention
+inside documents.
 
 A document is a list of sentences, a sentence a non-empty list of token ids no longer than the
 sample's room (the caller cuts longer ones). Every random choice comes from the ``rng`` passed in.
@@ -31,6 +35,7 @@ class Sample(NamedTuple):
     a_length: int  # tokens of type 0: len([CLS] A [SEP]); all of them for packed samples
     next_sentence_label: int  # 0 = B follows A, 1 = B is random, -1 = no NSP
     segments: int = 1  # sentences of the document the sample was cut from (A and, if it follows, B)
+    document_starts: tuple[int, ...] = ()  # positions where another document begins (packed samples)
 
 
 def _truncate_pair(
@@ -170,24 +175,56 @@ def packed_samples(
     max_tokens = seq_len - 2  # [CLS] ... [SEP]
     samples: list[Sample] = []
     current: list[int] = []
+    starts: list[int] = []  # positions (in the sample, after [CLS]) where another document begins
 
     def emit() -> None:
         while current and current[-1] == sep_id:  # a document separator at the very end is redundant
             current.pop()
         if current:
             ids = [cls_id, *current, sep_id]
-            samples.append(Sample(ids, len(ids), -1))
+            samples.append(Sample(ids, len(ids), -1, document_starts=tuple(starts)))
         current.clear()
+        starts.clear()
 
     for document in docs:
-        for sentence in document:
+        for index, sentence in enumerate(document):
             if current and len(current) + len(sentence) > max_tokens:
                 emit()
+            if index == 0 and current:
+                starts.append(len(current) + 1)
             current.extend(sentence)
         if current and len(current) < max_tokens:
             current.append(sep_id)  # the extra separator between documents
         elif current:
             emit()
     emit()
+    rng.shuffle(samples)
+    return samples
+
+
+def padding_free_samples(
+    docs: Sequence[Document], rng: random.Random, *, seq_len: int, cls_id: int, sep_id: int
+) -> list[Sample]:
+    """The documents as one stream (a ``[SEP]`` after each), cut into samples of exactly ``seq_len`` tokens
+    (``[CLS] ... [SEP]``), shuffled; only the last one may be shorter."""
+    max_tokens = seq_len - 2
+    stream: list[int] = []
+    begins: list[int] = []  # where each document begins in the stream
+    for document in docs:
+        begins.append(len(stream))
+        stream.extend(chain.from_iterable(document))
+        stream.append(sep_id)
+    samples: list[Sample] = []
+    cursor = 0  # the next document beginning not yet inside a sample
+    for start in range(0, len(stream), max_tokens):
+        chunk = stream[start : start + max_tokens]
+        while cursor < len(begins) and begins[cursor] <= start:
+            cursor += 1
+        starts = []
+        while cursor < len(begins) and begins[cursor] < start + len(chunk):
+            starts.append(begins[cursor] - start + 1)
+            cursor += 1
+        ids = [cls_id, *chunk, sep_id]
+        samples.append(Sample(ids, len(ids), -1, document_starts=tuple(starts)))
     rng.shuffle(samples)
     return samples

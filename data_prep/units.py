@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from data_prep.failures import TransientError, inject_unit_fault, is_transient
 from data_prep.format import TOKENIZER_FILE, file_sha256, ids_type, shard_schema
 from data_prep.options import PrepOptions
-from data_prep.samples import Sample, nsp_samples, packed_samples
+from data_prep.samples import Sample, nsp_samples, packed_samples, padding_free_samples
 from data_prep.sources import ReadCounters, Unit, read_documents
 from data_prep.text import document_sentences
 from sparsebert import storage
@@ -189,6 +189,8 @@ def _to_table(samples: list[Sample], schema: pa.Schema, vocab_size: int) -> pa.T
         columns.append(
             pa.array(np.fromiter((s.next_sentence_label for s in samples), dtype=np.int8, count=len(samples)))
         )
+    if "document_starts" in schema.names:
+        columns.append(pa.array([list(s.document_starts) for s in samples], type=pa.list_(pa.int16())))
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -239,7 +241,8 @@ class _Split:
                 random_next_prob=opts.random_next_prob,
             )
         else:
-            samples = packed_samples(
+            pack = padding_free_samples if opts.packing == "padding_free" else packed_samples
+            samples = pack(
                 docs, rng, seq_len=opts.seq_len, cls_id=self.config.cls_id, sep_id=self.config.sep_id
             )
         if not samples:

@@ -13,6 +13,8 @@ ATTENTION_BACKENDS: list[str] = ["auto", "eager", "sdpa", "flex", "block_sparse"
 OPTIMIZERS: tuple[str, ...] = ("lamb", "adamw")
 LR_DECAYS: tuple[str, ...] = ("linear", "polynomial", "constant")
 MLM_LOGITS: tuple[str, ...] = ("masked_only", "all")
+# dam.alpha_optimizer: α's own Adam steps at train.dam_lr, or the model's optimizer and lr (sparsebert.train.optim)
+ALPHA_OPTIMIZERS: tuple[str, ...] = ("adam", "model")
 INIT_MASKS: tuple[str, ...] = (
     "auto",
     "checkpoint",

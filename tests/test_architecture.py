@@ -130,7 +130,8 @@ def test_each_package_imports_only_the_layers_below_it(package):
 @pytest.mark.parametrize(
     ("module", "may_import"),
     [
-        ("sparsebert.model.masks", set()),  # the pattern library and its tensor helpers: a leaf
+        ("sparsebert.model.dam_logits", set()),  # DAM's tensor helpers: a leaf
+        ("sparsebert.model.masks", {"sparsebert.model.dam_logits"}),  # the pattern library (offers them too)
         ("sparsebert.model.layer_masks", set()),
         ("sparsebert.choices", set()),
         ("sparsebert.faults", set()),
@@ -140,7 +141,10 @@ def test_each_package_imports_only_the_layers_below_it(package):
         ("sparsebert.schema", set()),  # the config schemas of every entry point, data_prep's too: a leaf
         ("sparsebert.model.block_sparse", {"sparsebert.model.masks"}),
         ("sparsebert.model.flex_backend", {"sparsebert.model.masks", "sparsebert.model.layer_masks"}),
-        ("sparsebert.model.dam", {"sparsebert.model.masks", "sparsebert.model.layer_masks"}),
+        (
+            "sparsebert.model.dam",
+            {"sparsebert.model.masks", "sparsebert.model.layer_masks", "sparsebert.model.dam_logits"},
+        ),
         ("sparsebert.model.standalone", set()),  # reads the model modules as text, never imports them
         ("sparsebert.model.registration", set()),  # torch-free: `import sparsebert` runs it
     ],

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import PrepOptions, prepare_corpus
-from data_prep.format import MANIFEST_NAME, tokenizer_hash
+from data_prep.format import FORMAT_VERSION, MANIFEST_NAME, tokenizer_hash
 
 SEQ_LEN = 64
 _SYLLABLES = ["ka", "lo", "mi", "ra", "tu", "ne", "so", "vi", "pe", "da", "gu", "ze", "bo", "fi"]
@@ -107,7 +107,11 @@ def test_output_identical_whatever_the_number_of_workers(prepared):
 def test_manifest_describes_the_output(prepared, corpus):
     out = prepared[2]
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["format_version"] == 1 and manifest["seq_len"] == SEQ_LEN and manifest["seed"] == 0
+    assert (
+        manifest["format_version"] == FORMAT_VERSION
+        and manifest["seq_len"] == SEQ_LEN
+        and manifest["seed"] == 0
+    )
     assert manifest["sources"] == [
         {"type": "text", "path": str(corpus[0].resolve()), "bytes": corpus[0].stat().st_size}
     ]
@@ -179,18 +183,34 @@ def test_samples_are_well_formed_bert_pairs(prepared, corpus):
     assert 0.02 < short < 0.5  # short_seq_prob = 0.1 plus documents' ends
 
 
-def test_full_sentence_packing(ray_local, corpus, tmp_path):
-    manifest = prepare([corpus[0]], tmp_path / "out", packing="full_sentences", num_workers=2)
+@pytest.mark.parametrize(("packing", "fill"), [("full_sentences", 0.75), ("padding_free", 0.95)])
+def test_packing_without_nsp_records_where_documents_begin(ray_local, corpus, tmp_path, packing, fill):
+    manifest = prepare([corpus[0]], tmp_path / "out", packing=packing, num_workers=2)
     rows = read_rows(tmp_path / "out")
-    assert manifest["packing"] == "full_sentences" and "nsp_random_next" not in manifest["counts"]
-    assert set(rows[0]) == {"input_ids", "a_length"}
+    assert manifest["packing"] == packing and "nsp_random_next" not in manifest["counts"]
+    assert set(rows[0]) == {"input_ids", "a_length", "document_starts"}
     for row in rows:
         assert (
             row["input_ids"][0] == 2
             and row["input_ids"][-1] == 3
             and row["a_length"] == len(row["input_ids"]) <= SEQ_LEN
         )
-    assert sum(len(r["input_ids"]) for r in rows) / len(rows) > 0.75 * SEQ_LEN
+        assert all(0 < start < len(row["input_ids"]) for start in row["document_starts"])
+    assert any(row["document_starts"] for row in rows)  # samples do span documents
+    assert sum(len(r["input_ids"]) for r in rows) / len(rows) > fill * SEQ_LEN
+    from sparsebert.data import ShardReader
+
+    batch = next(iter(ShardReader(tmp_path / "out", rank=0, world_size=1, batch_size=8, documents=True)))
+    for ids, index in zip(batch["document_ids"].tolist(), batch["sample_index"].tolist(), strict=True):
+        starts = rows[index]["document_starts"]
+        assert ids == [sum(start <= position for start in starts) for position in range(SEQ_LEN)]
+
+
+def test_document_ids_need_a_corpus_that_records_documents(prepared):
+    from sparsebert.data import ShardReader
+
+    with pytest.raises(ValueError, match=r"records no document boundaries .*--packing full_sentences"):
+        ShardReader(prepared[1], rank=0, world_size=1, batch_size=2, documents=True)
 
 
 def test_existing_tokenizer_is_used_as_is(ray_local, prepared, corpus, tmp_path):

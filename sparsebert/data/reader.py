@@ -25,6 +25,7 @@ from data_prep.format import (
     load_manifest,
     local_tokenizer,
     open_shard,
+    records_documents,
     split_section,
 )
 
@@ -73,7 +74,10 @@ class ShardReader:
     only), ``sample_index`` (``[B]``, the sample's row in the corpus) and ``epoch`` (``[B]``). The last
     two let ``MlmCollator`` mask as a pure function of ``(seed, epoch, sample_index)``, so a resumed
     run masks exactly as an uninterrupted one; pass ``collator=`` to have it applied in the prefetch
-    thread. Iteration runs forever, or until ``epochs`` epochs (counted from 0) are done.
+    thread. Iteration runs forever, or until ``epochs`` epochs (counted from 0) are done. With ``documents=True``
+    (a ``full_sentences`` or ``padding_free`` corpus of format 2), batches also hold ``document_ids`` (``[B,
+    seq_len]``: each position's document within its sample, 0 first), which the model takes to keep attention
+    inside documents.
 
     **Device.** With ``device`` set (a training rank passes its accelerator's), the model inputs arrive there:
     the producing thread pins them and queues the copy without blocking, so neither thread waits for it.
@@ -114,6 +118,7 @@ class ShardReader:
         device: torch.device | str | None = None,
         split: str = "train",
         filesystem: pafs.FileSystem | None = None,
+        documents: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -151,6 +156,9 @@ class ShardReader:
         self.device = torch.device(device) if device is not None else None
         self.seq_len: int = self.manifest["seq_len"]
         self.nsp: bool = self.manifest["packing"] == "nsp"
+        self.documents = documents
+        if documents:
+            self._check_documents()
         self._pad_id: int = self.manifest["tokenizer"]["special_ids"]["pad"]
         self._plan_blocks(section)
         self._epoch, self._position = 0, 0
@@ -357,7 +365,19 @@ class ShardReader:
         }
         if self.nsp:
             batch["next_sentence_label"] = torch.from_numpy(rows["next_sentence_label"].astype(np.int64))
+        if self.documents:
+            batch["document_ids"] = torch.from_numpy(rows["document_ids"].astype(np.int64))
         return batch
+
+    def _check_documents(self) -> None:
+        """Document ids need a corpus that records where its documents begin."""
+        packing, version = self.manifest["packing"], self.manifest["format_version"]
+        if not records_documents(packing, version):
+            raise ValueError(
+                f"{self.data_dir} records no document boundaries (packing {packing!r}, format {version}): prepare "
+                "it with `python -m data_prep --packing full_sentences` or `--packing padding_free` to keep "
+                "documents apart"
+            )
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -366,6 +386,7 @@ class ShardReader:
         k, group = self._blocks[b]
         path = self._paths[k]
         columns = ["input_ids", "a_length"] + (["next_sentence_label"] if self.nsp else [])
+        columns += ["document_starts"] if self.documents else []
         try:
             with open_shard(path, self.filesystem) as source:
                 # The footer read at construction is reused: only the row group's column chunks are read.
@@ -393,18 +414,33 @@ class ShardReader:
         }
         if self.nsp:
             out["next_sentence_label"] = table.column("next_sentence_label").to_numpy()
+        if self.documents:
+            out["document_ids"] = _document_ids(
+                table.column("document_starts").combine_chunks(), self.seq_len
+            )
         return out
+
+
+def _document_ids(starts: pa.ListArray, seq_len: int) -> np.ndarray:
+    """``[rows, seq_len]`` document index of every position (0 for the first document of a sample) from each
+    row's ``document_starts``; padding positions take the last document's index (padding masks them anyway)."""
+    counts = np.diff(np.asarray(starts.offsets))
+    marks = np.zeros((len(counts), seq_len + 1), dtype=np.int16)
+    np.add.at(marks, (np.repeat(np.arange(len(counts)), counts), np.asarray(starts.flatten())), 1)
+    return np.cumsum(marks[:, :seq_len], axis=1, dtype=np.int16)
 
 
 HOST_KEYS = ("sample_index", "epoch")  # bookkeeping the host reads; never moved to the device
 
 
 def model_inputs(batch: Batch, nsp: bool) -> Batch:
-    """What a pre-training model takes from a batch (the NSP label only when NSP is trained)."""
+    """What a pre-training model takes from a batch (the NSP label only when NSP is trained; the document ids
+    when the reader was asked for them)."""
     keys = ("input_ids", "token_type_ids", "attention_mask", "labels") + (
         ("next_sentence_label",) if nsp else ()
     )
-    return {key: batch[key] for key in keys}
+    documents = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+    return {key: batch[key] for key in keys} | documents
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -15,8 +15,14 @@ padding is silently ignored). The model passes the pass's :class:`LayerMasks` do
   (:mod:`sparsebert.model.block_sparse`): forward and backward on any device, no compilation; needs a fixed mask.
 * ``auto``  — DAM search or the dense pattern → sdpa; a fixed sparse mask on GPU without attention dropout
   (inference, or a model trained without it) → flex; otherwise (CPU, or GPU training with dropout) a fixed
-  sparse mask whose block plan leaves at most ``BLOCK_SPARSE_MAX_WORK`` of dense attention's work →
-  block_sparse; everything else → sdpa. So no backend ``auto`` picks drops the attention dropout.
+  sparse mask whose block plan leaves at most ``BLOCK_SPARSE_MAX_WORK`` of dense attention's work (a
+  block-structured one, ``dam_b``: ``BLOCK_STRUCTURED_MAX_WORK``) → block_sparse; everything else → sdpa. So no
+  backend ``auto`` picks drops the attention dropout.
+
+**Documents.** A pass whose masks carry ``documents`` (``[B, L]`` ids, ``data.document_mask``) attends only within
+equal ids, on every backend and while DAM searches: eager, sdpa and registered backends receive the padding
+combined with it as one ``[B, 1, L, L]`` mask (built once per pass, like the padding); block_sparse and flex
+apply the ids themselves (per gathered block; in the score_mod), without an ``L × L`` mask per sample.
 
 What makes it fast (guarded by ``tests/test_performance_guards.py``): every mask a backend derives is built
 once — per mask (cached with it) or, when it depends on the batch's padding, per forward pass (shared by
@@ -55,6 +61,12 @@ DAM_NEG = 10000.0  # the paper's additive penalty for a dropped position, (1 −
 # L = 512, work 0.15, and a frozen DAM band at L = 1024, work 0.14, gain; benchmarks/results/cpu_attention.md).
 # On GPU the same threshold applies until benchmarks/gpu_check.sh has measured one there.
 BLOCK_SPARSE_MAX_WORK = 0.2
+# A mask that is constant on tiles of its own block size (dam_b) gathers whole tiles of at least 16 (128 by
+# default): the gather costs 1/block of the attention it skips, so block_sparse pays far beyond the 0.2 above.
+# Until benchmarks/bench_dam_block.py has measured it on a quiet machine, half of dense attention's work.
+BLOCK_STRUCTURED_MAX_WORK = 0.5
+# Backends that apply a pass's document ids themselves; every other one gets them folded into its padding mask.
+_DOCUMENT_AWARE = ("block_sparse", "flex")
 
 
 def padding_mask(
@@ -98,7 +110,8 @@ def sparse_attention(
     backend = resolved_backend(
         module.config.attention_backend, sparse_masks, query.device, needs_grad, dropout, slot
     )
-    out = _BACKENDS[backend](module, query, key, value, sparse_masks, slot, attention_mask, scaling, dropout)
+    padding = attention_mask if backend in _DOCUMENT_AWARE else _keep(sparse_masks, attention_mask)
+    out = _BACKENDS[backend](module, query, key, value, sparse_masks, slot, padding, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -129,7 +142,8 @@ def choose_backend(
             return "sdpa"
         if device.type == "cuda" and dropout == 0.0:
             return "flex"
-        return "block_sparse" if block_plan(masks, slot).work <= BLOCK_SPARSE_MAX_WORK else "sdpa"
+        limit = BLOCK_STRUCTURED_MAX_WORK if masks.block >= 16 else BLOCK_SPARSE_MAX_WORK
+        return "block_sparse" if block_plan(masks, slot).work <= limit else "sdpa"
     if requested in ("flex", "block_sparse") and searching:
         raise ValueError(
             f"attention_backend={requested!r} needs a fixed mask; a DAM mask that is still searching trains "
@@ -149,6 +163,20 @@ def effective_dropout(backend: str, dropout: float) -> float:
 
 
 # --- masks in each backend's form ----------------------------------------------------------------------
+
+
+def _keep(masks: LayerMasks, padding: torch.Tensor | None) -> torch.Tensor | None:
+    """The batch's key padding ``[B, 1, 1, L]`` combined with its documents (``[B, 1, L, L]``: a query keeps a key
+    of its own document only); the padding as it is when the pass has no documents. Built once per pass."""
+    documents = masks.documents
+    if documents is None:
+        return padding
+
+    def build():
+        same = documents[:, None, :, None] == documents[:, None, None, :]
+        return same if padding is None else same & padding
+
+    return masks.derived(("keep",), build, per_batch=True)
 
 
 def _allowed(masks: LayerMasks, slot: int, padding: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -268,8 +296,8 @@ def _block_sparse(module, query, key, value, masks, slot, padding, scaling, drop
     plan = block_plan(masks, slot)
     biases = masks.derived(
         ("block_masks", slot, query.shape[0], query.dtype),
-        lambda: plan.masks(query.shape[0], padding, query.dtype),
-        per_batch=padding is not None,
+        lambda: plan.masks(query.shape[0], padding, query.dtype, masks.documents),
+        per_batch=padding is not None or masks.documents is not None,
     )
     return block_sparse_attention(query, key, value, plan, biases, scaling, dropout)
 

@@ -69,13 +69,18 @@ class BlockPlan:
         return self._rows[batch]
 
     def masks(
-        self, batch: int, padding: torch.Tensor | None, dtype: torch.dtype
+        self,
+        batch: int,
+        padding: torch.Tensor | None,
+        dtype: torch.dtype,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, ...]:
         """(light bias ``[B·n, Hm, b, kmax·b]``, its empty rows, heavy bias ``[B|1, Hm, n_heavy·b, n·b]``,
         its empty rows) for SDPA: additive float masks, converted once here rather than by SDPA per call.
 
-        ``padding`` is the batch's ``[B, 1, 1, L]`` key-padding mask (None: no padding). A row with no
-        allowed key is opened to every gathered key (SDPA would give NaN) and its output zeroed after.
+        ``padding`` is the batch's ``[B, 1, 1, L]`` key-padding mask (None: no padding); ``documents`` its
+        ``[B, L]`` document ids (None: none), compared per gathered block. A row with no allowed key is opened to
+        every gathered key (SDPA would give NaN) and its output zeroed after.
         """
         light = self.light_mask.unsqueeze(0)  # [1, n, Hm, b, kb]
         heavy = self.heavy_mask.unsqueeze(0)  # [1, Hm, nh·b, n·b]
@@ -84,10 +89,27 @@ class BlockPlan:
             gathered = keep.view(batch, self.num_blocks, self.block)[:, self.key_blocks]  # [B, n, kmax, b]
             light = light & gathered.flatten(-2)[:, :, None, None, :]
             heavy = heavy & keep[:, None, None, :]
+        if documents is not None:
+            light, heavy = self._within_documents(light, heavy, documents)
         light = light.expand(batch, *light.shape[1:]).flatten(0, 1)
         light, light_empty = _open_empty_rows(light)
         heavy, heavy_empty = _open_empty_rows(heavy)
         return _bias(light, dtype), light_empty, _bias(heavy, dtype), heavy_empty
+
+    def _within_documents(
+        self, light: torch.Tensor, heavy: torch.Tensor, documents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``light`` ``[B|1, n, Hm, b, kb]`` and ``heavy`` ``[B|1, Hm, nh·b, n·b]`` restricted to query-key pairs of
+        one document (padded positions get id −1: never a real token's)."""
+        batch = documents.shape[0]
+        docs = F.pad(documents, (0, self.padded_len - self.seq_len), value=-1).view(
+            batch, self.num_blocks, -1
+        )
+        keys = docs[:, self.key_blocks].flatten(-2)  # [B, n, kmax·b]
+        light = light & (docs[:, :, :, None] == keys[:, :, None, :])[:, :, None]
+        rows = docs[:, self.heavy].flatten(1)  # [B, nh·b]
+        heavy = heavy & (rows[:, :, None] == docs.flatten(1)[:, None, :])[:, None]
+        return light, heavy
 
 
 def _open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -38,7 +38,19 @@ def attend(module, query, key, value, masks, slot, padding, scaling, dropout) ->
     if padded_len != seq_len:
         query, key, value = (F.pad(t, (0, 0, 0, padded_len - seq_len)) for t in (query, key, value))
     score_mod = None
-    if padding is not None:
+    if masks.documents is not None:
+        # Documents, like padding, go into the score_mod (padded positions get id −1, which no token has).
+        docs = F.pad(masks.documents, (0, padded_len - seq_len), value=-1)
+        if padding is not None:
+            docs = docs.masked_fill(
+                F.pad(~padding.view(query.shape[0], seq_len), (0, padded_len - seq_len)), -2
+            )
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(
+                (docs[b, kv_idx] == docs[b, q_idx]) & (docs[b, kv_idx] >= 0), score, -float("inf")
+            )
+    elif padding is not None:
         # Padding goes into a score_mod rather than the block mask: the block mask stays cached (built
         # once per mask, not per batch) and its full blocks stay full. Rows left with no key give zeros.
         keep = padding.new_zeros(query.shape[0], padded_len)

@@ -14,18 +14,23 @@ class LayerMasks:
     """The attention masks for one forward pass.
 
     ``hard`` is ``[n, heads, L, L]`` bool (``n`` = 1 when every layer shares the mask). ``soft`` is the
-    straight-through mask ``M`` while DAM searches (forward value equals ``hard``), else None.
-    ``cache`` holds what backends derive from a *fixed* mask (boolean masks, block masks) and lives as
-    long as the mask does; ``memo`` holds what they derive for this pass only (masks combined with this
-    batch's padding, shared by every layer).
+    straight-through mask ``M`` while DAM searches (forward value equals ``hard``), else None, and ``penalty``
+    the pass's DAM loss term then. ``cache`` holds what backends derive from a *fixed* mask (boolean masks,
+    block masks) and lives as long as the mask does; ``memo`` holds what they derive for this pass only (masks
+    combined with this batch's padding or documents, shared by every layer). ``block`` > 0 says the mask is
+    constant on ``block × block`` tiles (``dam_b``): a block-skipping backend loses nothing on it.
+    ``documents`` (``[B, L]`` ints, this pass only) keeps attention inside each sample's documents: a query
+    attends a key only where their ids are equal (``data.document_mask``).
     """
 
     hard: torch.Tensor
     soft: torch.Tensor | None = None
-    penalty_weight: float = 0.0
+    penalty: torch.Tensor | None = None
     cache: dict[Any, Any] | None = None
     memo: dict[Any, Any] = field(default_factory=dict)
     is_dense: bool = False
+    block: int = 0
+    documents: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -34,12 +39,6 @@ class LayerMasks:
     def slot(self, layer_idx: int | None) -> int:
         """Index into ``hard``/``soft`` for a layer (0 for a mask shared by all layers)."""
         return 0 if self.hard.shape[0] == 1 or layer_idx is None else layer_idx
-
-    def penalty(self) -> torch.Tensor | None:
-        """λ·‖M‖₁ (sum over layers, heads and positions) while searching, else None."""
-        if self.soft is None:
-            return None
-        return self.penalty_weight * self.soft.sum()
 
     def derived(self, key: Any, build: Callable[[], Any], per_batch: bool = False) -> Any:
         """What a backend derives from these masks (``build()``), built once: kept with a fixed mask for as long
@@ -58,4 +57,4 @@ class LayerMasks:
 
     def fresh(self) -> LayerMasks:
         """The same masks with an empty per-pass memo (the long-lived cache is shared)."""
-        return LayerMasks(self.hard, self.soft, self.penalty_weight, self.cache, {}, self.is_dense)
+        return LayerMasks(self.hard, self.soft, self.penalty, self.cache, {}, self.is_dense, self.block)

@@ -5,9 +5,10 @@ key ``j`` in head ``h``. Patterns are named by a *spec*: a name (``"longformer"`
 pattern's defaults (``{"name": "longformer", "window": 4}``), or a dotted path to a user function
 (``"mypkg.masks:my_pattern"``). Every pattern accepts ``no_diagonal=True`` to remove ``i == j``.
 
-``dam_u`` and ``dam_s`` are *learned* patterns (see :mod:`sparsebert.model.dam`): their specs are validated here,
-but their masks come from a model's parameters; the pure tensor helpers that turn those parameters into masks
-live here too. This module imports no model code: everything else in the package builds on it.
+``dam_u``, ``dam_s`` and ``dam_b`` are *learned* patterns (see :mod:`sparsebert.model.dam`): their specs are
+validated here, but their masks come from a model's parameters; the pure tensor helpers that turn those parameters
+into masks are in :mod:`sparsebert.model.dam_logits` (and offered here too). This module imports no model code:
+everything else in the package builds on it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+# DAM's tensor helpers live in their own module; the pattern library offers them too (its public helpers).
+from sparsebert.model.dam_logits import alpha_to_mask, distance_matrix, expand_alpha  # noqa: F401
 
 PatternFn = Callable[..., torch.Tensor]
 
@@ -34,7 +38,11 @@ LEARNED_DEFAULTS: dict[str, Any] = {
     "init_std": 1e-3,  # α ~ N(0, init_std), so every position starts at p ≈ 0.5
     "frozen": False,  # True once freeze_mask() binarised the mask (α > 0)
 }
-LEARNED_PATTERNS = ("dam_u", "dam_s")
+# dam_b's own: the block size, by default the one the block-skipping kernels skip (flex on GPU, block_sparse), and
+# whether all heads share one block layout. block_sparse skips only the blocks no head keeps, so per-head layouts
+# (the default, as dam_u/dam_s learn per head) skip little once there are many heads; flex skips per head.
+BLOCK_DEFAULTS: dict[str, Any] = {"block": 128, "share_heads": False}
+LEARNED_PATTERNS = ("dam_u", "dam_s", "dam_b")
 
 # Parameters every pattern accepts, handled here rather than by each pattern function.
 _COMMON_PARAMS = {"no_diagonal": False}
@@ -94,10 +102,15 @@ def parse_spec(spec: str | Mapping[str, Any] | MaskSpec) -> MaskSpec:
         raise ValueError(f"attention pattern name must be a string, got {name!r}")
 
     if name in LEARNED_PATTERNS:
-        return MaskSpec(name, _check_params(name, LEARNED_DEFAULTS, overrides))
+        return MaskSpec(name, _check_params(name, learned_defaults(name), overrides))
     fn = _resolve(name)
     defaults = {**_COMMON_PARAMS, **_keyword_defaults(fn)}
     return MaskSpec(name, _check_params(name, defaults, overrides))
+
+
+def learned_defaults(name: str) -> dict[str, Any]:
+    """The parameters of a learned pattern and their defaults."""
+    return {**LEARNED_DEFAULTS, **(BLOCK_DEFAULTS if name == "dam_b" else {})}
 
 
 def build_mask(spec: str | Mapping[str, Any] | MaskSpec, seq_len: int, num_heads: int) -> torch.Tensor:
@@ -152,62 +165,7 @@ def sparsity(mask: torch.Tensor) -> float:
     return 1.0 - mask.float().mean().item()
 
 
-# --- tensor helpers for learned masks and block layouts (pure functions of tensors) --------------------------
-
-
-def distance_matrix(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """``|i − j|`` as a long tensor ``[seq_len, seq_len]``."""
-    idx = torch.arange(seq_len, device=device)
-    return (idx[:, None] - idx[None, :]).abs()
-
-
-def expand_alpha(name: str, alpha: torch.Tensor, seq_len: int, searched_len: int = 0) -> torch.Tensor:
-    """Per-position logits ``[..., H, L, L]`` from DAM parameters (``dam_s``: one per distance).
-
-    ``searched_len`` is the longest length the mask was searched at (0 = unknown: α is used as stored, up to its
-    size). Beyond it α was never trained (it holds its random initialisation), so positions there follow the
-    extension rule instead, at any length:
-
-    * ``dam_s``: a distance ``d ≥ S`` takes the logit of the farthest searched distance, ``α[S − 1]`` (the
-      learned profile is continued flat, so the mask stays a symmetric Toeplitz band);
-    * ``dam_u``: a position outside the searched ``S × S`` square takes the mean logit of the searched diagonal
-      with the same offset ``i − j``, clamped to the farthest searched offsets ``±(S − 1)`` (a Toeplitz
-      continuation of the searched square, as ``dam_s`` but per signed offset); inside the square, α as is.
-    """
-    covered = alpha.shape[-1]
-    searched = min(searched_len, covered) if searched_len > 0 else covered
-    if seq_len > searched and searched_len <= 0:
-        raise ValueError(f"sequence length {seq_len} exceeds the DAM logits' length {covered}")
-    if seq_len <= searched:
-        if name == "dam_s":
-            return alpha[..., :seq_len][..., distance_matrix(seq_len, alpha.device)]
-        return alpha[..., :seq_len, :seq_len]
-    idx = torch.arange(seq_len, device=alpha.device)
-    offset = (idx[:, None] - idx[None, :]).clamp(-(searched - 1), searched - 1)
-    if name == "dam_s":
-        return alpha[..., :searched][..., offset.abs()]
-    square = alpha[..., :searched, :searched]
-    return _extend_square(square, offset + searched - 1)
-
-
-def _extend_square(square: torch.Tensor, offset_index: torch.Tensor) -> torch.Tensor:
-    """``dam_u``'s rule: the searched square ``[..., S, S]`` inside, the mean of its diagonal per offset
-    (``offset_index`` = clamped ``i − j`` shifted by ``S − 1``, ``[L, L]``) outside."""
-    s = square.shape[-1]
-    idx = torch.arange(s, device=square.device)
-    diagonal_of = (idx[:, None] - idx[None, :] + s - 1).flatten()
-    values = square.float().flatten(-2)
-    sums = values.new_zeros(*values.shape[:-1], 2 * s - 1).index_add_(-1, diagonal_of, values)
-    counts = s - (torch.arange(2 * s - 1, device=square.device) - (s - 1)).abs()
-    out = (sums / counts)[..., offset_index].to(square.dtype)
-    out[..., :s, :s] = square
-    return out
-
-
-def alpha_to_mask(name: str, alpha: torch.Tensor, seq_len: int, searched_len: int = 0) -> torch.Tensor:
-    """The frozen (binary) mask of DAM logits: M = 1[α > 0], beyond ``searched_len`` by
-    :func:`expand_alpha`'s extension rule."""
-    return expand_alpha(name, alpha, seq_len, searched_len) > 0
+# --- block layouts (a pure function of tensors; DAM's logits are in sparsebert.model.dam_logits) ------------
 
 
 def padded_blocks(mask: torch.Tensor, block: int) -> torch.Tensor:
@@ -353,17 +311,21 @@ def _check_learned(params: dict[str, Any]) -> None:
             )
     if params["max_len"] is not None:
         _positive("max_len", params["max_len"])
-    for key in ("share_across_layers", "frozen"):
-        if not isinstance(params[key], bool):
+    if "block" in params:
+        _positive("block", params["block"])
+    for key in ("share_across_layers", "frozen", "share_heads"):
+        if key in params and not isinstance(params[key], bool):
             raise ValueError(f"DAM parameter {key!r} must be true or false, got {params[key]!r}")
 
 
 def _learned_mask(spec: dict[str, Any], seq_len: int, num_heads: int) -> torch.Tensor:
     alpha = spec.pop("alpha", None)
-    parse_spec(spec)
+    parsed = parse_spec(spec)
     if alpha is None:
         raise ValueError(f"learned pattern {spec['name']!r} needs its logits: pass 'alpha'")
-    return alpha_to_mask(spec["name"], torch.as_tensor(alpha), seq_len).expand(num_heads, -1, -1).clone()
+    block = parsed.params.get("block", 0)
+    mask = alpha_to_mask(spec["name"], torch.as_tensor(alpha), seq_len, block=block)
+    return mask.expand(num_heads, -1, -1).clone()
 
 
 def _as_head_mask(name: str, mask: Any, seq_len: int, num_heads: int) -> torch.Tensor:

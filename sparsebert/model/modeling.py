@@ -270,13 +270,44 @@ class _SparseBertMixin:
         for layer in self.base_model.encoder.layer:
             layer.compile(**compile_kwargs)
 
-    def freeze_mask(self) -> None:
-        """End the DAM search: binarise (α > 0) and fix the mask; the config records it."""
-        if not isinstance(self.mask_source, DamMask):
-            raise ValueError(f"attention pattern {self.config.mask_spec.name!r} is not learned")
-        self.mask_source.freeze()
+    def freeze_mask(self, target_sparsity: float | None = None, seq_len: int | None = None) -> float | None:
+        """End the DAM search: binarise (α > 0) and fix the mask; the config records it.
+
+        With ``target_sparsity``, α is first shifted by the θ for which the mask at ``seq_len`` (default: the
+        searched length) comes closest to it, so the frozen mask 1[α > 0] meets the target; returns θ (None
+        without a target). Under ZeRO-3, gather ``mask_source.parameters()`` (modifier rank 0) around the call.
+        """
+        source = self._dam("freeze")
+        theta = None if target_sparsity is None else self.meet_mask_sparsity(target_sparsity, seq_len)
+        source.freeze()
         self.config.attention_pattern = {**self.config.attention_pattern, "frozen": True}
         self._record_search_length()
+        return theta
+
+    def meet_mask_sparsity(self, target_sparsity: float, seq_len: int | None = None) -> float:
+        """Shift α by the θ for which 1[α > θ] at ``seq_len`` (default: the searched length) comes closest to
+        ``target_sparsity``, so that the mask 1[α > 0] meets it; returns θ."""
+        source = self._dam("threshold")
+        return source.meet_sparsity(target_sparsity, seq_len or source.search_length or source.max_len)
+
+    def steer_mask(self, lam: float, target_density: float | None = None) -> None:
+        """Set a DAM search's λ and, under a sparsity target, the density the loss term λ·(E[density] −
+        target) aims at (None: the paper's λ·‖M‖₁). The trainer's controller calls this before each step."""
+        self._dam("steer").steer(lam, target_density)
+
+    @property
+    def expected_mask_density(self) -> float | None:
+        """E[density] (mean σ(α)) of the last search pass under a sparsity target; None before one."""
+        source = self.mask_source
+        last = getattr(source, "last_density", None)
+        return None if last is None else float(last)
+
+    def _dam(self, what: str) -> DamMask:
+        if not isinstance(self.mask_source, DamMask):
+            raise ValueError(
+                f"attention pattern {self.config.mask_spec.name!r} is not learned (cannot {what} it)"
+            )
+        return self.mask_source
 
     @property
     def mask_frozen(self) -> bool:
@@ -302,13 +333,13 @@ class _SparseBertMixin:
     def mask_importance(self, seq_len: int) -> torch.Tensor:
         """σ(α) per position, ``[num_layers, num_heads, L, L]``: how much the search wants each position kept
         (the paper's importance). Under ZeRO-3, gather ``mask_source.parameters()`` around the call."""
-        source = self.mask_source
-        if not isinstance(source, DamMask):
-            raise ValueError(f"attention pattern {self.config.mask_spec.name!r} is not learned")
+        source = self._dam("read the importance of")
         importance = torch.sigmoid(
-            expand_alpha(source.name, source.alpha.detach().float(), seq_len, source.search_length)
+            expand_alpha(
+                source.name, source.alpha.detach().float(), seq_len, source.search_length, source.block
+            )
         )
-        return importance.expand(self.config.num_hidden_layers, -1, -1, -1).clone()
+        return importance.expand(self.config.num_hidden_layers, source.num_heads, -1, -1).clone()
 
 
 class SparseBertModel(_SparseBertMixin, BertModel):
@@ -334,14 +365,29 @@ class SparseBertModel(_SparseBertMixin, BertModel):
         inputs_embeds=None,
         *args,
         sparse_masks: LayerMasks | None = None,
+        document_ids: torch.Tensor | None = None,
         **kwargs,
     ):
+        """``BertModel``'s forward; ``document_ids`` (``[B, L]`` ints) keeps attention inside each document of a
+        packed sample: a query attends a key only where their ids are equal (every backend, DAM search too)."""
         if sparse_masks is None:
             sparse_masks = self.masks_for(input_ids, inputs_embeds)
+        with_documents(sparse_masks, document_ids)
         return super().forward(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, *args,
             sparse_masks=sparse_masks, **kwargs,
         )  # fmt: skip
+
+
+def with_documents(masks: LayerMasks, document_ids: torch.Tensor | None) -> LayerMasks:
+    """``masks`` (this pass's own) with the batch's document ids, checked against the mask's length."""
+    if document_ids is not None:
+        if document_ids.dim() != 2 or document_ids.shape[1] != masks.seq_len:
+            raise ValueError(
+                f"document_ids must be [batch, {masks.seq_len}] (one id per token), got {tuple(document_ids.shape)}"
+            )
+        masks.documents = document_ids
+    return masks
 
 
 class _SparseBertHeads(_SparseBertMixin):
@@ -400,9 +446,10 @@ class SparseBertForPreTraining(_SparseBertHeads, BertForPreTraining):
         inputs_embeds=None,
         labels=None,
         next_sentence_label=None,
+        document_ids=None,
         **kwargs,
     ):
-        masks = self.bert.masks_for(input_ids, inputs_embeds)
+        masks = with_documents(self.bert.masks_for(input_ids, inputs_embeds), document_ids)
         inputs = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         if _masked_only(self.config, labels):
             out, prediction_logits, labels = _encode_masked_only(
@@ -417,7 +464,7 @@ class SparseBertForPreTraining(_SparseBertHeads, BertForPreTraining):
         nsp = (
             None if next_sentence_label is None else ce(seq_relationship_logits.float(), next_sentence_label)
         )
-        penalty = masks.penalty()
+        penalty = masks.penalty
         loss = _total(mlm, nsp, penalty) if (mlm is not None or nsp is not None) else None
         return SparseBertForPreTrainingOutput(
             loss=loss,
@@ -442,9 +489,10 @@ class SparseBertForMaskedLM(_SparseBertHeads, BertForMaskedLM):
         position_ids=None,
         inputs_embeds=None,
         labels=None,
+        document_ids=None,
         **kwargs,
     ):
-        masks = self.bert.masks_for(input_ids, inputs_embeds)
+        masks = with_documents(self.bert.masks_for(input_ids, inputs_embeds), document_ids)
         inputs = (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         if _masked_only(self.config, labels):
             out, logits, selected_labels = _encode_masked_only(
@@ -454,7 +502,7 @@ class SparseBertForMaskedLM(_SparseBertHeads, BertForMaskedLM):
         else:
             out = super().forward(*inputs, labels=labels, sparse_masks=masks, **kwargs)
             logits, mlm = out.logits, out.loss
-        penalty = masks.penalty()
+        penalty = masks.penalty
         return SparseBertMaskedLMOutput(
             loss=_total(mlm, penalty) if mlm is not None else None,
             logits=logits,

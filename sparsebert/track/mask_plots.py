@@ -1,5 +1,6 @@
 """Pictures of attention masks, as a run logs them: heatmaps of the mask and of DAM's importance σ(α), and the
-importance by distance |i − j| (the paper's figures).
+importance by distance |i − j| (the paper's figures), with the spread across heads and positions around its mean
+(:mod:`sparsebert.track.importance` says when a difference between distances is noise).
 
 Every heatmap has query/key axes, a legend (boolean masks: attended vs masked) or a colour bar (importance),
 the sparsity in its title, and says which layers it stands for (a mask shared by all layers is drawn once);
@@ -21,6 +22,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
 from sparsebert.model.masks import distance_matrix
+from sparsebert.track.importance import distance_profile
 
 DPI = 100
 ATTENDED, MASKED = "#1f4e79", "#eeeeee"
@@ -138,6 +140,7 @@ def distance_figure(per_layer: list[tuple[torch.Tensor, str]], title: str) -> Fi
                 0, distance, importance[h].detach().float().cpu().flatten()
             )
             ax.plot((sums / counts).numpy(), label=f"head {h}", linewidth=1.2)
+        _mean_with_spread(ax, importance)
         ax.axhline(0.5, color="#888", linestyle="--", linewidth=0.8, label="kept above (0.5)")
         ax.set_xlabel("distance |i − j| between query and key (0 = diagonal)")
         ax.set_ylabel("mean importance σ(α)")
@@ -147,6 +150,16 @@ def distance_figure(per_layer: list[tuple[torch.Tensor, str]], title: str) -> Fi
         ax.legend(ncol=1 + importance.shape[0] // 9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title)
     return fig
+
+
+def _mean_with_spread(ax, importance: torch.Tensor) -> None:
+    """The mean over heads and positions at each distance, in a band of ± their standard deviation: where the
+    band is wider than the differences between distances, those differences are the search's noise."""
+    profile = distance_profile(importance)
+    x = torch.arange(len(profile.mean)).numpy()
+    ax.plot(x, profile.mean.numpy(), color="black", linewidth=1.6, label="mean of heads")
+    low, high = (profile.mean - profile.spread).numpy(), (profile.mean + profile.spread).numpy()
+    ax.fill_between(x, low, high, color="black", alpha=0.12, label="± std over heads, positions")
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -82,7 +82,7 @@ def enable_checkpointing(model) -> None:
 
 def build_engine(model, config: PretrainConfig, ds: dict, restarted: bool = False):
     """DeepSpeed engine + schedule. After a weight restart, the schedule spans stage 2 only."""
-    optimizer = optim.build_optimizer(model, config.train, guarded=ds_setup.guards_steps(ds))
+    optimizer = optim.build_optimizer(model, config.train, guarded=ds_setup.guards_steps(ds), dam=config.dam)
     offset = config.search_steps if restarted else 0
     total = config.train.max_steps - offset
 

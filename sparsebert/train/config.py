@@ -102,6 +102,11 @@ class DataConfig:
     mlm_probability: float = _f(0.15, "fraction of tokens predicted by the MLM objective")
     whole_word_masking: bool = _f(False, "mask whole words rather than word pieces")
     nsp: bool = _f(True, "train next-sentence prediction (needs shards prepared with NSP pairs)")
+    document_mask: bool = _f(
+        False,
+        "attention never crosses a document boundary inside a packed sample (needs a corpus packed with "
+        "--packing full_sentences or padding_free, which records the boundaries; data.nsp=false)",
+    )
     prefetch: int = _f(2, "batches each rank prepares ahead", neutral=True)
     lanes: int = _f(
         64,
@@ -157,6 +162,37 @@ class DamConfig:
     tau_end: float | None = _f(None, "... to this at the end of the search (null = no annealing)")
     restart_weights: bool = _f(
         False, "stage 2 restarts from fresh weights (and optimizer) instead of continuing"
+    )
+    freeze: bool = _f(
+        True,
+        "freeze the mask after the search (the paper's two stages); false: search to the end of training, as the "
+        "authors' released code does (fine-tuning then freezes it at 1[α > 0])",
+    )
+    target_sparsity: float | None = _f(
+        None,
+        "aim the search at this sparsity (e.g. 0.9): λ becomes a Lagrange multiplier driven by the gap between the "
+        "expected density and the target, and the frozen mask meets the target; null = the pattern's fixed λ",
+    )
+    lambda_lr: float = _f(
+        2.0, "with dam.target_sparsity: λ's running part rises by lambda_lr × the density gap after each step"
+    )
+    lambda_gain: float = _f(
+        100.0, "with dam.target_sparsity: λ in force = its running part + lambda_gain × the last density gap"
+    )
+    target_warmup: float = _f(
+        0.5,
+        "with dam.target_sparsity: the share of the search over which the target moves from the starting "
+        "sparsity (0.5: every α starts near 0) to dam.target_sparsity",
+    )
+    alpha_optimizer: str = _f(
+        "adam",
+        "how α is trained: adam (its own Adam steps at train.dam_lr) or model (the model's optimizer, LAMB's trust "
+        "ratio included, at train.lr, as the authors' code)",
+        choices.ALPHA_OPTIMIZERS,
+    )
+    clip_alpha: bool = _f(
+        True,
+        "train.grad_clip covers α's gradient too (the authors' code); false: α's gradient is never clipped",
     )
 
 
@@ -247,10 +283,13 @@ class PretrainConfig:
     @property
     def search_steps(self) -> int:
         """Stage 1's length: ``dam.search_steps``, else ``dam.search_fraction`` of ``train.max_steps`` (at least
-        one step, and one step short of the run); 0 for a fixed pattern or a frozen DAM mask."""
+        one step, and one step short of the run); the whole run with ``dam.freeze`` false; 0 for a fixed pattern or
+        a frozen DAM mask."""
         spec = self.model.mask_spec
         if not spec.learned or spec.params["frozen"]:
             return 0
+        if not self.dam.freeze:
+            return self.train.max_steps
         if self.dam.search_steps is not None:
             return self.dam.search_steps
         return min(max(1, round(self.dam.search_fraction * self.train.max_steps)), self.train.max_steps - 1)
@@ -341,10 +380,17 @@ def _check_semantics(config: PretrainConfig) -> None:
                 f"config key 'dam.search_steps' must be between 1 and train.max_steps - 1 ({t.max_steps - 1}) "
                 f"to search a {spec.name} mask, got {explicit} (or null: dam.search_fraction of the run)"
             )
+    if config.data.document_mask and config.data.nsp:
+        raise ConfigError(
+            "config key 'data.document_mask' keeps packed documents apart, which NSP samples are not (their A and B "
+            "pair may come from two documents on purpose): set data.nsp=false and use a full_sentences or "
+            "padding_free corpus"
+        )
     if not all(isinstance(text, str) for text in config.eval.fill_mask):
         raise ConfigError(
             f"config key 'eval.fill_mask' must be a list of sentences, got {config.eval.fill_mask!r}"
         )
+    _check_dam(config, spec)
     if (config.dam.tau_start is None) != (config.dam.tau_end is None):
         raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
     if config.checkpoint.every < 0:
@@ -372,6 +418,35 @@ def _check_export(config: PretrainConfig) -> None:
             check_repo_id(config.export.push_to_hub, "config key 'export.push_to_hub'")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+
+def _check_dam(config: PretrainConfig, spec: MaskSpec) -> None:
+    """The DAM keys: a target, the α recipe and the search's length must fit the pattern and each other."""
+    dam, searching = config.dam, spec.learned and not spec.params["frozen"]
+    if dam.target_sparsity is not None:
+        if not 0 < dam.target_sparsity < 1:
+            raise ConfigError(
+                f"config key 'dam.target_sparsity' must be between 0 and 1, got {dam.target_sparsity}"
+            )
+        if not searching:
+            raise ConfigError(
+                f"config key 'dam.target_sparsity' steers a DAM search, but model.attention_pattern {spec.name!r} "
+                "does not search (a fixed pattern or a frozen mask)"
+            )
+    for key in ("lambda_lr", "lambda_gain"):
+        if getattr(dam, key) < 0:
+            raise ConfigError(f"config key 'dam.{key}' must be >= 0, got {getattr(dam, key)}")
+    if not 0 <= dam.target_warmup <= 1:
+        raise ConfigError(f"config key 'dam.target_warmup' must be between 0 and 1, got {dam.target_warmup}")
+    if dam.alpha_optimizer == "model" and config.train.dam_lr is not None:
+        raise ConfigError(
+            "config key 'train.dam_lr' must be null with dam.alpha_optimizer=model (α then trains at train.lr, "
+            f"as the model does), got {config.train.dam_lr}"
+        )
+    if not dam.freeze and dam.search_steps is not None:
+        raise ConfigError(
+            "config key 'dam.search_steps' must be null with dam.freeze=false (the search runs to the end)"
+        )
 
 
 def _check_locations(config: PretrainConfig) -> None:

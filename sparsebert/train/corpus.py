@@ -72,7 +72,7 @@ def open_reader(data_dir: str | Path, config: PretrainConfig):
         reader = ShardReader(
             data_dir, rank=ds_setup.rank(), world_size=ds_setup.world_size(),
             batch_size=config.train.micro_batch_size, seed=config.train.seed, prefetch=config.data.prefetch,
-            device=ds_setup.device(), lanes=config.data.lanes,
+            device=ds_setup.device(), lanes=config.data.lanes, documents=config.data.document_mask,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{what}: {err}") from err
@@ -105,7 +105,7 @@ def open_validation_reader(data_dir: str | Path, config: PretrainConfig, train_r
     reader = ShardReader.validation(
         data_dir, rank=ds_setup.rank(), world_size=ds_setup.world_size(),
         batch_size=config.train.micro_batch_size, prefetch=config.data.prefetch, device=ds_setup.device(),
-        lanes=config.data.lanes,
+        lanes=config.data.lanes, documents=config.data.document_mask,
     )  # fmt: skip
     if reader is not None:
         reader.collator = MlmCollator(

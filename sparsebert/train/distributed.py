@@ -53,6 +53,12 @@ def deepspeed_config(config: PretrainConfig) -> dict[str, Any]:
             "optimizer flat partitions of many parameters, and LAMB's per-layer trust ratio would be computed "
             "over those instead of layers. Use train.optimizer=adamw, or a stage-0 DeepSpeed config"
         )
+    if not config.dam.clip_alpha and config.train.grad_clip > 0 and not guards_steps(ds):
+        raise ConfigError(
+            f"dam.clip_alpha=false needs ZeRO stage 0 without fp16, but {path} uses "
+            f"{'fp16' if ds.get('fp16', {}).get('enabled') else f'stage {zero_stage(ds)}'}: there DeepSpeed clips "
+            "every gradient itself, α's included. Use a stage-0 DeepSpeed config, or train.grad_clip=0"
+        )
     if ds.get("bf16", {}).get("enabled") and config.train.grad_accum_steps > 1 and rank() == 0:
         print(
             f"warning: {path} enables DeepSpeed's bf16 mode, so the {config.train.grad_accum_steps} micro-batches "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from deepspeed.accelerator import get_accelerator
 
 from sparsebert.train import distributed as ds_setup
-from sparsebert.train import flops
+from sparsebert.train import flops, sparsity_target
 
 
 def report(message: str) -> None:
@@ -30,6 +30,12 @@ def state_metrics(run) -> dict[str, float]:
         metrics["peak_memory_gib"] = get_accelerator().max_memory_allocated() / 2**30
     if (tau := run.model.mask_temperature) is not None:
         metrics["tau"] = tau
+    if run.state.stage == 1:  # λ's trajectory under dam.target_sparsity, with the expected sparsity and goal
+        metrics.update(
+            sparsity_target.metrics(
+                run.model, run.target, run.state.dam_lambda, run.state.dam_gap, run.state.step
+            )
+        )
     if (scale := ds_setup.loss_scale(run.engine)) is not None:
         metrics["loss_scale"] = scale
     return metrics

@@ -24,6 +24,7 @@ from sparsebert.train.preemption import StopRequest
 from sparsebert.train.recipe import seed_everything
 from sparsebert.train.run_outputs import RunOutputs
 from sparsebert.train.run_report import report
+from sparsebert.train.sparsity_target import SparsityTarget
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps DeepSpeed skipped (fp16 overflow, non-finite gradients)
     world_size: int | None = None  # of the run that wrote the checkpoint
     search_steps: int | None = None  # stage 1's length when the run started (it may derive from max_steps)
+    dam_lambda: float = 0.0  # the running part of the sparsity target's multiplier λ (dam.target_sparsity)
+    dam_gap: float = 0.0  # the last search step's density gap (λ in force = dam_lambda + gain × gap)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Run:
     resumed_from: str | None = None  # the checkpoint tag the run resumed from
     started: float = field(default_factory=time.monotonic)
     start_validation: dict[str, float] = field(default_factory=dict)  # held-out metrics before step 1
+    target: SparsityTarget | None = None  # dam.target_sparsity's goals and λ's update (None: a fixed λ)
 
     @property
     def seq_len(self) -> int:
@@ -141,6 +145,7 @@ def _prepare(config: PretrainConfig) -> Run:
     if stage == 2 and not model.mask_frozen:
         build.freeze_in_place(model, engine, scheduler)
     run.val_reader = open_validation_reader(data_dir, config, reader)
+    run.target = SparsityTarget.of(config.dam, run.state.search_steps or config.search_steps)
     _report_start(run, data_dir, source, continued_optimizer, mask_note)
     return run
 

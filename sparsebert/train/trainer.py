@@ -22,7 +22,7 @@ from sparsebert import console
 from sparsebert.data import model_inputs
 from sparsebert.model.masks import sparsity
 from sparsebert.track.mlflow_store import tracking_uri
-from sparsebert.train import build, checkpoint, publish, run_report, summary
+from sparsebert.train import build, checkpoint, publish, run_report, sparsity_target, summary
 from sparsebert.train import distributed as ds_setup
 from sparsebert.train.config import DamConfig, PretrainConfig
 from sparsebert.train.meter import Meter
@@ -77,7 +77,11 @@ def train(run: Run) -> bool:
             end_search(run)
         if state.stage == 1:
             _anneal_temperature(run.model, config.dam, state.step, config.search_steps)
+            sparsity_target.steer(run.model, run.target, state.dam_lambda, state.dam_gap, state.step)
         applied = train_step(run, batches, meter)
+        if applied and state.stage == 1 and run.target is not None:  # λ follows the gap the step left
+            density = run.model.expected_mask_density
+            state.dam_lambda, state.dam_gap = run.target.after_step(state.dam_lambda, state.step - 1, density)
         bad_streak = 0 if applied else bad_streak + 1
         if bad_streak >= config.train.max_bad_steps:
             _stop_on_bad_steps(run, bad_streak)
@@ -164,8 +168,12 @@ def end_search(run: Run) -> None:
     """Stage 1 → 2: freeze the mask (checked identical on every rank), log it and its importance, then continue
     with the same weights or, with ``dam.restart_weights``, from fresh ones (and a fresh optimizer)."""
     config, model, ds = run.config, run.model, run.ds
-    with ds_setup.gathered(model.mask_source.parameters(), ds):
+    target, shift = config.dam.target_sparsity, {}
+    with ds_setup.gathered(model.mask_source.parameters(), ds, modifier_rank=0):
         importance = model.mask_importance(run.seq_len)
+        if target is not None:  # the frozen mask meets the target: α shifted by θ (sparsity_target)
+            shift["sparsity_before_threshold"] = sparsity(model.current_mask(run.seq_len))
+            shift["freeze_threshold"] = model.meet_mask_sparsity(target, run.seq_len)
         learned = {k: v.detach().clone() for k, v in model.mask_source.state_dict().items()}
     if config.dam.restart_weights:
         run.engine.destroy()
@@ -183,8 +191,14 @@ def end_search(run: Run) -> None:
     if not ds_setup.same_on_all_ranks(mask):
         raise RuntimeError("the frozen DAM mask differs between ranks; refusing to continue")
     run.tracker.log_mask("stage1_frozen", mask, importance=importance)
-    run.tracker.log_metrics({"frozen_sparsity": sparsity(mask)}, step=config.search_steps)
-    report(f"\nDAM search done: mask frozen at sparsity {sparsity(mask):.1%}")
+    run.tracker.log_metrics({"frozen_sparsity": sparsity(mask), **shift}, step=config.search_steps)
+    aimed = (
+        f" (target {target:.1%}; 1[α > 0] had {shift['sparsity_before_threshold']:.1%}, α shifted by "
+        f"{shift['freeze_threshold']:+.3g})"
+        if shift
+        else ""
+    )
+    report(f"\nDAM search done: mask frozen at sparsity {sparsity(mask):.1%}{aimed}")
     run_report.report_attention(run)
 
 
@@ -198,7 +212,11 @@ def finish(run: Run) -> bool:
         validate(run)  # the final model's held-out numbers, which final/ records
     final_mask = run.model.current_mask(run.seq_len)
     _save_rank_mask(run.out, "final", final_mask)
-    tracker.log_mask("final", final_mask)
+    importance = None
+    if not run.model.mask_frozen:  # searched to the end (dam.freeze=false): log its importance too
+        with ds_setup.gathered(run.model.mask_source.parameters(), run.ds):
+            importance = run.model.mask_importance(run.seq_len)
+    tracker.log_mask("final", final_mask, importance=importance)
     run.model.config.mlm_logits = "all"  # the exported model keeps transformers' output semantics
     final = publish.export_final(run)
     run.outputs.push_final(final)
