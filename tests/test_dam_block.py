@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_bert import TINY
+from helpers import TINY
 
 from sparsebert import SparseBertConfig, SparseBertForMaskedLM
 from sparsebert.model.dam_logits import expand_alpha, expected_density, threshold_for

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from mlflow.tracking import MlflowClient
 
 from sparsebert import SparseBertConfig, SparseBertForPreTraining
@@ -18,7 +18,6 @@ from sparsebert.train.config import ConfigError, load_config
 from sparsebert.train.distributed import deepspeed_config
 from sparsebert.train.optim import DAM_GROUP, GuardedSteps, build_optimizer
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 

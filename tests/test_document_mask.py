@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from tiny_bert import TINY
+from helpers import TINY
 
 from data_prep.format import FORMAT_VERSION, shard_schema
 from data_prep.samples import packed_samples, padding_free_samples

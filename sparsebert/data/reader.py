@@ -34,6 +34,17 @@ IGNORE_INDEX = -100  # labels of positions (and NSP labels of rows) that no loss
 _ORDER_TAG, _BLOCK_TAG = 0x5EED0, 0x5EED2  # keep the block-order and in-block streams of the RNG apart
 
 
+def _check_arguments(
+    split: str, rank: int, world_size: int, batch_size: int, lanes: int, prefetch: int, seed: int
+) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if batch_size < 1 or lanes < 1 or prefetch < 0 or seed < 0:
+        raise ValueError("batch_size and lanes must be >= 1, prefetch and seed >= 0")
+
+
 class ShardReader:
     """Batches of one rank: disjoint across ranks, covering each epoch, reshuffled per epoch, resumable.
 
@@ -120,12 +131,7 @@ class ShardReader:
         filesystem: pafs.FileSystem | None = None,
         documents: bool = False,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if batch_size < 1 or lanes < 1 or prefetch < 0 or seed < 0:
-            raise ValueError("batch_size and lanes must be >= 1, prefetch and seed >= 0")
+        _check_arguments(split, rank, world_size, batch_size, lanes, prefetch, seed)
         self.location = corpus_location(data_dir)
         self.data_dir: str | Path = self.location.uri if self.location.remote else Path(self.location.path)
         self.manifest: dict[str, Any] = load_manifest(self.location)
