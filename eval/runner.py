@@ -21,7 +21,7 @@ from eval.jobs import Job, evaluation_key, expand_jobs, recipe, resolve_checkpoi
 from eval.options import EvalOptions
 from eval.table import JobRecord, TableRow, render_csv, render_markdown, render_selection_csv, select
 from eval.tasks import TASKS
-from eval.tracking import CHECKPOINT, LocalResults, Recorder
+from eval.tracking import CHECKPOINT, PARENT, LocalResults, Recorder
 
 log = logging.getLogger("eval")
 
@@ -139,6 +139,8 @@ def _open_checkpoint(
             "sparsebert.seeds": ",".join(map(str, options.seeds))}  # fmt: skip
     if run_id := pretrain_run_id(ckpt) or tracker.find_pretrain_run(ckpt):
         tags["sparsebert.pretrain_run_id"] = run_id
+    if options.parent_run_id:
+        tags[PARENT] = options.parent_run_id
     key = evaluation_key(ckpt, config, data)
     parent, resumed = tracker.open_parent(key, f"eval {label}", tags, options.resume) or (None, False)
     if parent:
