@@ -80,7 +80,8 @@ BASE = (
 )
 
 # One rule per package (docs/ARCHITECTURE.md, "Module map"): the package prefixes its modules may import, besides
-# their own package. Below: base ← model ← track ← train ← pretrain; data ← train; eval and data_prep beside.
+# their own package. Below: base ← model ← track ← train ← pretrain; data ← train; eval and data_prep beside;
+# study on top of train, track and eval.
 LAYERS = {
     "sparsebert.model": (*BASE,),
     # data_prep.format: the shards' on-disk format, defined once where it is written
@@ -90,6 +91,15 @@ LAYERS = {
     "sparsebert.pretrain": ("sparsebert.console", "sparsebert.train"),
     "eval": (*BASE, "sparsebert.model", "sparsebert.track.mlflow_store", "sparsebert.train.recipe"),
     "data_prep": ("sparsebert.storage", "sparsebert.schema"),
+    # the top layer: a study launches pre-trainings, evaluates their exports and reports (data_prep: its tasks' text)
+    "sparsebert.study": (
+        *BASE,
+        "sparsebert.model",
+        "sparsebert.track",
+        "sparsebert.train",
+        "eval",
+        "data_prep",
+    ),
 }
 
 

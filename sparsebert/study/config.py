@@ -80,7 +80,9 @@ class StudyConfig:
     )  # fmt: skip
     pretrain: BaseConfig = field(default_factory=BaseConfig)
     arms: dict = _s({}, "arm name → its keys on top of the base (dotted or sections); one pre-training each")
-    no_diagonal_variants: bool = _s(False, "add a twin of every arm without the diagonal (<name>_nodiag)")
+    no_diagonal_variants: bool = _s(
+        False, "add a twin without the diagonal (<name>_nodiag) after every fixed-pattern arm"
+    )
     importance_snapshots: int = _s(
         20, "snapshots of σ(α) per DAM search (sets dam.snapshot_every unless an arm sets it); 0 = none",
         bounds=(0, None),
@@ -145,7 +147,7 @@ def load_study(source: str, overrides: list[str] | tuple[str, ...] = ()) -> Stud
     if not config.arms:
         raise ConfigError("config key 'arms' is empty: name at least one arm (name: {its keys})")
     base = _dotted(config.pretrain.overrides, "pretrain.overrides")
-    arms = [_arm(config, base, name, own) for name, own in _arm_specs(config)]
+    arms = _with_twins(config, base, [_arm(config, base, name, own) for name, own in _arm_specs(config)])
     options, written = _eval_options(config.eval)
     study = Study(config, source, arms, options, written)
     if config.reference is not None and config.reference not in {a.name for a in arms}:
@@ -221,7 +223,7 @@ def _resolve(source: str) -> Path:
 
 
 def _arm_specs(config: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
-    """(name, own keys) of every arm, the no-diagonal twins after their arm."""
+    """(name, own keys) of every arm, as the study file lists them."""
     specs = []
     for name, own in config.arms.items():
         name = str(name)
@@ -234,21 +236,31 @@ def _arm_specs(config: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(own, dict):
             raise ConfigError(f"config key 'arms.{name}' must be a mapping of pre-training keys, got {own!r}")
         specs.append((name, _dotted(own, f"arms.{name}")))
-    if config.no_diagonal_variants:
-        specs = [
-            item
-            for name, own in specs
-            for item in ((name, own), (f"{name}_nodiag", {**own, "_nodiag": True}))
-        ]
-    names = [name for name, _ in specs]
-    if len(set(names)) != len(names):
-        twin = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"config key 'arms': two arms are named {twin!r}")
     return specs
 
 
+def _with_twins(config: StudyConfig, base: dict[str, Any], arms: list[Arm]) -> list[Arm]:
+    """The arms, each fixed pattern followed by its twin without the diagonal (``<name>_nodiag``): a learned
+    mask decides about its diagonal itself, and an arm already without it has no twin."""
+    out = []
+    for arm in arms:
+        out.append(arm)
+        spec = arm.config.model.mask_spec
+        if config.no_diagonal_variants and not (
+            spec.learned or spec.name == "no_diagonal" or spec.params.get("no_diagonal")
+        ):
+            pattern = arm.config.model.attention_pattern
+            pattern = {**({"name": pattern} if isinstance(pattern, str) else pattern), "no_diagonal": True}
+            own = {**arm.overrides, "model.attention_pattern": pattern}
+            out.append(_arm(config, base, f"{arm.name}_nodiag", own))
+    names = [a.name for a in out]
+    if len(set(names)) != len(names):
+        twin = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"config key 'arms': two arms are named {twin!r}")
+    return out
+
+
 def _arm(config: StudyConfig, base: dict[str, Any], name: str, own: dict[str, Any]) -> Arm:
-    nodiag = own.pop("_nodiag", False)
     for key in own:
         if key in STUDY_SET:
             raise ConfigError(f"config key 'arms.{name}.{key}' is set by the study; leave it out")
@@ -257,17 +269,9 @@ def _arm(config: StudyConfig, base: dict[str, Any], name: str, own: dict[str, An
             raise ConfigError(f"config key 'pretrain.overrides.{key}' is set by the study; leave it out")
     try:
         config_ = load_config(config.pretrain.config, _as_overrides({**base, **own}))
-        if nodiag:
-            own["model.attention_pattern"] = _without_diagonal(config_.model.attention_pattern)
-            config_ = load_config(config.pretrain.config, _as_overrides({**base, **own}))
     except ConfigError as err:
         raise ConfigError(f"arm {name!r}: {err}") from None
     return Arm(name, own, config_)
-
-
-def _without_diagonal(pattern: str | dict) -> dict:
-    spec = {"name": pattern} if isinstance(pattern, str) else dict(pattern)
-    return {**spec, "no_diagonal": True}
 
 
 def _eval_options(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

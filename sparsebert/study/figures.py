@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,8 +127,10 @@ def mask_gallery(arms: list[ArmMasks], path: Path) -> Path:
         bottom.set_ylim(-0.02, 1.02)
         bottom.set_xlabel("distance |i − j|")
         bottom.set_ylabel("importance σ(α)" if arm.importance is not None else "share kept")
-    fig.suptitle(
-        "masks (first layer; darker: more heads attend) and importance by distance, one line per head"
+    _title(
+        fig,
+        "masks (first layer; darker: more heads attend) and importance by distance, one line per head",
+        cols,
     )
     return _save(fig, path)
 
@@ -172,7 +175,9 @@ def importance_over_search(arms: list[ArmMasks], path: Path) -> Path | None:
         ax.set_ylabel("mean importance σ(α)")
         ax.set_title(arm.name)
         ax.legend(loc="best", fontsize=9)
-    fig.suptitle("importance over the search: diagonal, near band and far band (shaded: spread over heads)")
+    _title(
+        fig, "importance over the search: diagonal, near band and far band (shaded: spread over heads)", cols
+    )
     return _save(fig, path)
 
 
@@ -182,6 +187,11 @@ def _band_label(name: str, arm: ArmMasks) -> str:
     return {"diagonal": "diagonal |i − j| = 0", "near": f"near band 1–{width}", "far": f"far band > {width}"}[
         name
     ]
+
+
+def _title(fig, text: str, cols: int) -> None:
+    """A title wrapped to the figure's width (a gallery of one or two arms is narrow)."""
+    fig.suptitle(textwrap.fill(text, 36 * cols), fontsize=11)
 
 
 def _save(fig, path: Path) -> Path:

@@ -71,7 +71,7 @@ def describe_plan(plan: Plan, place: StudyPlace, rank: int | None, dry_run: bool
     for arm in plan.arms:
         keys = " ".join(f"{k}={yaml_value(v)}" for k, v in arm.arm.overrides.items()) or "(the base config)"
         note = f" (changed: {', '.join(arm.changed)}; {arm.replaces} is kept)" if arm.replaces else ""
-        lines.append(f"  {arm.arm.name:<16} {arm.status:<9} {keys}{note}")
+        lines.append(f"  {arm.arm.name:<18} {arm.status:<9} {keys}{note}")
         if arm.status != FINISHED and (dry_run or rank is not None):
             lines.append(f"    {launch.show(arm.command(study, rank, dry_run=True))}")
     options = _options(study, place, plan, run_id=None, ray=True, local=False)
