@@ -23,7 +23,10 @@ def _study_file(tmp_path: Path, **changes) -> Path:
         "name": "unit",
         "output_dir": str(tmp_path / "out"),
         "pretrain": {"config": "tiny_cpu", "overrides": {"train.max_steps": 20}},
-        "arms": {"dense": {"model.attention_pattern": "dense"}, "star": {"model": {"attention_pattern": "star"}}},
+        "arms": {
+            "dense": {"model.attention_pattern": "dense"},
+            "star": {"model": {"attention_pattern": "star"}},
+        },
         "launch": {"num_gpus": 1},
         "eval": {"tasks": ["docs_order"], "lrs": [1e-4], "seeds": [1, 2]},
         **changes,
@@ -35,7 +38,11 @@ def _study_file(tmp_path: Path, **changes) -> Path:
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sparsebert.study", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sparsebert.study", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -124,7 +131,11 @@ def test_a_changed_arm_is_refused_naming_its_keys_unless_allowed(tmp_path):
     with pytest.raises(ConfigError, match=r"arm 'dense' .* train\.lr, train\.seed; .*--allow-changes"):
         plan.check()
     allowed = make_plan(changed, place, place.read_state(), True)
-    assert (allowed.arms[0].status, allowed.arms[0].dirname, allowed.arms[0].replaces) == (NEW, "dense.v2", "dense")
+    assert (allowed.arms[0].status, allowed.arms[0].dirname, allowed.arms[0].replaces) == (
+        NEW,
+        "dense.v2",
+        "dense",
+    )
     # a key that does not change what is computed (where logs go, the checkpoint cadence) changes nothing
     neutral = load_study(str(_study_file(tmp_path)), ["arms.dense.checkpoint.every=3"])
     assert make_plan(neutral, place, place.read_state(), False).arms[0].status == FINISHED

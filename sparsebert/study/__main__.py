@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         from sparsebert.study.config import describe, load_study
         from sparsebert.study.runner import check_eval_data, describe_plan, prepare
 
+        if args.help_config and not args.config and not any("=" not in w for w in args.words):
+            print(describe())  # the keys, without a study
+            return 0
         study = load_study(_source(args), args.overrides)
         if args.help_config:
             print(describe(study))
