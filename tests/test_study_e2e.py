@@ -107,5 +107,9 @@ def test_a_study_stopped_in_its_second_arm_finishes_with_the_same_command_and_th
 
     (study,) = [r for r in runs_after if r.data.tags.get("sparsebert.kind") == "study"]
     assert study.info.status == "FINISHED" and study.info.run_name == "e2e"
-    nested = {r.info.run_name for r in children[study.info.run_id]}
-    assert {"e2e/dense", "e2e/dam_s", "eval dense", "eval dam_s"} <= nested
+    nested = {r.info.run_name: r for r in children[study.info.run_id]}
+    assert {"e2e/dense", "e2e/dam_s", "eval dense", "eval dam_s"} <= set(nested)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    diagonal = client.get_metric_history(nested["e2e/dam_s"].info.run_id, "importance/diagonal")
+    assert len(diagonal) >= 3  # the search's snapshots, as metrics too
+    assert "figures" in {a.path for a in client.list_artifacts(study.info.run_id)}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sparsebert.schema import ConfigError
-from sparsebert.study.config import load_study
+from sparsebert.study.config import arm_overrides, load_study
 from sparsebert.study.place import StudyPlace
 from sparsebert.study.plan import CHANGED, FINISHED, NEW, RESUME, arm_record, make_plan
 
@@ -53,6 +53,11 @@ def test_a_study_file_reads_into_checked_arms(tmp_path):
     assert star.config.model.attention_pattern == "star" and star.config.train.lr == 1e-3
     assert star.config.train.max_steps == 20  # the base's overrides reach every arm
     assert study.reference == "dense" and study.corpus_tasks == ["docs_order"]
+    dam = load_study(str(_study_file(tmp_path)), ["arms.dam_s.model.attention_pattern={name: dam_s}"])
+    # a DAM search (8 of the 20 steps) split into importance_snapshots (20) parts: a snapshot every step
+    assert dam.arms[2].config.search_steps == 8 and arm_overrides(dam, dam.arms[2])["dam.snapshot_every"] == 1
+    assert arm_overrides(dam, dam.arms[2])["train.max_steps"] == 20
+    assert "dam.snapshot_every" not in arm_overrides(dam, dam.arms[0])
 
 
 def test_presets_load_with_the_paper_rows(tmp_path):
