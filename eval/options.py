@@ -72,6 +72,11 @@ class EvalOptions:
     tracking_uri: str | None = _run(
         None, "MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here", metavar="URI"
     )
+    parent_run_id: str | None = _run(
+        None,
+        "nest each checkpoint's parent run under this MLflow run (a study's); null = none",
+        metavar="RUN_ID",
+    )
     output: str = _run(
         "eval_results",
         "where results.md, results.csv, selection.csv, jobs/ and models/ go",

@@ -29,7 +29,7 @@ from eval.table import (
     select,
 )
 from eval.tasks import TASKS
-from eval.tracking import CHECKPOINT, LocalResults, Recorder
+from eval.tracking import CHECKPOINT, PARENT, LocalResults, Recorder
 
 log = logging.getLogger("eval")
 SELECTION = "median over seeds at the best learning rate per task"  # what the table reports
@@ -184,6 +184,8 @@ def _open_checkpoint(
             "sparsebert.seeds": ",".join(map(str, options.seeds))}  # fmt: skip
     if run_id := pretrain_run_id(ckpt) or tracker.find_pretrain_run(ckpt):
         tags["sparsebert.pretrain_run_id"] = run_id
+    if options.parent_run_id:
+        tags[PARENT] = options.parent_run_id
     key = evaluation_key(ckpt, config, data)
     parent, resumed = tracker.open_parent(key, f"eval {label}", tags, options.resume) or (None, False)
     if parent:

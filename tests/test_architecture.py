@@ -82,7 +82,8 @@ BASE = (
 )
 
 # One rule per package (docs/ARCHITECTURE.md, "Module map"): the package prefixes its modules may import, besides
-# their own package. Below: base ← model ← track ← export ← train ← pretrain; data ← train; eval and data_prep beside.
+# their own package. Below: base ← model ← track ← export ← train ← pretrain; data ← train; eval and data_prep beside;
+# study on top of train, track and eval.
 LAYERS = {
     # The model code is what a standalone export ships (sparsebert.model.standalone): of the base, only the leaves
     # the export ships with it.
@@ -108,6 +109,15 @@ LAYERS = {
         "sparsebert.export",
     ),
     "data_prep": ("sparsebert.storage", "sparsebert.schema"),
+    # the top layer: a study launches pre-trainings, evaluates their exports and reports (data_prep: its tasks' text)
+    "sparsebert.study": (
+        *BASE,
+        "sparsebert.model",
+        "sparsebert.track",
+        "sparsebert.train",
+        "eval",
+        "data_prep",
+    ),
 }
 
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from sparsebert.track import importance_snapshots as importance_summary
 from sparsebert.track import mask_plots
 from sparsebert.track.mlflow_store import brief_error, short_http_retries, tracking_uri
 from sparsebert.track.run_log import LOCAL_DIR, RunLog, RunSync, _Sender
@@ -166,6 +167,18 @@ class RunTracker:
             save_file(tensors, out / "mask.safetensors")
             mask_plots.mask_figures(name, mask, importance, out)
             self._artifacts(f"masks/{name}", out)
+
+    def log_importance(self, importance: torch.Tensor, step: int) -> None:
+        """A snapshot of DAM's σ(α) ``[layers, heads, L, L]`` during the search: its profile by distance as an
+        artifact (``importance/step_<step>.safetensors``) and its bands as metrics (:mod:`.importance_snapshots`)."""
+        if self._sender is None:
+            return
+        profile = importance_summary.by_distance(importance).contiguous()
+        bands = importance_summary.bands(profile)
+        with tempfile.TemporaryDirectory(dir=self.log.root) as tmp:
+            save_file({"profile": profile}, Path(tmp) / importance_summary.snapshot_name(step))
+            self._artifacts(importance_summary.SNAPSHOT_DIR, Path(tmp))
+        self.log_metrics({f"importance/{name}": float(value.mean()) for name, value in bands.items()}, step)
 
     def end(self, status: str = "FINISHED") -> None:
         """Record the end and wait (at most ``end_wait`` seconds) for the records to reach MLflow."""

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "tiny_cpu"
+# mlflow.parent_run_id's fallback. The deepspeed launcher passes MLFLOW* variables to the nodes it starts over SSH;
+# and a variable, unlike a key, leaves the config the same on every node (the ranks compare it).
+PARENT_RUN_ENV = "MLFLOW_PARENT_RUN_ID"
 
 # BERT's official sizes (Turc et al. 2019 for the small ones): layers, hidden, heads.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -194,6 +197,12 @@ class DamConfig:
         True,
         "train.grad_clip covers α's gradient too (the authors' code); false: α's gradient is never clipped",
     )
+    snapshot_every: int = _f(
+        0,
+        "steps between snapshots of σ(α) during the search (importance by distance, in output_dir/tracking and "
+        "MLflow: importance/); 0 = off",
+        neutral=True,
+    )
 
 
 @dataclass
@@ -239,6 +248,11 @@ class MlflowConfig:
     run_name: str | None = _f(None, "MLflow run name; null = the output directory's name", neutral=True)
     tracking_uri: str | None = _f(
         None, "null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir", neutral=True
+    )
+    parent_run_id: str | None = _f(
+        None,
+        "nest the run under this MLflow run (a study's); null = $MLFLOW_PARENT_RUN_ID, else none",
+        neutral=True,
     )
 
 
@@ -393,6 +407,8 @@ def _check_semantics(config: PretrainConfig) -> None:
     _check_dam(config, spec)
     if (config.dam.tau_start is None) != (config.dam.tau_end is None):
         raise ConfigError("config keys 'dam.tau_start' and 'dam.tau_end' must be set together")
+    if config.dam.snapshot_every < 0:
+        raise ConfigError(f"config key 'dam.snapshot_every' must be >= 0, got {config.dam.snapshot_every}")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key 'checkpoint.every' must be >= 0, got {config.checkpoint.every}")
     _check_locations(config)

@@ -8,6 +8,7 @@ is built; the only freeze here is the one that stage asks for, after every check
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from sparsebert.model.modeling import SparseBertForPreTraining
 from sparsebert.track.tracker import RunTracker, flatten, git_commit
 from sparsebert.train import agreement, build, checkpoint, continuation, run_report
 from sparsebert.train import distributed as ds_setup
-from sparsebert.train.config import ConfigError, PretrainConfig
+from sparsebert.train.config import PARENT_RUN_ENV, ConfigError, PretrainConfig
 from sparsebert.train.corpus import open_reader, open_validation_reader, training_corpus
 from sparsebert.train.preemption import StopRequest
 from sparsebert.train.recipe import seed_everything
@@ -249,6 +250,8 @@ def _start_tracking(run: Run) -> None:
     run.state.mlflow_run_id = tracker.run_id
     if run.resumed_from is None:
         tracker.log_configs(config.to_dict(), run.ds)
+    if parent := config.mlflow.parent_run_id or os.environ.get(PARENT_RUN_ENV):
+        tracker.set_tags({"mlflow.parentRunId": parent})  # shown nested under it (a study's run)
 
 
 def _params(config: PretrainConfig, ds: dict) -> dict:

@@ -38,6 +38,7 @@ __all__ = [
     "finish",
     "pretrain",
     "setup",
+    "snapshot_importance",
     "train",
     "train_step",
     "validate",
@@ -69,6 +70,7 @@ def train(run: Run) -> bool:
     if state.step == 0:
         validate(run)  # where the model starts, for the closing summary and the curves
         run.start_validation = dict(run.validation)
+        snapshot_importance(run)
     meter = Meter()
     batches = iter(run.reader)
     bad_streak = 0
@@ -92,6 +94,7 @@ def train(run: Run) -> bool:
                 _log(run, meter, progress)
             if config.eval.every and state.step % config.eval.every == 0:
                 validate(run)
+            snapshot_importance(run)  # dam.snapshot_every steps into a search
             if config.checkpoint.every and state.step % config.checkpoint.every == 0:
                 _save(run)
                 saved = True
@@ -135,6 +138,17 @@ def validate(run: Run) -> None:
     run.tracker.log_metrics(run.validation, run.state.step)
     shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in run.validation.items())
     report(f"\nstep {run.state.step}, held-out: {shown}")
+
+
+def snapshot_importance(run: Run) -> None:
+    """Every ``dam.snapshot_every`` steps of a DAM search (step 0 included), σ(α) to the run's tracking records
+    (on every rank: ZeRO-3 gathers α; rank 0 records it), for the importance-over-steps figures."""
+    every, state = run.config.dam.snapshot_every, run.state
+    if not every or state.stage != 1 or state.step % every:
+        return
+    with ds_setup.gathered(run.model.mask_source.parameters(), run.ds):
+        importance = run.model.mask_importance(run.seq_len)
+    run.tracker.log_importance(importance, state.step)
 
 
 def train_step(run: Run, batches, meter: Meter) -> bool:

@@ -1,0 +1,1 @@
+"""Studies: masks × pre-training × evaluation in one command (python -m sparsebert.study)."""
