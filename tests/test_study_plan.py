@@ -15,8 +15,6 @@ from sparsebert.study.config import arm_overrides, load_study
 from sparsebert.study.place import StudyPlace
 from sparsebert.study.plan import CHANGED, FINISHED, NEW, RESUME, arm_record, make_plan
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _study_file(tmp_path: Path, **changes) -> Path:
     data = {
