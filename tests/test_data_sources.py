@@ -149,7 +149,7 @@ def test_nsp_samples_are_bert_pairs():
     docs = _synthetic_docs(rng, 60)
     samples = nsp_samples(docs, random.Random(1), seq_len=64, cls_id=CLS, sep_id=SEP)
     assert len(samples) > 100
-    for ids, a_len, label, _segments in samples:
+    for ids, a_len, label, *_ in samples:
         assert len(ids) <= 64 and ids[0] == CLS and ids[a_len - 1] == SEP and ids[-1] == SEP
         a, b = ids[1 : a_len - 1], ids[a_len:-1]
         assert a and b and CLS not in a + b and SEP not in a + b
@@ -168,7 +168,7 @@ def test_packed_samples_fill_sequences():
     samples = packed_samples(docs, random.Random(2), seq_len=64, cls_id=CLS, sep_id=SEP)
     body = [t for ids, *_ in samples for t in ids[1:-1] if t != SEP]
     assert sorted(body) == sorted(t for doc in docs for s in doc for t in s)  # every token exactly once
-    for ids, a_len, label, _segments in samples:
+    for ids, a_len, label, *_ in samples:
         assert ids[0] == CLS and ids[-1] == SEP and ids[-2] != SEP and a_len == len(ids) <= 64 and label == -1
     assert sum(len(s.input_ids) for s in samples) / len(samples) > 0.8 * 64
 

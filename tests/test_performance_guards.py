@@ -110,7 +110,7 @@ def test_masks_are_built_once_and_reused_across_passes(monkeypatch, backend):
     builds = _spy(monkeypatch, mask_source, "build_mask")
     derived = _spy(monkeypatch, LayerMasks, "head_shared")  # called when a layer's mask is (re)derived
     blocks = _spy(monkeypatch, flex_backend, "_block_structure")
-    plans = _spy(monkeypatch, block_sparse, "plan")
+    plans = _spy(monkeypatch, attention, "plan_blocks")  # the name attention calls block_sparse.plan by
     plan_masks = _spy(monkeypatch, block_sparse.BlockPlan, "masks")
     model = SparseBertModel(
         SparseBertConfig(**TINY, attention_pattern="star", attention_backend=backend)
