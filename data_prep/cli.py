@@ -40,16 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="read the options from this YAML file (the keys --help-config lists); flags given override it",
-    )
-    p.add_argument(
-        "--help-config",
-        action="store_true",
-        help="list every option: its value with these flags (and --config), its meaning and its default",
-    )
+    schema.add_config_flags(p)
     groups = {name: p.add_argument_group(name) for name in ("input", "output")}
     groups["input"].add_argument(
         "--input",

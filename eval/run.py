@@ -34,16 +34,7 @@ PROG = "python -m eval.run"
 def build_parser() -> argparse.ArgumentParser:
     """``--config``, ``--help-config``, ``-v`` and one flag per key of :class:`EvalOptions` (derived from it)."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="read the options from this YAML file (the keys --help-config lists); flags given override it",
-    )
-    p.add_argument(
-        "--help-config",
-        action="store_true",
-        help="list every option: its value with these flags (and --config), its meaning and its default",
-    )
+    schema.add_config_flags(p)
     p.add_argument(
         "-v", "--verbose", action="store_true", help="print every library message and progress bar"
     )

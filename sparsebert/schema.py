@@ -191,6 +191,20 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE.yaml`` and ``--help-config``, as every command line built on these settings has them."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="read the options from this YAML file (the keys --help-config lists); flags given override it",
+    )
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every option: its value with these flags (and --config), its meaning and its default",
+    )
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | None = None) -> None:
     """A flag per field of ``cls`` with ``cli`` (flat sections included), in its ``group`` (``groups``: those made
     so far, by name). A flag stores its words only when given (:func:`flag_values` types them): otherwise a
