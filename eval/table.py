@@ -103,10 +103,11 @@ def _fmt(v: float | None) -> str:
 
 def render_markdown(rows: list[TableRow]) -> str:
     glue, others = _sections()
-    # The other tasks' columns only when a row has a task of their kind (SQuAD v1.1 and v2.0 come as a pair):
-    # the paper's table is GLUE alone.
-    kinds = {TASKS[t].kind for t, _ in others if any(t in r.summaries for r in rows)}
-    extra = [(t, table) for t, table in others if TASKS[t].kind in kinds]
+    # The other tasks' columns only when a row has that task (SQuAD v1.1 and v2.0 come as a pair): the paper's
+    # table is GLUE alone, and a registered task nobody ran here is not a column.
+    ran = {t for t, _ in others if any(t in r.summaries for r in rows)}
+    paired = {TASKS[t].kind for t in ran} - {"glue"}
+    extra = [(t, table) for t, table in others if t in ran or TASKS[t].kind in paired]
     header = ["mask", "sparsity", *(table.header for _, table in glue), "avg"]
     header += [table.header for _, table in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -93,8 +93,8 @@ def test_a_shared_output_dir_trains_and_exports_on_both_nodes(shared_run):
     assert SparseBertForPreTraining.from_pretrained(out / "final").config.attention_pattern["frozen"]
     umask = os.umask(0o022)
     os.umask(umask)
-    for path in (out / "final").iterdir():  # readable by colleagues: what the umask allows, not 0600
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    for path in (out / "final").rglob("*"):  # readable by colleagues: what the umask allows, not 0600
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~umask, path
     assert not (shared_run.nodes[1].work / "runs").exists()  # nothing went to node 1's own disk
 
 
