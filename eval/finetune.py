@@ -39,7 +39,7 @@ class InjectedFailure(RuntimeError):
 
 
 def _glue_tensors(tokenizer, task: TaskSpec, examples, max_len: int) -> dict[str, torch.Tensor]:
-    texts_b = [ex.text_b for ex in examples] if task.hub_text_fields[1:] else None
+    texts_b = [ex.text_b for ex in examples] if task.pair else None
     enc = tokenizer(
         [ex.text_a for ex in examples], texts_b, truncation=True, max_length=max_len,
         padding="max_length", return_tensors="pt",

@@ -65,7 +65,7 @@ def resolve(model: str, task: str | None, max_seq_len: int | None) -> tuple[Task
 
 def read_input(path: str, task: TaskSpec) -> list[list[str]]:
     """The examples: one text each, or two for a pair task; a line with the wrong number of fields is an error."""
-    want = 2 if task.hub_text_fields[1:] else 1
+    want = 2 if task.pair else 1
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

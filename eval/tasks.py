@@ -93,6 +93,11 @@ class TaskSpec:
             )
 
     @property
+    def pair(self) -> bool:
+        """Whether an example is two texts (MRPC, MNLI, ...): from the TSV layout or the hub's text fields."""
+        return (self.tsv is not None and self.tsv.text_b is not None) or len(self.hub_text_fields) > 1
+
+    @property
     def num_labels(self) -> int:
         if self.kind == "squad":
             return 2

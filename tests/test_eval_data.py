@@ -76,6 +76,25 @@ def test_glue_tsv_layouts_load(glue_dir, task):
     assert first.text_a.startswith(a)
     assert (first.text_b is None) if b is None else first.text_b.startswith(b)
     assert first.label == label
+    assert TASKS[task].pair == (b is not None)
+
+
+def test_a_registered_pair_task_feeds_both_texts_to_the_model():
+    """A task registered with a two-column TSV layout (and no hub fields) is fine-tuned on both texts."""
+    from transformers import BertTokenizerFast
+
+    from eval.finetune import _glue_tensors
+    from eval.glue_data import GlueExample
+    from sparsebert.study.corpus_tasks import SPECS
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "alpha", "beta"]
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    specs = {spec.name: spec for spec in SPECS}
+    pair, single = specs["docs_topic"], specs["docs_order"]
+    assert pair.pair and not pair.hub_text_fields and not single.pair
+    tensors = _glue_tensors(tokenizer, pair, [GlueExample("alpha", "beta", 1)], max_len=8)
+    assert tokenizer.decode(tensors["input_ids"][0], skip_special_tokens=True) == "alpha beta"
+    assert tensors["token_type_ids"][0].tolist()[:5] == [0, 0, 0, 1, 1]  # [CLS] alpha [SEP] beta [SEP]
 
 
 def test_glue_multi_row_and_mnli_dev_sets(glue_dir):
